@@ -1,0 +1,1 @@
+"""steer: find expert neurons in language models and steer models through them."""
