@@ -1,0 +1,140 @@
+"""Adapters: where each model family keeps its MLP neurons.
+
+A *neuron* is one unit of the input of an MLP's down projection (DESIGN.md §1): gated MLPs feed
+it `act(gate_proj(x)) * up_proj(x)`, ungated ones the activation output. One declared `Adapter`
+per family maps these canonical parts to module paths inside a Hugging Face model (the way
+TransformerLens declares its architecture adapters):
+
+    layers  the ModuleList of decoder layers          e.g. "model.layers"
+    down    the down projection, relative to a layer  e.g. "mlp.down_proj"  (its input = neurons)
+    up      first projection (ungated: the only one)  e.g. "mlp.up_proj"
+    gate    gate projection of gated MLPs, or None
+    act     the activation module
+
+Everything else in steer reaches neurons through `NeuronSites`: the down projection of every
+layer, the layout (layers x width), and a `view` that restores [batch, pos, neuron] for families
+that flatten tokens (OPT). Unknown architectures take a user-given regex over module names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    layers: str
+    down: str
+    up: str
+    gate: str | None
+    act: str
+    merged_gate_up: bool = False  # Phi-3: one gate_up_proj, gate half first
+    flat_tokens: bool = False  # OPT: MLP sees [batch * pos, hidden]
+
+
+def _gated(family, layers="model.layers", act="mlp.act_fn"):
+    return Adapter(family, layers, "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj", act)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": _gated("llama"),
+    "mistral": _gated("mistral"),
+    "qwen2": _gated("qwen2"),
+    "qwen3": _gated("qwen3"),
+    "gemma": _gated("gemma"),
+    "gemma2": _gated("gemma2"),
+    "gemma3_text": _gated("gemma3"),
+    "phi3": Adapter("phi3", "model.layers", "mlp.down_proj", "mlp.gate_up_proj", None, "mlp.activation_fn", merged_gate_up=True),
+    "gpt2": Adapter("gpt2", "transformer.h", "mlp.c_proj", "mlp.c_fc", None, "mlp.act"),
+    "bloom": Adapter("bloom", "transformer.h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", None, "mlp.gelu_impl"),
+    "xglm": Adapter("xglm", "model.layers", "fc2", "fc1", None, "activation_fn"),
+    "opt": Adapter("opt", "model.decoder.layers", "fc2", "fc1", None, "activation_fn", flat_tokens=True),
+}
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight is [in, out]
+        return module.weight.shape[0]
+    raise TypeError(f"cannot read the input width of {type(module).__name__}; expected a Linear-like module")
+
+
+class NeuronSites:
+    """The neuron tensor of every layer of one model: its modules, layout and [B, T, M] view."""
+
+    def __init__(self, model: nn.Module, neuron_module: str | None = None):
+        self.model = model
+        model_type = getattr(model.config, "model_type", None)
+        if neuron_module is not None:
+            self.adapter = None
+            pattern = re.compile(neuron_module)
+            self.names = [n for n, _ in model.named_modules() if pattern.search(n)]
+            if not self.names:
+                raise ValueError(f"neuron_module={neuron_module!r} matches no module of {type(model).__name__}")
+        elif model_type in ADAPTERS:
+            self.adapter = ADAPTERS[model_type]
+            layers = model.get_submodule(self.adapter.layers)
+            self.names = [f"{self.adapter.layers}.{i}.{self.adapter.down}" for i in range(len(layers))]
+        else:
+            raise ValueError(
+                f"unknown architecture {model_type!r} ({type(model).__name__}): steer has adapters for "
+                f"{', '.join(sorted(ADAPTERS))}. Pass neuron_module=<regex matching the down-projection "
+                r"module of every layer>, e.g. neuron_module=r'layers\.\d+\.mlp\.down_proj'"
+            )
+        self.modules = [model.get_submodule(n) for n in self.names]
+        # the module whose forward call runs the layers (OPT's LM head skips its base model's)
+        self.stack = model.get_submodule(self.adapter.layers.rpartition(".")[0]) if self.adapter else model.base_model
+        widths = {_in_features(m) for m in self.modules}
+        if len(widths) != 1:
+            raise ValueError(f"layers have different MLP widths {sorted(widths)}; steer needs one width")
+        self.width = widths.pop()
+        self.flat_tokens = self.adapter is not None and self.adapter.flat_tokens
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.modules)
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.width
+
+    def layer_parts(self, layer: int) -> dict[str, nn.Module | None]:
+        """The up / gate / act / down modules of one layer (declared adapters only)."""
+        if self.adapter is None:
+            raise ValueError("layer parts are known only for declared adapters, not for neuron_module=")
+        root = self.model.get_submodule(f"{self.adapter.layers}.{layer}")
+        a = self.adapter
+        return {
+            "up": root.get_submodule(a.up),
+            "gate": root.get_submodule(a.gate) if a.gate else None,
+            "act": root.get_submodule(a.act),
+            "down": root.get_submodule(a.down),
+        }
+
+    def view(self, h: torch.Tensor, batch: int) -> torch.Tensor:
+        """The neuron tensor as [batch, pos, neuron] (OPT hands its MLP [batch * pos, neuron])."""
+        return h.view(batch, -1, h.shape[-1]) if h.dim() == 2 else h
+
+    def describe(self) -> str:
+        family = self.adapter.family if self.adapter else "generic"
+        return (
+            f"{type(self.model).__name__} ({family}): {self.n_layers} layers x {self.width} neurons = "
+            f"{self.n_neurons:,} neurons; neuron = input of {self.names[0]}"
+        )
+
+
+def base_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Keyword arguments for the base model such that padding on either side changes nothing.
+
+    Position ids count real tokens only (many families otherwise number left padding too);
+    BLOOM derives its ALiBi positions from the attention mask itself.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if getattr(model.config, "model_type", None) != "bloom":
+        kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return kwargs
