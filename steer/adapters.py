@@ -17,6 +17,7 @@ that flatten tokens (OPT). Unknown architectures take a user-given regex over mo
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -119,6 +120,15 @@ class NeuronSites:
     def view(self, h: torch.Tensor, batch: int) -> torch.Tensor:
         """The neuron tensor as [batch, pos, neuron] (OPT hands its MLP [batch * pos, neuron])."""
         return h.view(batch, -1, h.shape[-1]) if h.dim() == 2 else h
+
+    def fingerprint(self) -> str:
+        """Short hash of a strided sample of every down projection's weights (cheap, shape-aware)."""
+        digest = hashlib.sha256()
+        for m in self.modules:
+            w = m.weight.detach().flatten()
+            digest.update(str(tuple(m.weight.shape)).encode())
+            digest.update(w[:: max(1, w.numel() // 4096)].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def describe(self) -> str:
         family = self.adapter.family if self.adapter else "generic"

@@ -61,3 +61,17 @@ def batch(lengths, pad_left=False, seed=1):
         ids[i, sl] = torch.randint(3, VOCAB, (n,), generator=g)
         mask[i, sl] = 1
     return ids, mask
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (ids 3..VOCAB-1) that adds BOS, built in memory."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    chars = [chr(c) for c in range(32, 127)] + list("éèàçüöäßñ") + [chr(c) for c in range(0x430, 0x450)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>", unk_token="<unk>")

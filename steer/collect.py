@@ -1,0 +1,203 @@
+"""Collection: every sentence's pooled response at every neuron, in one batched pass.
+
+Exact mode keeps the full table of responses ([sentences, layers, width], fp32) so that any
+positive/negative split can be scored afterwards without another forward pass.
+
+How a batch is run: sentences are tokenized once, sorted by length (stable, so batches depend
+only on the corpus, not on its order) and padded on the tokenizer's side; position ids count
+real tokens only, so padding on either side changes nothing. Only the base model runs (no LM head). A
+pre-hook on every down projection pools the neuron tensor over each sentence's real tokens
+(`pool`, below): padding never counts, and BOS/special tokens are skipped unless asked not to.
+Hooks registered earlier (an active `intervene`) run first, so responses are what the down
+projection receives.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import NeuronSites, base_inputs
+from .corpus import Corpus
+from .metrics import score_splits
+
+POOLINGS = ("max", "mean")
+
+
+def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32."""
+    h = h.float()
+    if how == "max":
+        return h.masked_fill(~tokens[:, :, None], float("-inf")).amax(1)
+    return (h * tokens[:, :, None]).sum(1) / tokens.sum(1, keepdim=True)
+
+
+def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, max_length: int | None):
+    """Token ids and the mask of pooled tokens of each text (lists, unpadded)."""
+    enc = tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True,
+                    truncation=max_length is not None, max_length=max_length)
+    ids, pooled = [], []
+    for i, (t, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
+        keep = [not s for s in special] if skip_special else [True] * len(t)
+        if not any(keep):
+            raise ValueError(f"sentence {keys[i]!r} has no token to pool ({texts[i]!r})")
+        ids.append(t)
+        pooled.append(keep)
+    return ids, pooled
+
+
+def batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sentence indices grouped into batches of similar length (longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad(rows: list[list], value, side: str = "right") -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    fill = [[value] * (width - len(r)) for r in rows]
+    return torch.tensor([r + f if side == "right" else f + r for r, f in zip(rows, fill)])
+
+
+class Pooler:
+    """Pre-hooks that pool each layer's neuron tensor of the current batch into `out` [B, L, M]."""
+
+    def __init__(self, sites: NeuronSites, how: str):
+        self.sites, self.how = sites, how
+        self.tokens: torch.Tensor | None = None  # [B, T] bool, set before each forward
+        self.out: torch.Tensor | None = None
+        self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(sites.modules)]
+
+    def _hook(self, layer: int):
+        def pre_hook(module, args):
+            h = self.sites.view(args[0], self.tokens.shape[0])  # [B, T, M]
+            self.out[:, layer] = pool(h, self.tokens, self.how)
+
+        return pre_hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class Responses:
+    """Pooled responses of every sentence at every neuron, with the labels that split them."""
+
+    values: torch.Tensor  # [N, L, M] fp32
+    label_ids: torch.Tensor  # [N] int64 into label_names
+    label_names: list[str]
+    keys: list[str]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape[1:])
+
+    def score(self, splits=None) -> "Scores":
+        """AP, AUROC and response statistics of every neuron for each split (default: one-vs-rest)."""
+        splits = [Split.one_vs_rest(c) for c in self.label_names] if splits is None else splits
+        ids = [s.label_ids(self.label_names) for s in splits]
+        flat = self.values.reshape(len(self.values), -1)  # [N, L*M]
+        stats = score_splits(flat, self.label_ids, ids)
+        layers, width = self.shape
+        stats = {k: v.reshape(len(splits), layers, width) if v.dim() == 2 else v for k, v in stats.items()}
+        return Scores(stats, splits, dict(self.settings))
+
+    def save(self, path) -> None:
+        meta = {"label_names": self.label_names, "keys": self.keys, "settings": self.settings}
+        save_file({"values": self.values.contiguous(), "label_ids": self.label_ids}, str(path),
+                  metadata={"steer": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path) -> "Responses":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["steer"])
+        t = load_file(str(path))
+        return cls(t["values"], t["label_ids"], meta["label_names"], meta["keys"], meta["settings"])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Positive labels against negative labels (None: every other label)."""
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...] | None = None
+
+    @classmethod
+    def one_vs_rest(cls, label: str) -> "Split":
+        return cls(label, (label,))
+
+    def label_ids(self, names: list[str]):
+        unknown = [c for c in self.positive + (self.negative or ()) if c not in names]
+        if unknown:
+            raise ValueError(f"split {self.name!r} names labels {unknown} absent from the corpus ({names})")
+        neg = None if self.negative is None else [names.index(c) for c in self.negative]
+        return [names.index(c) for c in self.positive], neg
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "positive": list(self.positive),
+                "negative": None if self.negative is None else list(self.negative)}
+
+
+@dataclass
+class Scores:
+    """Per-split statistics of every neuron: `stats[name]` is [S, L, M] (n_pos / n_neg: [S])."""
+
+    stats: dict[str, torch.Tensor]
+    splits: list[Split]
+    settings: dict
+
+    def index(self, name: str) -> int:
+        names = [s.name for s in self.splits]
+        if name not in names:
+            raise KeyError(f"no split named {name!r}; splits: {names}")
+        return names.index(name)
+
+
+def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max", batch_size: int = 16,
+            skip_special: bool = True, max_length: int | None = None, neuron_module: str | None = None,
+            progress: bool = True) -> Responses:
+    """Run `corpus` through the base model and return every sentence's pooled neuron responses."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
+    if len(corpus) == 0:
+        raise ValueError("the corpus is empty")
+    sites = NeuronSites(model, neuron_module)
+    device = sites.modules[0].weight.device
+    ids, pooled = tokenize(tokenizer, corpus.texts, corpus.keys, skip_special, max_length)
+    side = tokenizer.padding_side
+    values = torch.empty(len(ids), sites.n_layers, sites.width)  # [N, L, M]
+    pooler = Pooler(sites, pooling)
+    n_tokens = sum(map(len, ids))
+    bar = tqdm(total=n_tokens, unit="tok", desc="collect", disable=not progress, unit_scale=True)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for rows in batches([len(t) for t in ids], batch_size):
+                input_ids = pad([ids[i] for i in rows], tokenizer.pad_token_id or 0, side).to(device)
+                mask = pad([[1] * len(ids[i]) for i in rows], 0, side).to(device)
+                pooler.tokens = pad([pooled[i] for i in rows], False, side).to(device)
+                pooler.out = torch.empty(len(rows), sites.n_layers, sites.width, device=device)
+                model.base_model(**base_inputs(model, input_ids, mask))
+                values[rows] = pooler.out.cpu()
+                bar.update(int(mask.sum()))
+    finally:
+        pooler.remove()
+        bar.close()
+    seconds = time.perf_counter() - start
+    settings = {
+        "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
+        "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
+        "pooling": pooling, "skip_special": skip_special, "max_length": max_length,
+        "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(ids),
+        "tokens": n_tokens, "seconds": round(seconds, 2),
+    }
+    return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings)
