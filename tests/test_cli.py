@@ -1,0 +1,51 @@
+"""The command line end to end on a tiny saved checkpoint: find-experts, then score without a forward."""
+import json
+
+import pytest
+import torch
+
+from steer.cli import main
+from steer.experts import ExpertSet
+from tiny import tiny_model, tiny_tokenizer
+
+LINES = ["en\tthe cat sat", "en\ta dog", "en\tthe end", "fr\tle chat", "fr\tun chien", "fr\tla fin",
+         "de\tdie Katze", "de\tein Hund", "de\tdas Ende"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    corpus = d / "corpus.tsv"
+    corpus.write_text("\n".join(LINES) + "\n")
+    return d, corpus
+
+
+def test_find_experts_then_score(checkpoint, tmp_path, capsys):
+    ckpt, corpus = checkpoint
+    out = tmp_path / "run"
+    main(["find-experts", "--model", str(ckpt), "--corpus", str(corpus), "-k", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "Layer histogram" in printed and "Shared experts" in printed
+    experts = ExpertSet.load(out / "experts")
+    assert experts.concepts == ["en", "fr", "de"] and len(experts.rows("fr")) == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["sentences"] == 9 and run["pooling"] == "max"
+
+    main(["score", str(out), "--out", str(tmp_path / "re"), "--recipe", "sundar2025", "-k", "3",
+          "--targets", "fr", "--negatives", "en,de"])
+    re = ExpertSet.load(tmp_path / "re" / "experts")
+    assert re.concepts == ["fr"] and re.meta["selection"]["by"] == "auroc"
+    assert re.meta["splits"] == [{"name": "fr", "positive": ["fr"], "negative": ["en", "de"]}]
+    assert all(r["score"] > 0.5 for r in re.rows("fr"))
+
+
+def test_missing_responses_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="responses.safetensors not found"):
+        main(["score", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a built-in model"):
+        main(["info", "--model", str(tmp_path / "nope")])
