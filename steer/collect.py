@@ -64,24 +64,51 @@ def pad(rows: list[list], value, side: str = "right") -> torch.Tensor:
 
 
 class Pooler:
-    """Pre-hooks that pool each layer's neuron tensor of the current batch into `out` [B, L, M]."""
+    """Pre-hooks that pool each layer's neuron tensor of the current batch into `pooled` [B, L, M].
 
-    def __init__(self, sites: NeuronSites, how: str):
-        self.sites, self.how = sites, how
-        self.tokens: torch.Tensor | None = None  # [B, T] bool, set before each forward
-        self.out: torch.Tensor | None = None
+    The fused path (`steer.patch`) has the same three attributes and does this inside its op.
+    """
+
+    def __init__(self, sites: NeuronSites, pooling: str):
+        self.sites, self.pooling = sites, pooling
+        self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, set before each forward
+        self.pooled: torch.Tensor | None = None
         self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(sites.modules)]
 
     def _hook(self, layer: int):
         def pre_hook(module, args):
-            h = self.sites.view(args[0], self.tokens.shape[0])  # [B, T, M]
-            self.out[:, layer] = pool(h, self.tokens, self.how)
+            h = self.sites.view(args[0], self.pool_tokens.shape[0])  # [B, T, M]
+            self.pooled[:, layer] = pool(h, self.pool_tokens, self.pooling)
 
         return pre_hook
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def _pooler(model: nn.Module, sites: NeuronSites, pooling: str, backend: str):
+    """(pooler, undo) for a backend: reference hooks, or the fused op (patched here if need be)."""
+    if backend == "hooks":
+        p = Pooler(sites, pooling)
+        return p, p.remove
+    if backend != "fused":
+        raise ValueError(f"backend={backend!r}; choose 'hooks' or 'fused'")
+    from .patch import patch
+
+    if any(m._forward_pre_hooks for m in sites.modules):
+        raise RuntimeError("hooks are active on the down projections (a hook-based intervene?); "
+                           "with backend='fused', patch the model first and intervene after")
+    existing = getattr(model, "_steer_patch", None)
+    p = existing or patch(model)
+    p.pooling = pooling
+
+    def undo():
+        p.pool_tokens = p.pooled = None
+        if existing is None:
+            p.revert()
+
+    return p, undo
 
 
 @dataclass
@@ -164,8 +191,11 @@ class Scores:
 
 def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max", batch_size: int = 16,
             skip_special: bool = True, max_length: int | None = None, neuron_module: str | None = None,
-            progress: bool = True) -> Responses:
-    """Run `corpus` through the base model and return every sentence's pooled neuron responses."""
+            backend: str = "hooks", progress: bool = True) -> Responses:
+    """Run `corpus` through the base model and return every sentence's pooled neuron responses.
+
+    backend: "hooks" (reference pre-hooks) or "fused" (the fused MLP op, `steer.patch`).
+    """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
     if len(corpus) == 0:
@@ -175,7 +205,7 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
     ids, pooled = tokenize(tokenizer, corpus.texts, corpus.keys, skip_special, max_length)
     side = tokenizer.padding_side
     values = torch.empty(len(ids), sites.n_layers, sites.width)  # [N, L, M]
-    pooler = Pooler(sites, pooling)
+    pooler, undo = _pooler(model, sites, pooling, backend)
     n_tokens = sum(map(len, ids))
     bar = tqdm(total=n_tokens, unit="tok", desc="collect", disable=not progress, unit_scale=True)
     start = time.perf_counter()
@@ -184,19 +214,19 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
             for rows in batches([len(t) for t in ids], batch_size):
                 input_ids = pad([ids[i] for i in rows], tokenizer.pad_token_id or 0, side).to(device)
                 mask = pad([[1] * len(ids[i]) for i in rows], 0, side).to(device)
-                pooler.tokens = pad([pooled[i] for i in rows], False, side).to(device)
-                pooler.out = torch.empty(len(rows), sites.n_layers, sites.width, device=device)
+                pooler.pool_tokens = pad([pooled[i] for i in rows], False, side).to(device)
+                pooler.pooled = torch.empty(len(rows), sites.n_layers, sites.width, device=device)
                 model.base_model(**base_inputs(model, input_ids, mask))
-                values[rows] = pooler.out.cpu()
+                values[rows] = pooler.pooled.cpu()
                 bar.update(int(mask.sum()))
     finally:
-        pooler.remove()
+        undo()
         bar.close()
     seconds = time.perf_counter() - start
     settings = {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
         "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
-        "pooling": pooling, "skip_special": skip_special, "max_length": max_length,
+        "pooling": pooling, "skip_special": skip_special, "backend": backend, "max_length": max_length,
         "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(ids),
         "tokens": n_tokens, "seconds": round(seconds, 2),
     }

@@ -12,10 +12,12 @@ expert set without being rebuilt. `positions` chooses where the override applies
 "all" tokens, the "last" real token of every forward call, the "prompt" (forward calls without
 a KV cache: the prefill) or "generated" tokens (calls that extend a cache: decoding steps).
 
-`intervene(model, iv)` applies it with forward pre-hooks on every down projection, the simplest
+`intervene(model, iv)` applies it; on a model patched with `steer.patch` the fused op reads
+the buffers, otherwise it applies them with forward pre-hooks on every down projection, the simplest
 correct means: this is the oracle that the fused MLP path is tested against. A pre-hook on the
 layer stack records, for each forward call, which positions are real tokens and whether a cache
-is being extended; `override()` below is the one place where a neuron is overwritten.
+is being extended. `override()` below is where a hook overwrites a neuron; the fused path does it
+in `steer/kernels/fused_mlp_ref.py` (CPU) and `fused_mlp.py` (Triton).
 """
 from __future__ import annotations
 
@@ -161,6 +163,11 @@ class Steering:
                 f"the model has {self.sites.n_layers} x {self.sites.width}"
             )
         self.intervention = intervention
+        self.patch = getattr(model, "_steer_patch", None)
+        if self.patch is not None:  # a fused patch reads the buffers itself (steer.patch)
+            self.patch.attach(intervention)
+            self.handles = []
+            return
         self.info = _CallInfo(self.sites.stack)
         self.handles = [self.info.handle] + [
             m.register_forward_pre_hook(self._hook(layer)) for layer, m in enumerate(self.sites.modules)
@@ -181,6 +188,8 @@ class Steering:
         return pre_hook
 
     def remove(self) -> None:
+        if self.patch is not None and self.patch.intervention is self.intervention:
+            self.patch.detach()
         for h in self.handles:
             h.remove()
         self.handles = []

@@ -1,0 +1,169 @@
+"""The fused path: every MLP's neuron tensor produced by one op that also steers and pools.
+
+`patch(model)` swaps modules, reversibly (`revert()`), so that each layer's neuron tensor comes
+from `fused_mlp` (Triton on CUDA, plain traceable torch on CPU; steer/kernels/): in one pass the
+activation (`act(gate) * up`, or `act(pre)` for ungated MLPs), the expert override, and the
+per-sentence pooling used by collection. No Python hooks run per layer, so `torch.compile`
+traces the whole forward (`fullgraph=True`), and the expert buffers are read at run time.
+
+    gated families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3)  the MLP module -> `FusedGatedMLP`
+    ungated families (GPT-2, BLOOM, XGLM, OPT)                  the activation -> `FusedActivation`
+
+The patch is driven by the same `Intervention` object as the reference hooks: `intervene(model,
+iv)` on a patched model attaches `iv`'s buffers to the patch (the patch reads them, so in-place
+changes take effect without recompiling). One pre-hook on the layer stack records each call's
+real-token mask and cache use, exactly as for the hooks (`intervention._CallInfo`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .adapters import NeuronSites
+from .intervention import Intervention, _CallInfo, steered_tokens
+
+#: activation module class name -> fused op activation
+ACTS = {
+    "SiLUActivation": "silu", "SiLU": "silu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "GELUPytorchTanh": "gelu_tanh", "BloomGelu": "gelu_tanh",
+    "GELUActivation": "gelu", "GELU": "gelu",
+    "ReLU": "relu",
+}
+
+
+def _fused_op(backend: str):
+    """`fused_mlp` with a backend (auto: Triton on CUDA); its torch reference where no Triton imports."""
+    try:
+        from .kernels.fused_mlp import fused_mlp
+    except ImportError:  # no Triton on this platform: the reference is the CPU path anyway
+        if backend == "triton":
+            raise
+        from .kernels.fused_mlp_ref import fused_mlp_ref
+
+        return fused_mlp_ref
+    return functools.partial(fused_mlp, backend=backend)
+
+
+class FusedPatch:
+    """State shared by the patched layers: expert buffers, steered/pooled tokens, pooled output."""
+
+    def __init__(self, model: nn.Module, backend: str = "auto"):
+        if getattr(model, "_steer_patch", None) is not None:
+            raise RuntimeError("this model is already patched; revert() the first patch")
+        self.sites = NeuronSites(model)
+        self.model = model
+        self.op = _fused_op(backend)
+        self.intervention: Intervention | None = None
+        self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, set by collect
+        self.pooling = "max"
+        self.pooled: torch.Tensor | None = None  # [B, L, M] fp32, written by each layer
+        self.info = _CallInfo(self.sites.stack)
+        self.swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original)
+        self.acts: list[str] = []  # fused op activation of each layer
+        try:
+            for layer in range(self.sites.n_layers):
+                self._swap(layer)
+        except Exception:
+            self.revert()
+            raise
+        model._steer_patch = self
+
+    def _swap(self, layer: int) -> None:
+        a, parts = self.sites.adapter, self.sites.layer_parts(layer)
+        act_name = type(parts["act"]).__name__
+        if act_name not in ACTS:
+            raise ValueError(f"the fused op has no activation for {act_name}; use the reference hooks")
+        root = self.model.get_submodule(f"{a.layers}.{layer}")
+        if a.gate is not None or a.merged_gate_up:  # gated: the whole MLP module
+            name = "mlp"
+            new = FusedGatedMLP(root.mlp, self, layer, ACTS[act_name], a.merged_gate_up)
+        else:  # ungated: the activation, whose output is the neuron tensor
+            parent_path, _, name = a.act.rpartition(".")
+            root = root.get_submodule(parent_path) if parent_path else root
+            new = FusedActivation(self, layer, ACTS[act_name])
+        self.swapped.append((root, name, getattr(root, name)))
+        self.acts.append(ACTS[act_name])
+        setattr(root, name, new)
+
+    def neurons(self, layer: int, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """The fused op for one layer: up/gate [B, T, M] (or OPT's [B*T, M]) -> h, same shape."""
+        batch = self.info.attention_mask.shape[0]
+        shape = up.shape
+        up = self.sites.view(up, batch)  # [B, T, M]
+        gate = None if gate is None else self.sites.view(gate, batch)
+        iv = self.intervention
+        override = None if iv is None else (iv.mask[layer], iv.mul[layer], iv.add[layer])
+        tokens = None if iv is None else steered_tokens(iv.positions, self.info.attention_mask, self.info.extends_cache)
+        h, pool_max, pool_sum = self.op(up, gate, act=self.acts[layer], override=override,
+                                        steer_tokens=tokens, pool_tokens=self.pool_tokens)
+        if self.pool_tokens is not None:
+            self.pooled[:, layer] = pool_max if self.pooling == "max" else pool_sum / self.pool_tokens.sum(1, keepdim=True)
+        return h.view(shape)
+
+    def attach(self, intervention: Intervention) -> None:
+        if intervention.shape != (self.sites.n_layers, self.sites.width):
+            raise ValueError(f"intervention is for {intervention.shape}; the model has "
+                             f"{(self.sites.n_layers, self.sites.width)}")
+        self.intervention = intervention
+
+    def detach(self) -> None:
+        self.intervention = None
+
+    def revert(self) -> None:
+        """Put the original modules back; the model is as before the patch."""
+        for parent, name, original in reversed(self.swapped):
+            setattr(parent, name, original)
+        self.swapped = []
+        self.info.handle.remove()
+        if getattr(self.model, "_steer_patch", None) is self:
+            del self.model._steer_patch
+
+    def __enter__(self) -> "FusedPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+class FusedGatedMLP(nn.Module):
+    """A gated MLP whose `act(gate) * up` (with override and pooling) is one fused op."""
+
+    def __init__(self, mlp: nn.Module, patch: FusedPatch, layer: int, act: str, merged: bool):
+        super().__init__()
+        self.layer, self.act, self.merged = layer, act, merged
+        # the original projections, under their own names: module paths and state_dict keys stay
+        for name in ("gate_up_proj",) if merged else ("gate_proj", "up_proj"):
+            setattr(self, name, getattr(mlp, name))
+        self.down_proj = mlp.down_proj
+        self._patch = [patch]  # in a list: not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # Phi-3: [.., 2M], gate half first
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self._patch[0].neurons(self.layer, up, gate))
+
+
+class FusedActivation(nn.Module):
+    """An ungated MLP's activation; its output (the neuron tensor) comes from the fused op."""
+
+    def __init__(self, patch: FusedPatch, layer: int, act: str):
+        super().__init__()
+        self.layer, self.act = layer, act
+        self._patch = [patch]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._patch[0].neurons(self.layer, x, None)
+
+
+def patch(model: nn.Module, backend: str = "auto") -> FusedPatch:
+    """Route every MLP of `model` through the fused op until `.revert()` (or the `with` block ends).
+
+    backend: "auto" (Triton on CUDA, torch elsewhere), "torch", or "triton" (on CPU tensors only
+    under TRITON_INTERPRET=1, for tests).
+    """
+    return FusedPatch(model, backend)
