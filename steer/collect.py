@@ -189,25 +189,27 @@ class Scores:
         return names.index(name)
 
 
-def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max", batch_size: int = 16,
-            skip_special: bool = True, max_length: int | None = None, neuron_module: str | None = None,
-            backend: str = "hooks", progress: bool = True) -> Responses:
-    """Run `corpus` through the base model and return every sentence's pooled neuron responses.
+@dataclass
+class Run:
+    """What `pooled_batches` reports once it is exhausted."""
 
-    backend: "hooks" (reference pre-hooks) or "fused" (the fused MLP op, `steer.patch`).
-    """
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str], sites: NeuronSites, *,
+                   pooling: str = "max", batch_size: int = 16, skip_special: bool = True,
+                   max_length: int | None = None, backend: str = "hooks", progress: bool = True,
+                   desc: str = "collect", run: Run | None = None):
+    """Yield (rows, pooled [B, L, M] fp32 on the model's device) for length-sorted batches of `texts`."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
-    if len(corpus) == 0:
-        raise ValueError("the corpus is empty")
-    sites = NeuronSites(model, neuron_module)
     device = sites.modules[0].weight.device
-    ids, pooled = tokenize(tokenizer, corpus.texts, corpus.keys, skip_special, max_length)
+    ids, pooled = tokenize(tokenizer, texts, keys, skip_special, max_length)
     side = tokenizer.padding_side
-    values = torch.empty(len(ids), sites.n_layers, sites.width)  # [N, L, M]
     pooler, undo = _pooler(model, sites, pooling, backend)
-    n_tokens = sum(map(len, ids))
-    bar = tqdm(total=n_tokens, unit="tok", desc="collect", disable=not progress, unit_scale=True)
+    bar = tqdm(total=sum(map(len, ids)), unit="tok", desc=desc, disable=not progress, unit_scale=True)
+    run = run if run is not None else Run()
     start = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -217,17 +219,40 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
                 pooler.pool_tokens = pad([pooled[i] for i in rows], False, side).to(device)
                 pooler.pooled = torch.empty(len(rows), sites.n_layers, sites.width, device=device)
                 model.base_model(**base_inputs(model, input_ids, mask))
-                values[rows] = pooler.pooled.cpu()
+                yield rows, pooler.pooled
+                run.tokens += int(mask.sum())
                 bar.update(int(mask.sum()))
     finally:
         undo()
         bar.close()
-    seconds = time.perf_counter() - start
-    settings = {
+        run.seconds += time.perf_counter() - start
+
+
+def _settings(model, sites: NeuronSites, corpus: Corpus, run: Run, **options) -> dict:
+    return {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
-        "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
-        "pooling": pooling, "skip_special": skip_special, "backend": backend, "max_length": max_length,
-        "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(ids),
-        "tokens": n_tokens, "seconds": round(seconds, 2),
+        "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width, **options,
+        "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
+        "tokens": run.tokens, "seconds": round(run.seconds, 2),
     }
+
+
+def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max", batch_size: int = 16,
+            skip_special: bool = True, max_length: int | None = None, neuron_module: str | None = None,
+            backend: str = "hooks", progress: bool = True) -> Responses:
+    """Run `corpus` through the base model and return every sentence's pooled neuron responses.
+
+    backend: "hooks" (reference pre-hooks) or "fused" (the fused MLP op, `steer.patch`).
+    """
+    if len(corpus) == 0:
+        raise ValueError("the corpus is empty")
+    sites = NeuronSites(model, neuron_module)
+    values = torch.empty(len(corpus), sites.n_layers, sites.width)  # [N, L, M]
+    run = Run()
+    for rows, pooled in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, pooling=pooling,
+                                       batch_size=batch_size, skip_special=skip_special, max_length=max_length,
+                                       backend=backend, progress=progress, run=run):
+        values[rows] = pooled.cpu()
+    settings = _settings(model, sites, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
+                         backend=backend, max_length=max_length)
     return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings)

@@ -1,0 +1,27 @@
+"""Reference of the streaming histogram update, in plain torch (also the CPU path).
+
+`counts[label, neuron, bin] += 1` for every finite response of a tile. The bin of a response x
+of neuron m is the number of m's inner edges that are <= x, so with NB bins and NB - 1 inner
+edges bin 0 is (-inf, e_0), bin j is [e_{j-1}, e_j) and the last bin is [e_{NB-2}, +inf): the
+end bins are open and counted. Duplicate edges give empty bins between them. NaN and +-inf
+responses are not binned (the caller counts them). `steer.kernels.histogram` does the same in
+one Triton pass.
+"""
+import torch
+
+
+def histogram_update_ref(
+    counts: torch.Tensor,  # [C, M, NB] int32, updated in place
+    x: torch.Tensor,  # [B, M] fp32 pooled responses
+    label_ids: torch.Tensor,  # [B] int64 in [0, C)
+    edges: torch.Tensor,  # [M, NB - 1] fp32, non-decreasing per neuron
+) -> None:
+    """Add one to counts[label_ids[b], m, bin(x[b, m])] for every finite x[b, m]."""
+    _, M, NB = counts.shape
+    xt = x.t().contiguous()  # [M, B]
+    bins = torch.searchsorted(edges.contiguous(), xt, right=True)  # [M, B] = #edges <= x
+    neuron = torch.arange(M, device=x.device)[:, None]  # [M, 1]
+    flat = (label_ids[None, :] * M + neuron) * NB + bins  # [M, B] index into counts.view(-1)
+    keep = torch.isfinite(xt)  # [M, B]
+    idx = flat[keep]  # [K]
+    counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))

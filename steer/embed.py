@@ -1,0 +1,129 @@
+"""Sentence embeddings from a model's hidden states, as in the seed paper's analysis.
+
+A sentence's embedding is the mean, over its real tokens, of one layer's hidden state; by
+default the last one (`hidden_states[-1]`, after the final norm), as in Sundar et al. (ACL
+2025), "Steering into New Embedding Spaces". Only the base model runs (no LM head, whose vocab
+can be 262k wide), so any intervention hooked or patched into its layers applies as it is.
+
+Padding never counts: texts are tokenized without padding, sorted by length, and padded per
+batch on the tokenizer's side with explicit position ids (so left padding gives the positions
+an unpadded sentence would have); pooling uses the attention mask. Embeddings therefore do
+not depend on batch size, batch make-up, order or padding side (up to fp rounding, ~1e-6).
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def embed(
+    model,
+    tokenizer,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    layers: str | Sequence[int] = "last",
+    batch_size: int = 16,
+    skip_bos: bool = False,
+    progress: bool = True,
+) -> torch.Tensor | dict[int, torch.Tensor]:
+    """Mean-pooled hidden states of `texts`, in input order, as fp32 on the CPU.
+
+    texts: strings (tokenized by `tokenizer`, special tokens added) or lists of token ids
+        (then `tokenizer` may be None; padding goes right with `model.config.pad_token_id`
+        or 0: its value never matters).
+    layers: "last" -> Tensor [N, D] of `hidden_states[-1]`; "all" or a list of indices into
+        `hidden_states` (0 = embedding output, i = output of block i) -> dict index -> [N, D].
+    skip_bos: leave out each sentence's first token when it is a special token (any of
+        `tokenizer.all_special_ids`; without a tokenizer, `model.config.bos_token_id`).
+    The model must be in eval mode (dropout would make embeddings random).
+    """
+    if layers != "last" and layers != "all" and (
+        isinstance(layers, str) or not all(isinstance(i, int) for i in layers)
+    ):
+        raise ValueError(f'layers must be "last", "all" or a list of ints, got {layers!r}')
+    base = model.base_model
+    if base.training:
+        raise ValueError("model is in training mode: call model.eval() first")
+    ids = _token_ids(tokenizer, texts)
+    if not ids or any(len(s) == 0 for s in ids):
+        raise ValueError("embed needs at least one text and no empty token sequence")
+
+    if skip_bos:
+        special = (
+            set(tokenizer.all_special_ids)
+            if tokenizer is not None
+            else {getattr(model.config, "bos_token_id", None)} - {None}
+        )
+        skip = [s[0] in special for s in ids]
+        if any(k and len(s) == 1 for k, s in zip(skip, ids)):
+            raise ValueError("a sequence holds only its special token: nothing left to pool")
+    else:
+        skip = [False] * len(ids)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    if pad_id is None:
+        pad_id = getattr(model.config, "pad_token_id", None) or 0
+    left = tokenizer is not None and tokenizer.padding_side == "left"
+    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+    device = model.get_input_embeddings().weight.device
+
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: OOM early
+    out: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress
+        ):
+            rows = order[start : start + batch_size]
+            input_ids, mask = _pad([ids[i] for i in rows], pad_id, left)
+            kwargs = {}
+            if takes_positions:  # positions of real tokens start at 0 whatever the padding
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+            hidden = base(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
+                use_cache=False,
+                **kwargs,
+            ).hidden_states
+            if not out:  # first batch: resolve the layers and allocate the outputs
+                keys = [-1] if layers == "last" else (
+                    list(range(len(hidden))) if layers == "all" else list(layers)
+                )
+                for k in keys:
+                    if not -len(hidden) <= k < len(hidden):
+                        raise IndexError(f"layer {k} out of range: {len(hidden)} hidden states")
+                    out[k] = torch.empty(len(ids), hidden[k].shape[-1], dtype=torch.float32)
+            pool = mask.clone()  # [batch, pos]
+            for r, i in enumerate(rows):
+                if skip[i]:
+                    pool[r, int((mask[r] == 0).sum()) if left else 0] = 0
+            pool = pool.to(device).bool().unsqueeze(-1)  # [batch, pos, 1]
+            count = pool.sum(1).float()  # [batch, 1]
+            index = torch.tensor(rows)
+            for k in out:
+                # where, not a product: padding positions may hold non-finite values
+                summed = torch.where(pool, hidden[k].float(), 0.0).sum(1)  # [batch, D]
+                out[k][index] = (summed / count).cpu()
+    return out[-1] if layers == "last" else out
+
+
+def _token_ids(tokenizer, texts) -> list[list[int]]:
+    texts = list(texts)
+    if texts and all(isinstance(t, str) for t in texts):
+        if tokenizer is None:
+            raise ValueError("strings need a tokenizer; pass token id lists otherwise")
+        return [list(s) for s in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    return [[int(t) for t in s] for s in texts]
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [batch, pos]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [batch, pos]
+    for r, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        input_ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        mask[r, cols] = 1
+    return input_ids, mask
