@@ -97,9 +97,20 @@ def _write_outputs(out: Path, experts, scores, settings: dict) -> None:
     print(f"\nwrote {out}/experts (expert set), statistics.csv (every neuron), summary.txt, run.json")
 
 
+def _mode(args, corpus, model) -> str:
+    """auto: exact while every response fits the memory budget, else stream + refine."""
+    if args.mode != "auto":
+        return args.mode
+    from .adapters import NeuronSites
+
+    table = len(corpus) * NeuronSites(model).n_neurons * 4
+    return "exact" if table <= args.memory_budget * 2**30 else "stream"
+
+
 def cmd_find_experts(args) -> None:
-    from .collect import collect
+    from .collect import collect, collect_stream, refine
     from .corpus import bible_corpus, load_corpus
+    from .experts import RECIPES
     from .models import load_model
 
     start = time.perf_counter()
@@ -110,31 +121,49 @@ def cmd_find_experts(args) -> None:
     model, tok = load_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}")
-    responses = collect(model, tok, corpus, pooling=args.pooling, batch_size=args.batch_size,
-                        skip_special=not args.keep_special, max_length=args.max_length)
-    if args.save_responses:
-        responses.save(out / "responses.safetensors")
-    scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
+    mode = _mode(args, corpus, model)
+    print(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}; {mode} mode")
+    opts = dict(pooling=args.pooling, batch_size=args.batch_size, skip_special=not args.keep_special,
+                max_length=args.max_length, backend=args.backend)
+    splits = _splits(corpus.label_names, _csv(args.targets), _csv(args.negatives))
+    if mode == "exact":
+        responses = collect(model, tok, corpus, **opts)
+        if args.save_responses:
+            responses.save(out / "responses.safetensors")
+        scores, s = responses.score(splits), responses.settings
+    else:
+        state = collect_stream(model, tok, corpus, bins=args.bins, seed=args.seed, **opts)
+        state.save(out / "state.safetensors")
+        s = state.settings
+        by = RECIPES[args.recipe][0] if args.recipe else args.score
+        scores = refine(model, tok, corpus, state, splits, k=args.k, by=by, bottom_k=args.bottom_k,
+                        batch_size=args.batch_size, backend=args.backend)
     experts = _select(scores, args)
-    s = responses.settings
-    settings = {"command": " ".join(sys.argv), **s, "seconds_total": round(time.perf_counter() - start, 1)}
-    print(f"collected {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens'] / s['seconds']:.0f} tokens/s)")
+    settings = {"command": " ".join(sys.argv), **scores.settings, "seconds_total": round(time.perf_counter() - start, 1)}
+    print(f"first pass: {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens'] / s['seconds']:.0f} tokens/s)")
     _write_outputs(out, experts, scores, settings)
 
 
 def cmd_score(args) -> None:
-    from .collect import Responses
+    from .collect import Responses, score_state
+    from .stream import StreamState
 
-    src = Path(args.source) / "responses.safetensors"
-    if not src.exists():
-        raise SystemExit(f"steer score: {src} not found (run find-experts with --save-responses)")
-    responses = Responses.load(src)
-    scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
+    src = Path(args.source)
+    if (src / "responses.safetensors").exists():
+        responses = Responses.load(src / "responses.safetensors")
+        scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
+    elif (src / "state.safetensors").exists():
+        state = StreamState.load(src / "state.safetensors")
+        scores = score_state(state, _splits(state.label_names, _csv(args.targets), _csv(args.negatives)))
+        bound = scores.stats[f"{args.score}_bound"].max().item()
+        print(f"histogram scores from a streaming state: certified within {bound:.4f} of the exact "
+              f"{args.score}; `steer find-experts --mode stream` refines the top-k exactly")
+    else:
+        raise SystemExit(f"steer score: neither responses.safetensors nor state.safetensors in {src}")
     experts = _select(scores, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_outputs(out, experts, scores, {"command": " ".join(sys.argv), "source": str(src), **responses.settings})
+    _write_outputs(out, experts, scores, {"command": " ".join(sys.argv), "source": str(src), **scores.settings})
 
 
 def cmd_info(args) -> None:
@@ -162,6 +191,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--keep-special", action="store_true", help="pool BOS/special tokens too")
     f.add_argument("--max-length", type=int, default=None, help="truncate sentences to this many tokens")
     f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--mode", choices=["auto", "exact", "stream"], default="auto",
+                   help="exact: keep every response; stream: fixed-memory histograms + exact refine of the "
+                        "short-list; auto (default): exact while the responses fit --memory-budget")
+    f.add_argument("--memory-budget", type=float, default=2.0, help="GiB for exact responses in auto mode")
+    f.add_argument("--bins", type=int, default=64, help="histogram bins per neuron (stream mode)")
+    f.add_argument("--backend", choices=["hooks", "fused"], default="hooks",
+                   help="hooks: reference pre-hooks; fused: the fused MLP op (steer.patch)")
     f.add_argument("--save-responses", action=argparse.BooleanOptionalAction, default=True,
                    help="keep every response (needed by `steer score`)")
     f.add_argument("--out", default="runs/experts")

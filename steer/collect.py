@@ -1,7 +1,10 @@
 """Collection: every sentence's pooled response at every neuron, in one batched pass.
 
-Exact mode keeps the full table of responses ([sentences, layers, width], fp32) so that any
-positive/negative split can be scored afterwards without another forward pass.
+Exact mode (`collect`) keeps the full table of responses ([sentences, layers, width], fp32) so
+that any positive/negative split can be scored afterwards without another forward pass.
+Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/stream.py,
+DESIGN.md §2); `refine` then rescores exactly, in a second pass, the short-list of neurons that
+could still enter the exact top-k, so the experts and their values equal exact mode's.
 
 How a batch is run: sentences are tokenized once, sorted by length (stable, so batches depend
 only on the corpus, not on its order) and padded on the tokenizer's side; position ids count
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 from .adapters import NeuronSites, base_inputs
 from .corpus import Corpus
 from .metrics import score_splits
+from .stream import StreamState, calibrate_edges, shortlist
 
 POOLINGS = ("max", "mean")
 
@@ -204,6 +208,8 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
     """Yield (rows, pooled [B, L, M] fp32 on the model's device) for length-sorted batches of `texts`."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
+    if not texts:
+        return
     device = sites.modules[0].weight.device
     ids, pooled = tokenize(tokenizer, texts, keys, skip_special, max_length)
     side = tokenizer.padding_side
@@ -256,3 +262,95 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
     settings = _settings(model, sites, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
                          backend=backend, max_length=max_length)
     return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings)
+
+
+def collect_stream(model: nn.Module, tokenizer, corpus: Corpus, *, bins: int = 64, calibration: int = 1000,
+                   seed: int = 0, pooling: str = "max", batch_size: int = 16, skip_special: bool = True,
+                   max_length: int | None = None, neuron_module: str | None = None, backend: str = "hooks",
+                   progress: bool = True) -> StreamState:
+    """Fixed-memory statistics of every neuron (`StreamState`, DESIGN.md §2) in one pass.
+
+    A seeded random sample of `calibration` sentences runs first: its responses fix every
+    neuron's bin edges and are then counted like the rest, so no sentence runs twice.
+    """
+    if len(corpus) == 0:
+        raise ValueError("the corpus is empty")
+    sites = NeuronSites(model, neuron_module)
+    device = sites.modules[0].weight.device
+    perm = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed)).tolist()
+    cal, rest = sorted(perm[:calibration]), sorted(perm[calibration:])
+    label_ids = corpus.label_ids.to(device)
+    opts = dict(pooling=pooling, batch_size=batch_size, skip_special=skip_special, max_length=max_length,
+                backend=backend, progress=progress)
+    run = Run()
+    sample = torch.empty(len(cal), sites.n_neurons, device=device)  # [S, L*M]
+    for rows, pooled in pooled_batches(model, tokenizer, [corpus.texts[i] for i in cal], [corpus.keys[i] for i in cal],
+                                       sites, desc="calibrate", run=run, **opts):
+        sample[rows] = pooled.flatten(1)
+    settings = _settings(model, sites, corpus, run, mode="stream", bins=bins, calibration=len(cal), seed=seed,
+                         pooling=pooling, skip_special=skip_special, max_length=max_length)
+    state = StreamState(calibrate_edges(sample, bins), corpus.label_names, settings)
+    state.update(sample, label_ids[cal])
+    del sample
+    rest_ids = label_ids[rest]
+    for rows, pooled in pooled_batches(model, tokenizer, [corpus.texts[i] for i in rest], [corpus.keys[i] for i in rest],
+                                       sites, desc="stream", run=run, **opts):
+        state.update(pooled.flatten(1), rest_ids[rows])
+    state.settings.update(tokens=run.tokens, seconds=round(run.seconds, 2))
+    return state
+
+
+def score_state(state: StreamState, splits=None) -> Scores:
+    """Histogram scores of every neuron for each split (default one-vs-rest), with certificates."""
+    splits = [Split.one_vs_rest(c) for c in state.label_names] if splits is None else splits
+    layers, width = state.settings["layers"], state.settings["width"]
+    per_split = [state.score(*s.label_ids(state.label_names)) for s in splits]
+    stats = {key: torch.stack([r[key] for r in per_split]).reshape(len(splits), layers, width).cpu()
+             for key in per_split[0]}
+    for key in ("n_pos", "n_neg"):  # per split, as in exact scores: sentences, not finite responses
+        stats[key] = stats[key].flatten(1).max(1).values
+    return Scores(stats, splits, dict(state.settings))
+
+
+def refine(model: nn.Module, tokenizer, corpus: Corpus, state: StreamState, splits=None, *, k: int = 100,
+           by: str | tuple[str, ...] = "ap", bottom_k: int = 0, progress: bool = True, **forward) -> Scores:
+    """Exact scores for every neuron that could still enter the exact top-k (or bottom-k).
+
+    From the histogram scores and their certificates, `shortlist` keeps each split's candidates;
+    a second pass stores only their responses and scores them exactly (`by` may name both scores). The returned table holds
+    exact statistics for the short-list and histogram ones elsewhere, so `select_experts` on it
+    returns exactly the exact mode's experts and forcing values.
+    """
+    if corpus.hash() != state.settings.get("corpus_hash"):
+        raise ValueError("refine needs the corpus the state was collected on (corpus hash differs)")
+    hist = score_state(state, splits)
+    flat = {key: v.flatten(1) if v.dim() == 3 else v for key, v in hist.stats.items()}  # [S, L*M]
+    sizes, keep = {}, []
+    for i, sp in enumerate(hist.splits):
+        chosen = torch.cat([shortlist(flat[b][i], flat[f"{b}_bound"][i], k) for b in ((by,) if isinstance(by, str) else by)])
+        if bottom_k:
+            chosen = torch.cat([chosen, shortlist(flat["auroc"][i], flat["auroc_bound"][i], bottom_k, largest=False)])
+        sizes[sp.name] = int(chosen.numel())
+        keep.append(chosen)
+    idx = torch.cat(keep).unique()  # [K] sorted flat neuron indices
+    print(f"refine: short-list of {idx.numel():,} neurons of {flat['ap'].shape[1]:,} "
+          f"(per split: {sizes}); second pass stores only their responses", flush=True)
+    sites = NeuronSites(model, forward.pop("neuron_module", None))
+    values = torch.empty(len(corpus), idx.numel())  # [N, K]
+    dev_idx = idx.to(sites.modules[0].weight.device)
+    opts = {key: state.settings[key] for key in ("pooling", "skip_special", "max_length")}
+    for rows, pooled in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, desc="refine",
+                                       progress=progress, **opts, **forward):
+        values[rows] = pooled.flatten(1)[:, dev_idx].cpu()
+    exact = score_splits(values, corpus.label_ids, [s.label_ids(corpus.label_names) for s in hist.splits])
+    for key, v in exact.items():
+        if v.dim() == 2:
+            flat[key][:, idx] = v
+        else:
+            flat[key] = v
+    for key in ("ap_bound", "auroc_bound"):
+        flat[key][:, idx] = 0.0
+    layers, width = state.settings["layers"], state.settings["width"]
+    stats = {key: v.reshape(len(hist.splits), layers, width) if v.dim() == 2 else v for key, v in flat.items()}
+    settings = {**state.settings, "shortlist": sizes, "refined_neurons": int(idx.numel())}
+    return Scores(stats, hist.splits, settings)

@@ -42,10 +42,23 @@ def test_find_experts_then_score(checkpoint, tmp_path, capsys):
 
 
 def test_missing_responses_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="responses.safetensors not found"):
+    with pytest.raises(SystemExit, match="neither responses.safetensors nor state.safetensors"):
         main(["score", str(tmp_path), "--out", str(tmp_path / "x")])
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a built-in model"):
         main(["info", "--model", str(tmp_path / "nope")])
+
+
+def test_stream_mode_gives_the_exact_experts(checkpoint, tmp_path, capsys):
+    ckpt, corpus = checkpoint
+    common = ["find-experts", "--model", str(ckpt), "--corpus", str(corpus), "-k", "3"]
+    main(common + ["--mode", "exact", "--out", str(tmp_path / "exact")])
+    main(common + ["--mode", "stream", "--bins", "4", "--backend", "fused", "--out", str(tmp_path / "stream")])
+    assert "refine: short-list of" in capsys.readouterr().out
+    exact, stream = ExpertSet.load(tmp_path / "exact" / "experts"), ExpertSet.load(tmp_path / "stream" / "experts")
+    for c in exact.concepts:
+        assert [(r["layer"], r["unit"]) for r in exact.rows(c)] == [(r["layer"], r["unit"]) for r in stream.rows(c)]
+    main(["score", str(tmp_path / "stream"), "--out", str(tmp_path / "re"), "-k", "2"])
+    assert "certified within" in capsys.readouterr().out
