@@ -1,22 +1,26 @@
 """Per-neuron AP, AUROC and response statistics, exact, as batched tensor ops.
 
-Design: neurons are taken in chunks of columns of `scores` [N, M]. Each chunk is sorted ONCE
-(every neuron's responses, ascending), which gives every sentence two integer ranks that no
-split changes: `lo` = how many sentences respond strictly less, `hi` = how many respond less or
-equal. A split (positive labels vs negative labels, the rest excluded) then only touches its
-positives: sorting the positives' `lo` ranks ([chunk, P] instead of [chunk, N]) and two binary
-searches give, for each positive, the positives strictly below it and tied with it; the
-negatives below it follow by subtraction from `lo` / `hi` (minus the excluded sentences, counted
-the same way, when negatives are an explicit subset). All one-vs-rest splits together therefore
-cost about one more sort of the chunk, and nothing loops over neurons in Python.
+Design: neurons are taken in chunks of columns of `scores` [N, M] (`chunk` neurons at a time,
+so extra memory stays bounded, about 70 bytes per chunk element). Each chunk is sorted ONCE,
+every neuron's responses ascending, and no split is ever sorted over all N again: the sort gives
+each response a key, lo * 2**32 + hi, with lo / hi = how many of that neuron's responses are
+< / <= it. Keys are ordered like the responses and equal exactly for ties, and lo / hi are the
+counts the metrics need. A split (positive labels vs negative labels, the rest excluded) then
+only touches its P positives: their keys sorted per neuron ([chunk, P]) give each positive the
+positives below it (runs of equal keys), and the negatives below it follow by subtraction
+(negatives = all - positives - excluded; the excluded, or the negatives when they are the
+smaller set, are counted by binary search). Sentences are grouped by label first, so a split's
+positives are usually one slice of columns. All one-vs-rest splits together cost about one more
+sort of the chunk, and nothing loops over neurons in Python.
 
-Why exact: everything is integer counting except one division per term. For a positive of value
+Why exact: everything is integer counting, then one division per term. For a positive of value
 v, TP(v) = positives >= v and FP(v) = negatives >= v are the counts at the operating point
-"predict positive when score >= v" (tied sentences share it), so
+"predict positive when score >= v", shared by tied sentences, so
 AP = (1/P) sum_{positives} TP/(TP+FP) is scikit-learn's non-interpolated AP, and
-AUROC = sum_{positives} (2 * negatives_below + negatives_tied) / (2 P Nn) is scikit-learn's AUROC
-(ties count 1/2), an exact integer ratio rounded once. Percentiles use numpy.percentile's linear
-interpolation formula verbatim; means are float64 sums (one matmul for all splits).
+AUROC = sum_{positives} (negatives < v + negatives <= v) / (2 P Nn) is scikit-learn's AUROC
+(ties count 1/2), an integer ratio rounded once. Percentiles use numpy.percentile's linear
+interpolation formula verbatim; means are float64 sums in a fixed order, so no result depends
+on the chunk size.
 
 Edge cases (DESIGN.md section 1): no positives -> AP, AUROC, on_* are NaN with a warning
 (scikit-learn's AP returns 0.0 there: a deliberate difference); no negatives -> AP is 1.0, AUROC
@@ -34,11 +38,15 @@ from torch import Tensor
 
 __all__ = ["CHUNK_ELEMENTS", "average_precision", "auroc", "score_splits", "rank_neurons"]
 
-# Default bound on neurons_per_chunk * N. The chunk's working set is about
-# 3 float64/int32 copies of it (values, sorted values, ranks): ~400 MB at 2**24.
-CHUNK_ELEMENTS = 1 << 22
+# Default bound on neurons_per_chunk * N: ~70 MB of working set. Larger chunks are no faster on
+# CPU (cache); on a GPU, or when N is large (fewer neurons per chunk), pass a larger `chunk`.
+CHUNK_ELEMENTS = 1 << 20
 
 _PERCENTILES = {"on_p50": 50, "on_p90": 90}
+
+# Row sorts and running maxima go through numpy on CPU (several times faster there than torch's);
+# tests switch this off to run the torch path that other devices take.
+_NUMPY_ON_CPU = True
 
 Split = tuple[Iterable[int], Iterable[int] | None]
 
@@ -87,7 +95,7 @@ def rank_neurons(primary: Tensor, secondary: Tensor, k: int, largest: bool = Tru
     layer * width + unit, index order is (layer, unit) order.
     """
     if primary.ndim != 1 or primary.shape != secondary.shape:
-        raise ValueError(f"primary and secondary must be 1-D of equal length, got {primary.shape}, {secondary.shape}")
+        raise ValueError(f"primary, secondary must be 1-D of one length: {primary.shape}, {secondary.shape}")
     if not 0 <= k <= primary.numel():
         raise ValueError(f"k={k} out of range for {primary.numel()} neurons")
     order = torch.arange(primary.numel(), device=primary.device)  # [F], index ascending
@@ -110,33 +118,47 @@ def _score_splits(
     if scores.ndim != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a float [N, M] tensor, got {scores.dtype} {tuple(scores.shape)}")
     n, m_total = scores.shape
+    if n == 0:
+        raise ValueError("scores must hold at least one sentence")
     if label_ids.shape != (n,) or label_ids.is_floating_point():
-        raise ValueError(f"label_ids must be an integer [{n}] tensor, got {label_ids.dtype} {tuple(label_ids.shape)}")
+        raise ValueError(f"label_ids must be an integer [{n}] tensor, got {label_ids.dtype} {list(label_ids.shape)}")
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    if (label_ids < 0).any():
+        raise ValueError("label_ids must be >= 0")
     scores = scores.detach()
     dev = scores.device
     f64 = dict(dtype=torch.float64, device=dev)
+    # sentences grouped by label (no result depends on their order): a split's positives are
+    # then one slice of columns whenever its labels are consecutive, e.g. one-vs-rest
+    label_ids = label_ids.to(dev, torch.int64)
+    by_label = torch.argsort(label_ids, stable=True)  # [N]
+    label_ids = label_ids[by_label]
 
-    pos_mask, neg_mask = _split_masks(label_ids.to(dev), splits)  # [S, N] bool each
+    pos_lab, neg_lab = _label_masks(label_ids, splits)  # [S, C] bool each
+    pos_mask, neg_mask = pos_lab[:, label_ids], neg_lab[:, label_ids]  # [S, N] bool each
     n_pos, n_neg = pos_mask.sum(1), neg_mask.sum(1)  # [S] int64
     _warn_empty(n_pos.tolist(), n_neg.tolist(), metrics)
     plans = [_plan(p, q) for p, q in zip(pos_mask, neg_mask)]
 
-    keys = [k for k in metrics if k != "stats"] + (["on_mean", *_PERCENTILES, "off_mean"] if "stats" in metrics else [])
+    keys = [k for k in ("ap", "auroc") if k in metrics]
+    keys += ["on_mean", *_PERCENTILES, "off_mean"] if "stats" in metrics else []
     out = {k: torch.full((len(splits), m_total), float("nan"), **f64) for k in keys}
-    if "stats" in metrics:
-        members = torch.cat([pos_mask, neg_mask]).T.to(**f64)  # [N, 2S] 0/1: positives, negatives
-        counts = torch.cat([n_pos, n_neg]).to(**f64)  # [2S]; 0 makes the mean NaN
 
-    step = chunk or max(1, CHUNK_ELEMENTS // max(n, 1))
+    step = chunk or max(1, CHUNK_ELEMENTS // n)
     for j0 in range(0, m_total, step):
-        x = scores[:, j0 : j0 + step].T.contiguous().to(torch.float64)  # [m, N]
-        cols = slice(j0, j0 + x.shape[0])
+        x = scores[:, j0 : j0 + step][by_label].to(torch.float64)  # [N, m]
+        cols = slice(j0, j0 + x.shape[1])
         if "stats" in metrics:
-            means = (x @ members / counts).T  # [2S, m]
-            out["on_mean"][:, cols], out["off_mean"][:, cols] = means.split(len(splits))
-        ch = _Chunk.build(x)
+            # per-label sums, added in a fixed order (sentences, then labels): the same bits
+            # whatever the chunk size, which a matmul does not guarantee
+            sums = torch.zeros(pos_lab.shape[1], x.shape[1], **f64).index_add_(0, label_ids, x)  # [C, m]
+            on, off = torch.zeros(2, len(splits), x.shape[1], **f64)  # [S, m] each
+            for c, label_sum in enumerate(sums):
+                on += pos_lab[:, c, None] * label_sum
+                off += neg_lab[:, c, None] * label_sum
+            out["on_mean"][:, cols], out["off_mean"][:, cols] = on / n_pos[:, None], off / n_neg[:, None]
+        ch = _Chunk.build(x.T.contiguous())
         del x
         for s, plan in enumerate(plans):
             if n_pos[s]:
@@ -146,136 +168,162 @@ def _score_splits(
     return out
 
 
+_TWO32 = 1 << 32
+
+
 class _Chunk(NamedTuple):
-    """A chunk of m neurons after its one sort: what every split is scored from.
+    """A chunk of m neurons after its one sort: what every split is scored from."""
 
-    Responses are grouped into tie groups (runs of equal values in a neuron's sorted row), with
-    ids increasing along the rows, rows concatenated: comparing two sentences' group ids compares
-    their responses, equal ids mean a tie.
-    """
-
-    xs: Tensor  # [m * N] float64, each neuron's responses ascending, rows concatenated
-    gid: Tensor  # [m, N] int64, in sentence order: each response's tie-group id
-    start: Tensor  # [G + 1] int64, where group g starts in xs; start[G] = m * N
-    row0: Tensor  # [m, 1] int64, where each neuron's row starts in xs
+    xs: Tensor  # [m, N] float64, each neuron's responses ascending
+    # [m, N] int64, sentence order: lo * 2**32 + hi, where lo / hi = how many of the neuron's
+    # responses are < / <= this one. Ordered like the responses, equal exactly for ties.
+    key: Tensor
 
     @staticmethod
     def build(x: Tensor) -> _Chunk:  # x: [m, N] float64
-        m, n = x.shape
         xs, order = _sort_rows(x, return_order=True)  # [m, N] each
         if not (xs[:, 0].isfinite() & xs[:, -1].isfinite()).all():  # NaN sorts last, -inf first
             raise ValueError("scores contain NaN or inf")
-        starts = torch.ones_like(xs, dtype=torch.bool)  # [m, N] True where a tie group starts
-        torch.ne(xs[:, 1:], xs[:, :-1], out=starts[:, 1:])
-        gid_sorted = starts.view(-1).cumsum(0) - 1  # [m * N]
-        start = torch.cat([starts.view(-1).nonzero().squeeze(1), torch.tensor([m * n], device=x.device)])
-        gid = torch.empty_like(order).scatter_(1, order, gid_sorted.view(m, n))
-        row0 = torch.arange(0, m * n, n, device=x.device).unsqueeze(1)
-        return _Chunk(xs.view(-1), gid, start, row0)
+        lo = _run_start(xs)  # [m, N]
+        hi = xs.shape[1] - _run_start(xs.flip(1)).flip(1)  # [m, N] run end + 1
+        key = hi.add_(lo, alpha=_TWO32)  # [m, N] in sorted order
+        return _Chunk(xs, torch.empty_like(order).scatter_(1, order, key))
 
 
-def _score_chunk(ch: _Chunk, plan: tuple[Tensor, Tensor, bool], p: int, nn: int, metrics: tuple[str, ...]) -> dict[str, Tensor]:
+def _score_chunk(
+    ch: _Chunk, plan: tuple[Columns, Columns, bool], p: int, nn: int, metrics: tuple[str, ...]
+) -> dict[str, Tensor]:
     """One split's scores [m] for one chunk; p > 0 positives, nn negatives."""
-    pos_idx, count_idx, count_is_neg = plan
-    g = _sort_rows(ch.gid[:, pos_idx])  # [m, P] positives' groups, ascending = by response
-    lo = ch.start[g] - ch.row0  # [m, P] responses below each positive
-    pos_lt = torch.searchsorted(g, g, side="left")  # [m, P] positives below each positive
+    pos_cols, count_cols, count_is_neg = plan
+    k = _sort_rows(_select(ch.key, pos_cols))  # [m, P] positives' keys, ascending
+    lo = k >> 32  # [m, P] responses below each positive (k // _TWO32)
+    pos_lt = _run_start(k)  # [m, P] positives below each positive
     if count_is_neg:  # [m, P] negatives below / at or below each positive, counted directly
-        neg_lt, neg_le = _members_below(ch, count_idx, g)
+        neg_lt, neg_le = _members_below(ch, count_cols, k)
         neg_pairs = (neg_lt + neg_le).sum(1)  # [m]
-    else:  # negatives = all - positives - excluded (count_idx, often empty)
+    else:  # negatives = all - positives - excluded (count_cols, often none)
         neg_lt = lo - pos_lt
         # summed over the positives, (positives < v) + (positives <= v) is P^2 whatever the ties
-        neg_pairs = (lo + ch.start[g + 1] - ch.row0).sum(1) - p * p  # [m]
-        if count_idx.numel():
-            exc_lt, exc_le = _members_below(ch, count_idx, g)
+        neg_pairs = (lo + (k & (_TWO32 - 1))).sum(1) - p * p  # [m], lo + hi per positive
+        if p + nn < ch.key.shape[1]:  # some sentences are excluded
+            exc_lt, exc_le = _members_below(ch, count_cols, k)
             neg_lt = neg_lt - exc_lt
             neg_pairs -= (exc_lt + exc_le).sum(1)
     res = {}
     if "ap" in metrics:
-        tp = p - pos_lt  # [m, P] positives predicted positive at each positive's response
-        res["ap"] = (tp / (tp + nn - neg_lt).double()).sum(1) / p  # mean of TP / (TP + FP)
+        tp = (p - pos_lt).double()  # [m, P] positives predicted positive at each positive's response
+        res["ap"] = (tp / (tp + (nn - neg_lt))).sum(1) / p  # mean of precision = TP / (TP + FP)
     if "auroc" in metrics and nn:
         res["auroc"] = neg_pairs.double() / (2 * p * nn)  # exact integers, one rounding
     if "stats" in metrics:
         for key, q in _PERCENTILES.items():
-            res[key] = _percentile_sorted(ch, g, q)
+            res[key] = _percentile_sorted(ch.xs, lo, q)
     return res
 
 
-def _split_masks(label_ids: Tensor, splits: Sequence[Split]) -> tuple[Tensor, Tensor]:
-    """[S, N] bool masks of each split's positive and negative sentences."""
-    pos, neg = [], []
-    for s, (pos_labels, neg_labels) in enumerate(splits):
-        pos_labels = torch.as_tensor(list(pos_labels), dtype=torch.int64, device=label_ids.device)
-        p = torch.isin(label_ids, pos_labels)  # [N]
-        if neg_labels is None:
-            q = ~p
+def _run_start(a: Tensor) -> Tensor:
+    """For rows a [m, K] holding runs of equal values: where each entry's run starts, int64 [m, K].
+
+    In ascending rows that is how many entries of the row are smaller.
+    """
+    starts = torch.ones_like(a, dtype=torch.bool)  # [m, K] first entry of a run
+    torch.ne(a[:, 1:], a[:, :-1], out=starts[:, 1:])
+    start_or_0 = torch.where(starts, torch.arange(a.shape[1], device=a.device), 0)  # [m, K]
+    if a.device.type == "cpu" and _NUMPY_ON_CPU:  # ~2.5x torch's cummax, which adds indices
+        return torch.from_numpy(np.maximum.accumulate(start_or_0.numpy(), axis=1))
+    return start_or_0.cummax(1).values
+
+
+def _label_masks(label_ids: Tensor, splits: Sequence[Split]) -> tuple[Tensor, Tensor]:
+    """[S, C] bool: which labels are each split's positives, and its negatives."""
+    pos_ids = [torch.as_tensor(list(p), dtype=torch.int64) for p, _ in splits]
+    neg_ids = [None if q is None else torch.as_tensor(list(q), dtype=torch.int64) for _, q in splits]
+    mentioned = [int(i.max()) for i in pos_ids + neg_ids if i is not None and i.numel()]
+    c = 1 + max([int(label_ids.max()), *mentioned])  # number of labels
+    pos = torch.zeros(len(splits), c, dtype=torch.bool)
+    neg = torch.zeros(len(splits), c, dtype=torch.bool)
+    for s, (p, q) in enumerate(zip(pos_ids, neg_ids)):
+        if (p < 0).any() or (q is not None and (q < 0).any()):
+            raise ValueError(f"split {s}: label ids must be >= 0")
+        pos[s, p] = True
+        if q is None:
+            neg[s] = ~pos[s]
         else:
-            neg_labels = torch.as_tensor(list(neg_labels), dtype=torch.int64, device=label_ids.device)
-            if torch.isin(neg_labels, pos_labels).any():
+            neg[s, q] = True
+            if (pos[s] & neg[s]).any():
                 raise ValueError(f"split {s}: a label is both positive and negative")
-            q = torch.isin(label_ids, neg_labels)
-        pos.append(p)
-        neg.append(q)
-    empty = torch.zeros(0, label_ids.numel(), dtype=torch.bool, device=label_ids.device)
-    return (torch.stack(pos), torch.stack(neg)) if splits else (empty, empty)
+    return pos.to(label_ids.device), neg.to(label_ids.device)
 
 
-def _plan(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """Rows of one split's positives and the cheaper way to count its negatives.
+Columns = slice | Tensor  # sentence columns: a slice when contiguous, else int64 indices
 
-    Returns (positive rows, rows to count, True if those rows are the negatives themselves,
+
+def _plan(pos: Tensor, neg: Tensor) -> tuple[Columns, Columns, bool]:
+    """Columns of one split's positives [N] and the cheaper way to count its negatives [N].
+
+    Returns (positive columns, columns to count, True if those are the negatives themselves,
     False if they are the excluded sentences, to subtract from everyone-but-positives).
     """
     excluded = ~(pos | neg)  # [N]
     count_is_neg = int(neg.sum()) < int(excluded.sum())
-    return pos.nonzero().squeeze(1), (neg if count_is_neg else excluded).nonzero().squeeze(1), count_is_neg
+    return _columns(pos), _columns(neg if count_is_neg else excluded), count_is_neg
 
 
-def _members_below(ch: _Chunk, idx: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Sentences of the set `idx` [K] with response < and <= each query group g [m, P]: 2x int64 [m, P]."""
-    member_g = _sort_rows(ch.gid[:, idx])  # [m, K]
-    return torch.searchsorted(member_g, g, side="left"), torch.searchsorted(member_g, g, side="right")
+def _columns(mask: Tensor) -> Columns:
+    idx = mask.nonzero().squeeze(1)  # [K]
+    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
 
 
-def _percentile_sorted(ch: _Chunk, g: Tensor, q: float) -> Tensor:
+def _select(a: Tensor, cols: Columns) -> Tensor:
+    """a[:, cols] for a [m, N]: [m, K]."""
+    return a[:, cols] if isinstance(cols, slice) else a.index_select(1, cols)
+
+
+def _members_below(ch: _Chunk, cols: Columns, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Sentences in `cols` with response < and <= each query key k [m, P]: 2x int64 [m, P]."""
+    member_k = _sort_rows(_select(ch.key, cols))  # [m, K]
+    return torch.searchsorted(member_k, k, side="left"), torch.searchsorted(member_k, k, side="right")
+
+
+def _percentile_sorted(xs: Tensor, lo: Tensor, q: float) -> Tensor:
     """q-th percentile [m] of the positives' responses, numpy.percentile(method="linear") exactly.
 
-    g: [m, P] positives' groups ascending, so ch.xs[ch.start[g[i, k]]] is neuron i's k-th
-    smallest positive response.
+    xs: [m, N] sorted responses; lo: [m, P] positives' ranks ascending, so xs[i, lo[i, j]] is
+    neuron i's j-th smallest positive response.
     """
-    p = g.shape[1]
+    p = lo.shape[1]
     virtual = (p - 1) * (q / 100)  # numpy: (n - 1) * quantile, float64
     below = int(virtual // 1)
     above = min(below + 1, p - 1)
     t = virtual - below
-    a = ch.xs[ch.start[g[:, below]]]  # [m]
-    b = ch.xs[ch.start[g[:, above]]]  # [m]
+    a, b = xs.gather(1, lo[:, [below, above]]).unbind(1)  # [m] each
     diff = b - a
     return b - diff * (1 - t) if t >= 0.5 else a + diff * t  # numpy's _lerp
 
 
-def _sort_rows(a: Tensor, return_order: bool = False):
-    """Sort each row of a [m, K] ascending: values, or (values, order) if return_order.
-
-    On CPU through numpy, whose vectorised (AVX-512 / AVX2) sorts are several times faster
-    than torch's there; elsewhere torch.sort.
-    """
-    if a.device.type != "cpu":
+def _sort_rows(a: Tensor, return_order: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Sort each row of a [m, K] ascending: values, or (values, order) if return_order."""
+    if a.device.type != "cpu" or not _NUMPY_ON_CPU:
         res = a.sort(dim=1)
         return tuple(res) if return_order else res.values
-    if not return_order:
-        return torch.from_numpy(np.sort(a.numpy(), axis=1))
-    order = torch.from_numpy(np.argsort(a.numpy(), axis=1))
-    return a.gather(1, order), order
+    # numpy's vectorised (AVX-512 / AVX2) sorts; a second, value-only sort is cheaper than
+    # gathering the values through the order
+    values = torch.from_numpy(np.sort(a.numpy(), axis=1))
+    return (values, torch.from_numpy(np.argsort(a.numpy(), axis=1))) if return_order else values
 
 
 def _warn_empty(n_pos: list[int], n_neg: list[int], metrics: tuple[str, ...]) -> None:
+    stats = "stats" in metrics
     for s, (p, nn) in enumerate(zip(n_pos, n_neg)):
         if p == 0:
-            undefined = [k for k in ("ap", "auroc") if k in metrics] + (["on_*"] if "stats" in metrics else [])
-            warnings.warn(f"split {s}: no positive sentences; {', '.join(undefined)} set to NaN", RuntimeWarning, stacklevel=4)
-        elif nn == 0 and ("auroc" in metrics or "stats" in metrics):
-            undefined = (["auroc"] if "auroc" in metrics else []) + (["off_mean"] if "stats" in metrics else [])
-            warnings.warn(f"split {s}: no negative sentences; {', '.join(undefined)} set to NaN", RuntimeWarning, stacklevel=4)
+            undefined = [k for k in ("ap", "auroc") if k in metrics] + (["on_*"] if stats else [])
+            what = "positive"
+        elif nn == 0 and ("auroc" in metrics or stats):
+            undefined = (["auroc"] if "auroc" in metrics else []) + (["off_mean"] if stats else [])
+            what = "negative"
+        else:
+            continue
+        msg = f"split {s}: no {what} sentences; {', '.join(undefined)} set to NaN"
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
