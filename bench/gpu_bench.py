@@ -87,53 +87,48 @@ def case_collection(args, device, dtype) -> list[Table]:
 
 
 def case_steering(args, device, dtype) -> list[Table]:
+    """Three copies of one model, each set up once (hooks must exist before torch.compile traces)."""
     tables = []
     for name, cfg in models(args.quick).items():
-        model = build(cfg, device, dtype)
-        iv = Intervention.for_model(model).set(0, list(range(0, 100, 3)), 2.0)
+        plain, hooked, fused = build(cfg, device, dtype), build(cfg, device, dtype), build(cfg, device, dtype)
+        for model in (hooked, fused):
+            if model is fused:
+                patch(model)
+            intervene(model, Intervention.for_model(model).set(0, list(range(0, 100, 3)), 2.0))
         ids = torch.randint(3, 900, (8, 32 if args.quick else 128), device=device)
 
-        def run_forward(batch):
-            def f():
-                with torch.inference_mode():
-                    model(input_ids=ids[:batch])
-                sync(device)
-            return f
+        def forward(model, batch):
+            with torch.inference_mode():
+                model(input_ids=ids[:batch])
+            sync(device)
 
-        def run_generate(batch):
-            def f():
-                with torch.inference_mode():
-                    prompt = ids[:batch, :16]
-                    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
-                                   min_new_tokens=32, do_sample=False, pad_token_id=0)
-                sync(device)
-            return f
+        def generate(model, batch):
+            prompt = ids[:batch, :16]
+            with torch.inference_mode():
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                               min_new_tokens=32, do_sample=False, pad_token_id=0)
+            sync(device)
 
-        for label, make, batch in [("forward, batch 8", run_forward, 8), ("generate 32, batch 1", run_generate, 1),
-                                   ("generate 32, batch 8", run_generate, 8)]:
+        for label, run, batch in [("forward, batch 8", forward, 8), ("generate 32, batch 1", generate, 1),
+                                  ("generate 32, batch 8", generate, 8)]:
             rows = []
             for compiled in (False, True):
-                fn = make(batch)
-                original = model.forward
-                if compiled:
-                    torch._dynamo.reset()
-                    model.forward = torch.compile(original)
+                models_ = {"unsteered": plain, "fused": fused, "hooks": hooked}
+                originals = {k: m.forward for k, m in models_.items()}
                 try:
-                    unsteered = fn
-                    def hooks(fn=fn):
-                        with intervene(model, iv):
-                            fn()
-                    def fused(fn=fn):
-                        with patch(model), intervene(model, iv):
-                            fn()
-                    result = compare({"unsteered": unsteered, "fused": fused, "hooks": hooks},
-                                     baseline="unsteered", repeats=1 if args.quick else 5)
+                    if compiled:
+                        torch._dynamo.reset()
+                        for m in models_.values():
+                            m.forward = torch.compile(m.forward)
+                    variants = {k: (lambda m=m: run(m, batch)) for k, m in models_.items()}
+                    result = compare(variants, baseline="unsteered", repeats=1 if args.quick else 5)
                     rows += result.rows(model=name, case=label, compiled=compiled)
                 except Exception as e:  # a compile failure is a result to report, not a crash
                     rows.append({"model": name, "case": label, "compiled": compiled, "variant": "all",
                                  "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 finally:
-                    model.forward = original
+                    for k, m in models_.items():
+                        m.forward = originals[k]
             tables.append(Table(f"Steering overhead: {label} on {name}", rows))
     return tables
 

@@ -98,9 +98,19 @@ def _write_outputs(out: Path, experts, scores, settings: dict) -> None:
 
 
 def _mode(args, corpus, model) -> str:
-    """auto: exact while every response fits the memory budget, else stream + refine."""
+    """auto: exact while every response fits the memory budget, else stream + refine.
+    Under torchrun (several processes) only stream mode runs."""
+    from .distributed import current
+
+    if current().active:
+        if args.mode == "exact":
+            raise SystemExit("steer find-experts: --mode exact runs in one process; under torchrun "
+                             "use --mode stream (or auto)")
+        return "stream"
     if args.mode != "auto":
         return args.mode
+    if args.checkpoint_every or args.resume:  # checkpoints are a streaming feature
+        return "stream"
     from .adapters import NeuronSites
 
     table = len(corpus) * NeuronSites(model).n_neurons * 4
@@ -108,54 +118,99 @@ def _mode(args, corpus, model) -> str:
 
 
 def cmd_find_experts(args) -> None:
-    from .collect import collect, collect_stream, refine
-    from .corpus import bible_corpus, load_corpus
+    """Collect, score, select, and only then write the outputs, so a run that fails (bad input,
+    a crash) leaves the earlier outputs of --out as they were; checkpoints and states are
+    written atomically. Under torchrun rank 0 writes everything."""
+    import torch
+
+    from .collect import collect, collect_stream, nonfinite_message, refine
+    from .corpus import bible_corpus, open_corpus
+    from .distributed import init_from_env, local_device, shutdown
     from .experts import RECIPES
     from .models import load_model
 
-    start = time.perf_counter()
-    if args.corpus == "bible":
-        corpus = bible_corpus(_csv(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
-    else:
-        corpus = load_corpus(args.corpus)
-    model, tok = load_model(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = _mode(args, corpus, model)
-    print(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}; {mode} mode")
-    opts = dict(pooling=args.pooling, batch_size=args.batch_size, skip_special=not args.keep_special,
-                max_length=args.max_length, backend=args.backend)
-    splits = _splits(corpus.label_names, _csv(args.targets), _csv(args.negatives))
-    if mode == "exact":
-        responses = collect(model, tok, corpus, **opts)
-        if args.save_responses:
+    group = init_from_env()  # torchrun: WORLD_SIZE > 1
+    try:
+        start = time.perf_counter()
+        out = Path(args.out)
+        ckpt = out / "checkpoint.safetensors"
+        if args.resume and not ckpt.exists():
+            raise SystemExit(f"steer find-experts: --resume but there is no checkpoint {ckpt}")
+        if args.checkpoint_every and ckpt.exists() and not args.resume:
+            raise SystemExit(f"steer find-experts: {ckpt} exists (an interrupted run): pass --resume "
+                             "to continue it, or remove it / choose another --out to start afresh")
+        if args.corpus == "bible":
+            corpus = bible_corpus(_csv(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
+        else:
+            corpus = open_corpus(args.corpus, labels=_csv(args.labels))
+        device = local_device() if args.device == "auto" else torch.device(args.device)
+        model, tok = load_model(args.model, device=device)
+        mode = _mode(args, corpus, model)
+        if (args.checkpoint_every or args.resume) and mode != "stream":
+            raise SystemExit("steer find-experts: --checkpoint-every / --resume need --mode stream")
+        say = print if group.is_main else (lambda *a, **k: None)
+        ranks = f" on {group.world} ranks" if group.active else ""
+        say(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}; {mode} mode{ranks}")
+        opts = dict(pooling=args.pooling, batch_size=args.batch_size, skip_special=not args.keep_special,
+                    max_length=args.max_length, backend=args.backend, too_long=args.too_long)
+        splits = _splits(corpus.label_names, _csv(args.targets), _csv(args.negatives))
+        if mode == "exact":
+            responses = collect(model, tok, corpus, **opts)
+            scores, s = responses.score(splits), responses.settings
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            state = collect_stream(model, tok, corpus, bins=args.bins, seed=args.seed, calibration=args.calibration,
+                                   window=args.window, checkpoint=ckpt if args.checkpoint_every or args.resume else None,
+                                   checkpoint_every=args.checkpoint_every, resume=args.resume, **opts)
+            s = state.settings
+            by = RECIPES[args.recipe][0] if args.recipe else args.score
+            scores = refine(model, tok, corpus, state if group.is_main else None, splits, k=args.k, by=by,
+                            bottom_k=args.bottom_k, batch_size=args.batch_size, backend=args.backend,
+                            window=args.window)
+        if not group.is_main:
+            return
+        experts = _select(scores, args)
+        settings = {"command": " ".join(sys.argv), **scores.settings, "world_size": group.world,
+                    "seconds_total": round(time.perf_counter() - start, 1)}
+        say(f"first pass: {s['tokens']:,} tokens in {s['seconds']:.1f} s "
+            f"({s['tokens'] / max(s['seconds'], 1e-3):.0f} tokens/s)")
+        if s.get("truncated"):
+            say(f"truncated {s['truncated']:,} sentences longer than the limit (--too-long truncate)")
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "exact" and args.save_responses:
             responses.save(out / "responses.safetensors")
-        scores, s = responses.score(splits), responses.settings
-    else:
-        state = collect_stream(model, tok, corpus, bins=args.bins, seed=args.seed, **opts)
-        state.save(out / "state.safetensors")
-        s = state.settings
-        by = RECIPES[args.recipe][0] if args.recipe else args.score
-        scores = refine(model, tok, corpus, state, splits, k=args.k, by=by, bottom_k=args.bottom_k,
-                        batch_size=args.batch_size, backend=args.backend)
-    experts = _select(scores, args)
-    settings = {"command": " ".join(sys.argv), **scores.settings, "seconds_total": round(time.perf_counter() - start, 1)}
-    print(f"first pass: {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens'] / s['seconds']:.0f} tokens/s)")
-    _write_outputs(out, experts, scores, settings)
+        if mode == "stream":
+            state.save(out / "state.safetensors")
+        _write_outputs(out, experts, scores, settings)
+        note = nonfinite_message(scores.settings)
+        if note:
+            print(note)
+            with (out / "summary.txt").open("a") as f:
+                f.write(note + "\n")
+        if (args.checkpoint_every or args.resume) and ckpt.exists():
+            ckpt.unlink()  # this run is complete: state.safetensors holds everything its checkpoint held
+    finally:
+        shutdown(group)
 
 
 def cmd_score(args) -> None:
-    from .collect import Responses, score_state
+    from .collect import Responses, nonfinite_message, score_state
     from .stream import StreamState
 
     src = Path(args.source)
     if (src / "responses.safetensors").exists():
-        responses = Responses.load(src / "responses.safetensors")
+        try:
+            responses = Responses.load(src / "responses.safetensors")
+        except ValueError as e:
+            raise SystemExit(f"steer score: {e}") from None
         scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
     elif (src / "state.safetensors").exists():
-        state = StreamState.load(src / "state.safetensors")
+        try:
+            state = StreamState.load(src / "state.safetensors")
+        except ValueError as e:
+            raise SystemExit(f"steer score: {e}") from None
         scores = score_state(state, _splits(state.label_names, _csv(args.targets), _csv(args.negatives)))
-        bound = scores.stats[f"{args.score}_bound"].max().item()
+        bound = scores.stats[f"{args.score}_bound"].nan_to_num(0.0).max().item()
         print(f"histogram scores from a streaming state: certified within {bound:.4f} of the exact "
               f"{args.score}; `steer find-experts --mode stream` refines the top-k exactly")
     else:
@@ -164,6 +219,11 @@ def cmd_score(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_outputs(out, experts, scores, {"command": " ".join(sys.argv), "source": str(src), **scores.settings})
+    note = nonfinite_message(scores.settings)
+    if note:
+        print(note)
+        with (out / "summary.txt").open("a") as f:
+            f.write(note + "\n")
 
 
 def cmd_info(args) -> None:
@@ -200,6 +260,23 @@ def parser() -> argparse.ArgumentParser:
                    help="hooks: reference pre-hooks; fused: the fused MLP op (steer.patch)")
     f.add_argument("--save-responses", action=argparse.BooleanOptionalAction, default=True,
                    help="keep every response (needed by `steer score`)")
+    f.add_argument("--labels", default=None,
+                   help="declare the corpus's labels up front, e.g. 'en,fr,de' (a sentence with another label is an "
+                        "error; a declared label without sentences a warning); default: found by a first scan")
+    f.add_argument("--too-long", choices=["truncate", "error"], default="truncate",
+                   help="sentences longer than the model's context (or --max-length): truncate with a warning "
+                        "(default) or stop with an error")
+    f.add_argument("--window", type=int, default=4096,
+                   help="stream mode: sentences read at a time and sorted by length into batches (default 4096)")
+    f.add_argument("--calibration", type=int, default=1000,
+                   help="stream mode: sentences whose responses fix the bin edges (default 1000)")
+    f.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="stream mode: every N batches (per process) save the state and corpus position atomically "
+                        "to <out>/checkpoint.safetensors (default 0: never)")
+    f.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.safetensors (refused if model, corpus or settings differ)")
+    f.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ... (default auto: cuda:LOCAL_RANK when CUDA is available, else cpu)")
     f.add_argument("--out", default="runs/experts")
     _add_selection(f)
     f.set_defaults(func=cmd_find_experts)
@@ -209,6 +286,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _add_selection(s)
     s.set_defaults(func=cmd_score)
+
+    from .study import add_parser as add_study
+
+    add_study(sub)
 
     i = sub.add_parser("info", help="show a model's neuron layout")
     i.add_argument("--model", default="gemma-3-270m")

@@ -1,0 +1,276 @@
+"""`steer study` end to end on a tiny random model and synthetic parallel text (seconds, offline).
+
+The corpus functions and the model loader of steer.study are monkeypatched: every language is a
+deterministic character transform of the same base sentences, so rows stay aligned and each
+split has its own sentences. A log records which split each corpus call asked for, and a spy on
+`study.choose` records what the selection saw, so the tests can check that k is chosen from dev
+records only and before anything of the test split is loaded.
+"""
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+from steer import study
+from steer.corpus import Parallel
+from steer.experts import ExpertSet
+
+from tiny import tiny_model, tiny_tokenizer
+
+WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore".split()
+LANGS = ["en", "fr", "de", "zh"]
+
+
+def _shift(text, n):
+    return "".join(chr((ord(c) - 97 + n) % 26 + 97) if "a" <= c <= "z" else c for c in text)
+
+
+TRANSFORMS = {
+    "en": lambda s: s,
+    "fr": lambda s: _shift(s, 1) + " é",
+    "de": lambda s: " ".join(w[::-1] for w in s.split()) + " ß",
+    "zh": lambda s: s.upper(),
+    "es": lambda s: _shift(s, 3) + " ñ",
+    "ru": lambda s: "".join(chr(0x430 + (ord(c) - 97) % 32) if "a" <= c <= "z" else c for c in s),
+}
+
+
+def _base(split, n, seed, salt=""):
+    rng = random.Random(f"{split}:{seed}:{salt}")
+    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 8))) for _ in range(n)]
+
+
+class FakeData:
+    """Synthetic stand-ins for the corpus functions; `log` lists (function, split) calls."""
+
+    def __init__(self, test_salt=""):
+        self.log, self.test_salt = [], test_salt
+
+    def parallel(self, languages, split="test", n=None, seed=0, **_):
+        self.log.append(("bible_parallel", split))
+        n = n or 12
+        base = _base(split, n, seed, self.test_salt if split == "test" else "")
+        return Parallel({l: [TRANSFORMS[l](s) for s in base] for l in languages},
+                        [f"{split}:{i}" for i in range(n)], {"split": split, "synthetic": True})
+
+    def corpus(self, languages, split="discovery", n_per_language=None, seed=0, **_):
+        self.log.append(("bible_corpus", split))
+        base = _base(split, n_per_language or 12, seed)
+        return Parallel({l: [TRANSFORMS[l](s) for s in base] for l in languages},
+                        [f"{split}:{i}" for i in range(len(base))], {"split": split}).to_corpus()
+
+    def paraphrases(self, language, split="test", n=None, seed=0, **_):
+        self.log.append(("bible_paraphrases", split))
+        base = _base(split, n or 12, seed, self.test_salt if split == "test" else "")
+        first = [TRANSFORMS[language](s) for s in base]
+        second = [TRANSFORMS[language](" ".join(s.split()[::-1])) for s in base]
+        return Parallel({f"{language}:1": first, f"{language}:2": second},
+                        [f"{split}:{i}" for i in range(len(base))], {"split": split})
+
+    def udhr(self, languages=None):
+        self.log.append(("udhr_parallel", "udhr"))
+        languages = list(languages) if languages is not None else ["en", "fr", "de", "zh", "es", "ru"]
+        base = _base("udhr", 8, 0)
+        return Parallel({l: [TRANSFORMS[l](s) for s in base] for l in languages},
+                        [f"udhr:{i}" for i in range(len(base))], {"source": "synthetic"})
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    data = FakeData()
+    monkeypatch.setattr(study, "bible_parallel", data.parallel)
+    monkeypatch.setattr(study, "bible_corpus", data.corpus)
+    monkeypatch.setattr(study, "bible_paraphrases", data.paraphrases)
+    monkeypatch.setattr(study, "udhr_parallel", data.udhr)
+    model = tiny_model("gemma3")
+    monkeypatch.setattr(study, "load_model", lambda name, **kw: (model, tiny_tokenizer()))
+    return data
+
+
+def _config(tmp_path, **kw):
+    cfg = dict(model="tiny", targets=["fr", "de"], languages=LANGS, negatives=["zh"], n_discovery=10, n_dev=8,
+               n_test=10, n_control=6, n_paraphrase=8, k_grid=[2, 5], control_seeds=5, n_boot=40,
+               out=str(tmp_path / "out"), cache_dir=None, progress=False, batch_size=4, threads=1)
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture
+def spy_choose(monkeypatch, fake):
+    calls = []
+    real = study.choose
+
+    def spy(records, *args, **kw):
+        calls.append({"records": [dict(r) for r in records], "log_len": len(fake.log), "log": list(fake.log)})
+        return real(records, *args, **kw)
+
+    monkeypatch.setattr(study, "choose", spy)
+    return calls
+
+
+def test_pipeline_end_to_end(tmp_path, fake, spy_choose):
+    res = study.run_study(_config(tmp_path))
+    out = tmp_path / "out"
+    for name in ("report.md", "results.json", "retrieval_per_language.png", "retrieval_change_heatmap.png",
+                 "k_sweep_dev.png", "layers_dev.png", "random_control.png", "projection_fr.png", "projection_de.png"):
+        assert (out / name).exists(), name
+        if name.endswith(".png"):
+            assert (out / name).stat().st_size < 200_000
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("schema", "config", "environment", "corpora", "model", "experts", "dev", "test", "control",
+                "paraphrases", "udhr", "stages", "total_seconds", "figures", "verdict"):
+        assert key in saved, key
+    assert set(saved["corpora"]) >= {"discovery", "dev", "test", "udhr", "paraphrases"}
+    assert all(len(e["hash"]) == 64 for k, e in saved["corpora"].items() if k != "paraphrases")
+    for t in ("fr", "de"):
+        block = saved["test"][t]
+        assert block["k"] == saved["dev"]["chosen"]["k"][t] in (2, 5)
+        for s in ("a", "b"):
+            pre, lo, hi = block["retrieval"]["raw"]["settings"][s]["pre"]
+            assert 0 <= lo <= pre <= hi <= 1
+        assert block["distances"]["pre"]["mean_pairwise"] is not None
+        assert set(block["correlation"]["raw"]["pre"]) >= {"mean_level", "sentence_level"}
+        assert set(saved["paraphrases"][t]) == {"en", "fr", "de"}
+        assert set(saved["paraphrases"][t]["en"]["raw"]) >= {"pre", "post", "mixed"}
+        assert saved["udhr"][t]["retrieval"]["raw"]["settings"]["a"]["pairs"] == 3
+    assert saved["environment"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    for heading in ("## Summary", "## k sweep (dev split)", "## Distances", "## Retrieval vs distance",
+                    "## Paraphrase retrieval", "## Random-neuron control", "## UDHR", "## Run"):
+        assert heading in report
+    assert res["dev"]["chosen"] == saved["dev"]["chosen"]
+
+
+def test_k_chosen_on_dev_before_any_test_data(tmp_path, fake, spy_choose):
+    res = study.run_study(_config(tmp_path))
+    assert len(spy_choose) == 1
+    call = spy_choose[0]
+    assert call["records"] and {r["split"] for r in call["records"]} == {"dev"}
+    assert {r["k"] for r in call["records"]} == {0, 2, 5}
+    # at the time of the choice only discovery and dev data had been requested
+    assert {split for _, split in call["log"]} == {"discovery", "dev"}
+    assert any(split == "test" for _, split in fake.log[call["log_len"]:])
+    # the reported choice is what the selection returned from those records
+    again = study.choose(call["records"], ["fr", "de"], "a", False, res["dev"]["readout_default"])
+    assert again["k"] == res["dev"]["chosen"]["k"]
+
+
+def test_test_split_never_influences_a_choice(tmp_path, fake, monkeypatch):
+    first = study.run_study(_config(tmp_path / "one", layer_search=True))
+    other = FakeData(test_salt="different test verses")
+    monkeypatch.setattr(study, "bible_parallel", other.parallel)
+    monkeypatch.setattr(study, "bible_paraphrases", other.paraphrases)
+    second = study.run_study(_config(tmp_path / "two", layer_search=True))
+    assert first["dev"]["records"] == second["dev"]["records"]
+    assert first["dev"]["chosen"] == second["dev"]["chosen"]
+    assert first["corpora"]["test"]["hash"] != second["corpora"]["test"]["hash"]
+    assert first["test"]["fr"]["retrieval"] != second["test"]["fr"]["retrieval"]
+
+
+def test_choose_rejects_non_dev_records_and_breaks_ties():
+    recs = [{"split": "dev", "target": "fr", "k": k, "layer": 2, "a": a, "b": 0.1}
+            for k, a in ((0, 0.2), (10, 0.5), (25, 0.5), (50, 0.4))]
+    assert study.choose(recs, ["fr"], "a", False, 2)["k"] == {"fr": 10}
+    recs_b = [dict(r, b=b) for r, b in zip(recs, (0.1, 0.1, 0.3, 0.9))]
+    assert study.choose(recs_b, ["fr"], "ab", False, 2)["k"] == {"fr": 50}
+    with pytest.raises(ValueError, match="dev records only"):
+        study.choose(recs + [dict(recs[1], split="test")], ["fr"], "a", False, 2)
+
+
+def _expert_set():
+    layer = torch.tensor([0, 0, 1, 1, 1, 0])
+    unit = torch.tensor([3, 7, 1, 2, 40, 11])
+    return ExpertSet({"fr": {"layer": layer, "unit": unit, "value": torch.tensor([1.5, -0.5, 2.0, 0.25, 3.0, 1.0]),
+                             "score": torch.linspace(1, 0.6, 6), "other": torch.zeros(6),
+                             "sign": torch.ones(6, dtype=torch.int8)}},
+                     {"layers": 2, "width": 48})
+
+
+@pytest.mark.parametrize("layers", ["any", "matched"])
+def test_random_control_same_count_and_values(layers):
+    es = _expert_set()
+    e = es.experts["fr"]
+    expert_ids = set((e["layer"] * 48 + e["unit"]).tolist())
+    seen = set()
+    for seed in range(5):
+        iv, info = study.random_control(es, "fr", 4, seed, layers=layers)
+        assert len(iv) == info["n_neurons"] == 4
+        idx = iv.mask.nonzero()
+        ids = set((idx[:, 0] * 48 + idx[:, 1]).tolist())
+        assert not ids & expert_ids
+        assert sorted(iv.add[iv.mask].tolist()) == sorted(e["value"][:4].tolist())
+        assert (iv.mul[iv.mask] == 0).all()
+        assert info["values_sha"] == study._values_sha(e["value"][:4])
+        if layers == "matched":
+            assert sorted(idx[:, 0].tolist()) == sorted(e["layer"][:4].tolist())
+        seen.add(frozenset(ids))
+    assert len(seen) == 5  # seeds draw different neurons
+
+
+def test_pipeline_control_matches_experts(tmp_path, fake):
+    res = study.run_study(_config(tmp_path, paraphrases=False, udhr=False))
+    for t in ("fr", "de"):
+        c = res["control"][t]
+        assert len(c["seeds"]) == 5 and c["random"]["n_seeds"] == 5
+        assert len({s["seed"] for s in c["seeds"]}) == 5
+        for s in c["seeds"]:
+            assert s["n_neurons"] == c["k"] == res["dev"]["chosen"]["k"][t]
+            assert s["values_sha"] == c["experts_values_sha"]
+    assert "paraphrases" not in res and "udhr" not in res
+
+
+def test_one_side_variant_and_layer_search(tmp_path, fake):
+    res = study.run_study(_config(tmp_path, sides="target", layer_search=True, center=True, criterion="ab",
+                                  paraphrases=False, udhr=False, control_seeds=1))
+    chosen = res["dev"]["chosen"]
+    assert chosen["layer"] in (1, 2) and set(chosen["layer_scores"]) == {"1", "2"}
+    assert res["dev"]["representation"] == "centred"
+    # only the target language is intervened: setting (b) is untouched
+    for t in ("fr", "de"):
+        b = res["test"][t]["retrieval"]["raw"]["settings"]["b"]
+        assert b["pre"][0] == b["post"][0] and b["delta"][0] == 0
+
+
+def test_cache_reuses_unsteered_embeddings(tmp_path, fake):
+    cfg = _config(tmp_path, cache_dir=str(tmp_path / "cache"), paraphrases=False, udhr=False, control_seeds=1)
+    first = study.run_study(cfg)
+    assert any((tmp_path / "cache").glob("*-base.pt"))
+    second = study.run_study(cfg)
+    computed = {s["stage"]: s.get("computed_sentences") for s in second["stages"]}
+    assert computed["dev sweep"] == 0 and computed["test"] == 0 and computed["random control"] == 0
+    assert first["test"] == second["test"]
+
+
+def test_cli_parser_full_and_overrides():
+    p = argparse.ArgumentParser()
+    study.add_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args(["study", "--full", "--k-grid", "5,10", "--no-cache", "--quiet"])
+    cfg = study.config_from_args(args)
+    assert cfg.targets == ["en", "de", "fr", "es", "ja"] and len(cfg.languages) == 22
+    assert cfg.k_grid == [5, 10] and cfg.cache_dir is None and cfg.progress is False and cfg.test_k_sweep
+    cfg = study.config_from_args(p.parse_args(["study", "--targets", "fr", "--layer", "11", "--center"]))
+    assert cfg.targets == ["fr"] and cfg.layer == 11 and cfg.center and cfg.cache_dir == "default"
+    assert cfg.languages == study.StudyConfig().languages and not cfg.full
+    with pytest.raises(ValueError):
+        study._as_config({"targets": ["xx"]}).validate()
+
+
+def test_generation_section_and_render_only(tmp_path, fake):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "generation.json").write_text(json.dumps(
+        {"summary": "steering fr experts", "rows": [{"k": 10, "fraction_target": 0.4}, {"k": 50, "fraction_target": 0.9}]}))
+    study.run_study(_config(tmp_path, paraphrases=False, udhr=False, control_seeds=1))
+    report = (out / "report.md").read_text()
+    assert "## Language steering in generation" in report and "fraction_target" in report
+    (out / "report.md").unlink()
+    study.render_only(out / "results.json")
+    assert (out / "report.md").read_text() == report
+    # a study in a sub-folder is listed as a variant of this one
+    (out / "variant").mkdir()
+    (out / "variant" / "results.json").write_text((out / "results.json").read_text())
+    study.render_only(out / "results.json")
+    assert "## Variants of this run" in (out / "report.md").read_text()
+    assert "(variant/report.md)" in (out / "report.md").read_text()
