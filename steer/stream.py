@@ -15,10 +15,19 @@ scores on the raw responses. `shortlist` turns the certificates into the set of 
 could still be in the exact top-k, the only ones an exact second pass has to rescore.
 
 Non-finite responses (NaN, +-inf) are counted in `nonfinite` and left out of every statistic.
+
+Files (`save` / `load`): safetensors with the labels, settings, optional extra metadata (a
+checkpoint's corpus position) and a sha256 of every tensor's bytes in the metadata. Writing is
+atomic (a temporary file in the same directory, fsync, rename), so a crash never leaves a
+half-written state in place of the previous one; reading checks the digest, so a corrupt or
+truncated file is a clear error, never silently wrong counts.
 """
+import hashlib
 import json
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -245,29 +254,56 @@ class StreamState:
 
     __iadd__ = merge
 
-    def save(self, path: str) -> None:
-        """Write the state as safetensors; label names and settings go to the metadata as JSON."""
+    def digest(self) -> str:
+        """sha256 of every tensor's shape, dtype and bytes (the integrity check of `save`)."""
+        h = hashlib.sha256()
+        for key, t in self._tensors().items():
+            t = t.detach().contiguous().cpu()
+            h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        return h.hexdigest()
+
+    def save(self, path, extra: dict | None = None) -> None:
+        """Write the state as safetensors, atomically; label names, settings and `extra`
+        (JSON-able) go to the metadata, with the `digest` that `load` checks."""
         metadata = {"format": FORMAT, "label_names": json.dumps(self.label_names),
-                    "settings": json.dumps(self.settings, sort_keys=True)}
-        save_file({k: t.contiguous().cpu() for k, t in self._tensors().items()}, path, metadata)
+                    "settings": json.dumps(self.settings, sort_keys=True),
+                    "extra": json.dumps(extra or {}, sort_keys=True), "sha256": self.digest()}
+        atomic_save_file({k: t.contiguous().cpu() for k, t in self._tensors().items()}, path,
+                         metadata)
 
     @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> "StreamState":
-        """Read a state written by `save` onto `device`."""
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a {FORMAT} file "
-                                 f"(format {metadata.get('format')!r})")
-            state = cls(f.get_tensor("edges"), json.loads(metadata["label_names"]),
-                        json.loads(metadata["settings"]))
-            for key, empty in state._tensors().items():
-                stored = f.get_tensor(key)
-                if stored.shape != empty.shape or stored.dtype != empty.dtype:
-                    raise ValueError(f"{path}: {key} is {tuple(stored.shape)} {stored.dtype}, "
-                                     f"expected {tuple(empty.shape)} {empty.dtype}")
-                setattr(state, key, stored)
-        return state
+    def load(cls, path, device: str | torch.device = "cpu", *,
+             with_extra: bool = False):
+        """Read a state written by `save` onto `device` (with `with_extra`: (state, extra)).
+
+        A file that is not a state, or is corrupt or truncated, raises ValueError naming it."""
+        path = str(path)
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != FORMAT:
+                    raise _NotState(f"{path} is not a {FORMAT} file "
+                                    f"(format {metadata.get('format')!r})")
+                state = cls(f.get_tensor("edges"), json.loads(metadata["label_names"]),
+                            json.loads(metadata["settings"]))
+                for key, empty in state._tensors().items():
+                    stored = f.get_tensor(key)
+                    if stored.shape != empty.shape or stored.dtype != empty.dtype:
+                        raise _NotState(f"{path}: {key} is {tuple(stored.shape)} {stored.dtype}, "
+                                        f"expected {tuple(empty.shape)} {empty.dtype}")
+                    setattr(state, key, stored)
+                extra = json.loads(metadata.get("extra", "{}"))
+        except _NotState as e:
+            raise ValueError(str(e)) from None
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors' header / buffer errors, bad JSON, missing keys
+            raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from e
+        if "sha256" in metadata and state.digest() != metadata["sha256"]:
+            raise ValueError(f"{path} is corrupt: its tensors do not match the sha256 stored "
+                             "with them")
+        return (state, extra) if with_extra else state
 
     def score(self, positive: Sequence[int], negative: Sequence[int] | None = None, *,
               chunk: int = 65536) -> dict[str, torch.Tensor]:
@@ -310,13 +346,43 @@ class StreamState:
             for key, value in part.items():
                 out.setdefault(key, []).append(value)
         result = {key: torch.cat(parts) for key, parts in out.items()}
-        if (result["n_pos"] == 0).any():
-            warnings.warn(f"{int((result['n_pos'] == 0).sum())} neurons have no positive "
+        # neurons whose every response was non-finite are reported by the caller, not here
+        seen = (result["n_pos"] + result["n_neg"]) > 0
+        if ((result["n_pos"] == 0) & seen).any():
+            warnings.warn(f"{int(((result['n_pos'] == 0) & seen).sum())} neurons have no positive "
                           "responses: their AP and AUROC are NaN (scikit-learn would give AP 0.0)")
-        if (result["n_neg"] == 0).any():
-            warnings.warn(f"{int((result['n_neg'] == 0).sum())} neurons have no negative "
+        if ((result["n_neg"] == 0) & seen).any():
+            warnings.warn(f"{int(((result['n_neg'] == 0) & seen).sum())} neurons have no negative "
                           "responses: their AUROC is NaN and their AP 1.0")
         return result
+
+
+class _NotState(Exception):
+    pass
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, atomically: a temporary file in the target's directory,
+    fsync, then rename over the target (and fsync of the directory), so a reader or a crash sees
+    either the previous file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some systems
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shortlist(score: torch.Tensor, bound: torch.Tensor, k: int, *, largest: bool = True,
