@@ -287,8 +287,10 @@ def parser() -> argparse.ArgumentParser:
     _add_selection(s)
     s.set_defaults(func=cmd_score)
 
+    from .generate import add_parser as add_generate
     from .study import add_parser as add_study
 
+    add_generate(sub)
     add_study(sub)
 
     i = sub.add_parser("info", help="show a model's neuron layout")

@@ -13,12 +13,14 @@ override acts, per forward call of the generation loop:
 Prompts are tokenised one by one (the tokenizer's special tokens, e.g. BOS, included; "" is a
 BOS-only prompt), grouped into batches in the given order and padded on the LEFT here (whatever
 the tokenizer's `padding_side`), so that a prompt's greedy continuation does not depend on the
-batch it sits in. Sampling draws from a fresh seed per batch, `(seed, batch index)`, inside
-`torch.random.fork_rng`: the caller's RNG state is left as it was, and two calls with the same
-seed and batches draw the same random numbers (the k sweep below compares k values on the same
-draws). Nothing outlives a call: the intervention is removed (or detached from the patch) when
-it returns, so steering can be switched on and off, or the expert set changed, between calls
-without reloading the model.
+batch it sits in. Sampling (temperature + nucleus top-p, no top-k) is `NucleusSampler`, a logits
+processor that draws the token itself inside transformers' greedy search: a top-k and a
+Gumbel-max draw instead of a sort and a multinomial over Gemma's 262k-token vocabulary. It draws
+from a fresh seed per batch, `(seed, batch index)`, inside `torch.random.fork_rng`: the caller's
+RNG state is left as it was, and two calls with the same seed and batches draw the same random
+numbers (the k sweep below compares k values on the same draws). Nothing outlives a call: the
+intervention is removed (or detached from the patch) when it returns, so steering can be switched
+on and off, or the expert set changed, between calls without reloading the model.
 
 `language_steering` is the seed paper's generation experiment: for each target language and k,
 `n_samples` continuations of a BOS prompt with the language's top-k experts forced, the fraction
@@ -45,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import NeuronSites, base_inputs
+from .adapters import base_inputs
 from .intervention import POSITIONS, Intervention, intervene
 
 # ---------------------------------------------------------------------------------------------
@@ -87,48 +89,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _call_info(model: nn.Module, s):
-    """The `_CallInfo` that tells the steering which forward calls extend a cache."""
-    if getattr(s, "info", None) is not None:  # reference hooks
-        return s.info
-    p = getattr(model, "_steer_patch", None)
-    return None if p is None else p.info
-
-
-def _cache_fix(info):
-    """Pre-hook (runs after `_CallInfo`'s) that reads the KV cache under either keyword.
-
-    transformers 5.x passes the cache to the layer stack as `cache=` (`past_key_values` is
-    a deprecated alias renamed before the base model is called); `intervention._CallInfo`
-    reads only `past_key_values`, so without this every decoding step would count as a
-    prefill and "prompt" / "generated" steering would act on the wrong calls.
-    """
-    def hook(module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        info.extends_cache = cache is not None and cache.get_seq_length() > 0
-        return None
-
-    return hook
-
-
-@contextlib.contextmanager
 def steering(model: nn.Module, intervention: Intervention | None):
-    """Apply `intervention` (None: nothing) for the duration of the block; prompt/generated
-    positions are told apart by the KV cache whatever keyword transformers passes it under."""
-    if intervention is None:
-        yield None
-        return
-    s = intervene(model, intervention)
-    handle = None
-    try:
-        info = _call_info(model, s)
-        if info is not None:
-            handle = NeuronSites(model).stack.register_forward_pre_hook(_cache_fix(info), with_kwargs=True)
-        yield s
-    finally:
-        if handle is not None:
-            handle.remove()
-        s.remove()
+    """`intervene(model, intervention)` for the duration of a `with` block (None: nothing)."""
+    return contextlib.nullcontext() if intervention is None else intervene(model, intervention)
 
 
 def nucleus_mask(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,14 +454,18 @@ def _all_positions(iv: Intervention) -> Intervention:
 
 
 def plot_language_steering(result: dict, path) -> Path:
-    """Target-language fraction (with Wilson CI) and perplexity against k, one column per language."""
+    """Target-language fraction (Wilson 95% CI) and held-out perplexity against k, per language.
+
+    Random-neuron control: fraction mean ± sd over seeds (clipped to [0, 1]); perplexity as the
+    geometric mean over seeds with the seeds' min-max range (a log axis: mean ± sd would cross 0).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     langs = list(result["results"])
-    fig, axes = plt.subplots(2, len(langs), figsize=(3.6 * len(langs), 6.2), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2, len(langs), figsize=(3.6 * len(langs), 6.6), squeeze=False, sharex="col")
     for j, lang in enumerate(langs):
         rows = result["results"][lang]
         ks = [r["k"] for r in rows]
@@ -507,35 +474,41 @@ def plot_language_steering(result: dict, path) -> Path:
         f = [r["fraction"] for r in rows]
         lo = [r["fraction"] - r["ci95"][0] for r in rows]
         hi = [r["ci95"][1] - r["fraction"] for r in rows]
-        ax.errorbar(xs, f, yerr=[lo, hi], marker="o", capsize=3, label="experts")
+        ax.errorbar(xs, f, yerr=[lo, hi], marker="o", capsize=3, label="experts (Wilson 95% CI)")
         rnd = [(x, r["random"]) for x, r in zip(xs, rows) if r["random"]]
         if rnd:
-            ax.errorbar([x for x, _ in rnd], [r["fraction_mean"] for _, r in rnd],
-                        yerr=[r["fraction_sd"] for _, r in rnd], marker="s", ls="--", capsize=3, color="gray",
-                        label="random neurons (mean ± sd)")
+            m = [r["fraction_mean"] for _, r in rnd]
+            sd = [r["fraction_sd"] for _, r in rnd]
+            ax.errorbar([x for x, _ in rnd], m, yerr=[[min(a, b) for a, b in zip(sd, m)], [min(a, 1 - b) for a, b in zip(sd, m)]],
+                        marker="s", ls="--", capsize=3, color="gray", label="random neurons (mean ± sd)")
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"target {lang}")
         if j == 0:
             ax.set_ylabel("fraction identified as target")
-            ax.legend(fontsize=7, loc="upper left")
         ax = axes[1, j]
         if all(r["ppl"] is not None for r in rows):
             ax.plot(xs, [r["ppl"] for r in rows], marker="o", label="experts")
-            if rnd and all(r["ppl_mean"] is not None for _, r in rnd):
-                ax.errorbar([x for x, _ in rnd], [r["ppl_mean"] for _, r in rnd],
-                            yerr=[r["ppl_sd"] for _, r in rnd], marker="s", ls="--", capsize=3, color="gray",
-                            label="random neurons")
+            seeds = [(x, [s["ppl"] for s in r["seeds"]]) for x, r in rnd]
+            if seeds and all(p is not None for _, ps in seeds for p in ps):
+                gm = [math.exp(sum(map(math.log, ps)) / len(ps)) for _, ps in seeds]
+                ax.errorbar([x for x, _ in seeds], gm, yerr=[[g - min(ps) for g, (_, ps) in zip(gm, seeds)],
+                                                            [max(ps) - g for g, (_, ps) in zip(gm, seeds)]],
+                            marker="s", ls="--", capsize=3, color="gray", label="random (geo. mean, min-max)")
             ax.set_yscale("log")
         if j == 0:
-            ax.set_ylabel(f"held-out {lang} perplexity" if len(langs) == 1 else "held-out perplexity (target lang.)")
+            ax.set_ylabel("held-out perplexity of the target language")
         ax.set_xscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels([str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_xlabel("k (experts forced; 0 = none)")
+    handles = [h for ax in axes[:, 0] for h in ax.get_legend_handles_labels()[0]]
+    labels = [l for ax in axes[:, 0] for l in ax.get_legend_handles_labels()[1]]
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     s = result.get("settings", {})
     fig.suptitle(f"{s.get('model', '')}: BOS-prompted samples (n={s.get('n_samples')}, T={s.get('temperature')}, "
-                 f"top-p={s.get('top_p')}, {s.get('max_new_tokens')} tokens)", fontsize=9)
-    fig.tight_layout()
+                 f"top-p={s.get('top_p')}, {s.get('max_new_tokens')} new tokens), py3langid", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -551,8 +524,9 @@ def generation_overhead(model: nn.Module, tok, intervention: Intervention, *, ba
                         new_tokens: int = 32, repeats: int = 3, prompt: str = "The") -> dict:
     """Seconds per generated token (greedy, exactly `new_tokens`), steering off/on, hooks/fused.
 
-    Configurations are interleaved within every repeat (a shared machine drifts); the median of
-    the repeats is kept. Ratios are against the unpatched model without steering.
+    Configurations are interleaved within every repeat (a shared machine drifts); the median
+    (and the minimum) of the repeats is kept. Ratios are against the unpatched model without
+    steering ("hooks, off"). "ms_per_step" is per decoding step of the whole batch.
     """
     from .patch import patch
 
@@ -580,7 +554,9 @@ def generation_overhead(model: nn.Module, tok, intervention: Intervention, *, ba
     for b in batch_sizes:
         med = {c: statistics.median(v) for c, v in times[b].items()}
         base = med["hooks, off"]
+        low = {c: min(v) for c, v in times[b].items()}
         out["by_batch"][str(b)] = {c: {"s_per_token": med[c], "ms_per_step": 1e3 * med[c], "ratio": med[c] / base,
+                                       "ms_per_step_min": 1e3 * low[c], "ratio_min": low[c] / low["hooks, off"],
                                        "all": times[b][c]} for c in configs}
     return out
 

@@ -147,7 +147,7 @@ class _CallInfo:
         if mask is None or mask.dim() != 2:
             mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
         self.attention_mask = mask[:, -length:]  # a cache-extending call passes past + new columns
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes `cache=`
         self.extends_cache = cache is not None and cache.get_seq_length() > 0
         return None
 

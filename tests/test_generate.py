@@ -134,9 +134,6 @@ def test_positions_act_only_where_asked_in_every_cached_call(family, positions):
             torch.testing.assert_close(f, s, rtol=1e-6, atol=1e-6)  # the fused op works in fp32
 
 
-@pytest.mark.xfail(strict=False, reason="intervention._CallInfo reads past_key_values=; transformers 5 "
-                   "passes the cache to the layer stack as cache=, so plain intervene() takes every decoding "
-                   "step for a prefill (steer.generate.steering works around it)")
 def test_plain_intervene_tells_decoding_steps_from_the_prefill():
     model = tiny_model("llama", DT)
     tok = tiny_tokenizer()
@@ -349,3 +346,12 @@ def test_cli_generate_jsonl_and_sweep(monkeypatch, tmp_path, capsys):
             "--n-samples", "4", "--random-seeds", "2", "--heldout-n", "0", "--out", str(sweep)])
     res = json.loads(sweep.read_text())
     assert [r["k"] for r in res["results"]["fr"]] == [0, 4] and sweep.with_suffix(".png").exists()
+
+
+def test_generation_overhead_reports_every_configuration():
+    model = tiny_model("gpt2", torch.float32)
+    res = G.generation_overhead(model, tiny_tokenizer(), steer_iv(model), batch_sizes=(1, 2), new_tokens=3, repeats=1)
+    assert set(res["by_batch"]) == {"1", "2"}
+    for d in res["by_batch"].values():
+        assert set(d) == {"hooks, off", "hooks, on", "fused, off", "fused, on"} and d["hooks, off"]["ratio"] == 1.0
+    assert not hasattr(model, "_steer_patch")
