@@ -84,7 +84,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     """Return `(model, tokenizer)` in eval mode.
 
     `name_or_path` is a built-in name (`gemma-3-270m`, `smollm2-135m`) or a local checkpoint
-    directory. The tokenizer pads on the right and always has a pad token.
+    directory. The tokenizer keeps its own padding side (steer handles either) and always has a
+    pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
