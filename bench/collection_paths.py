@@ -1,0 +1,66 @@
+"""Collection paths on Gemma-3-270M, side by side: bare forward, exact (hooks), exact (fused), stream.
+
+    python bench/collection_paths.py [--n 24] [--repeats 3] [--threads 1]
+
+bare forward: the base model over steer's length-sorted batches, no hooks (the floor);
+exact, hooks: `collect(backend="hooks")`, the reference pre-hooks; exact, fused: `collect(
+backend="fused")`, the patched model's fused op (its PyTorch reference on CPU); stream, fused:
+`collect_stream` (calibration on a quarter of the sentences, then histogram updates).
+Results: bench/results/collection_paths.md/.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Table, compare, environment, finish, write_results  # noqa: E402
+
+from steer import NeuronSites, bible_corpus, collect, collect_stream, load_model  # noqa: E402
+from steer.adapters import base_inputs  # noqa: E402
+from steer.collect import batches, pad, tokenize  # noqa: E402
+
+LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=24, help="verses per language")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment("float32")
+    model, tok = load_model("gemma-3-270m")
+    corpus = bible_corpus(LANGUAGES, split="discovery", n_per_language=args.n)
+    ids, _ = tokenize(tok, corpus.texts, corpus.keys, True, None)
+    tokens = sum(map(len, ids))
+    kw = dict(batch_size=16, progress=False)
+
+    def bare():
+        with torch.inference_mode():
+            for rows in batches([len(t) for t in ids], 16):
+                input_ids = pad([ids[i] for i in rows], tok.pad_token_id, tok.padding_side)
+                mask = pad([[1] * len(ids[i]) for i in rows], 0, tok.padding_side)
+                model.base_model(**base_inputs(model, input_ids, mask))
+
+    result = compare({
+        "bare forward": bare,
+        "exact, hooks": lambda: collect(model, tok, corpus, backend="hooks", **kw),
+        "exact, fused": lambda: collect(model, tok, corpus, backend="fused", **kw),
+        "stream, fused": lambda: collect_stream(model, tok, corpus, backend="fused",
+                                                calibration=len(corpus) // 4, **kw),
+    }, baseline="bare forward", repeats=args.repeats)
+    rows = [{**r, "tokens": tokens, "tok_per_s_best": tokens / r["min_s"]} for r in result.rows()]
+    n_neurons = NeuronSites(model).n_neurons
+    write_results("collection_paths", finish(env), [Table(
+        f"Collection paths, {len(corpus)} Bible verses, {n_neurons:,} neurons", rows)],
+        title="Collection paths on Gemma-3-270M (fp32, CPU)")
+
+
+if __name__ == "__main__":
+    main()
