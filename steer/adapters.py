@@ -18,6 +18,7 @@ that flatten tokens (OPT). Unknown architectures take a user-given regex over mo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -141,10 +142,10 @@ class NeuronSites:
 def base_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """Keyword arguments for the base model such that padding on either side changes nothing.
 
-    Position ids count real tokens only (many families otherwise number left padding too);
-    BLOOM derives its ALiBi positions from the attention mask itself.
+    Position ids count real tokens only (many families otherwise number left padding too); a
+    base model without a `position_ids` argument (BLOOM: ALiBi from the mask) derives them itself.
     """
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if getattr(model.config, "model_type", None) != "bloom":
+    if "position_ids" in inspect.signature(model.base_model.forward).parameters:
         kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     return kwargs

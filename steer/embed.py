@@ -12,11 +12,13 @@ not depend on batch size, batch make-up, order or padding side (up to fp roundin
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from .adapters import base_inputs
+from .collect import batches, pad
 
 
 def embed(
@@ -65,28 +67,19 @@ def embed(
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-    left = tokenizer is not None and tokenizer.padding_side == "left"
-    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+    side = "left" if tokenizer is not None and tokenizer.padding_side == "left" else "right"
+    left = side == "left"
     device = model.get_input_embeddings().weight.device
 
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: OOM early
     out: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
-        for start in tqdm(
-            range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress
-        ):
-            rows = order[start : start + batch_size]
-            input_ids, mask = _pad([ids[i] for i in rows], pad_id, left)
-            kwargs = {}
-            if takes_positions:  # positions of real tokens start at 0 whatever the padding
-                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-            hidden = base(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                output_hidden_states=True,
-                use_cache=False,
-                **kwargs,
-            ).hidden_states
+        for rows in tqdm(batches([len(s) for s in ids], batch_size), desc="embed", unit="batch",
+                         disable=not progress):  # longest first: OOM early
+            input_ids = pad([ids[i] for i in rows], pad_id, side)  # [batch, pos]
+            mask = pad([[1] * len(ids[i]) for i in rows], 0, side)  # [batch, pos]
+            # positions of real tokens start at 0 whatever the padding
+            hidden = base(**base_inputs(model, input_ids.to(device), mask.to(device)),
+                          output_hidden_states=True, use_cache=False).hidden_states
             if not out:  # first batch: resolve the layers and allocate the outputs
                 keys = [-1] if layers == "last" else (
                     list(range(len(hidden))) if layers == "all" else list(layers)
@@ -116,14 +109,3 @@ def _token_ids(tokenizer, texts) -> list[list[int]]:
             raise ValueError("strings need a tokenizer; pass token id lists otherwise")
         return [list(s) for s in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     return [[int(t) for t in s] for s in texts]
-
-
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [batch, pos]
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [batch, pos]
-    for r, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        input_ids[r, cols] = torch.tensor(s, dtype=torch.long)
-        mask[r, cols] = 1
-    return input_ids, mask
