@@ -423,6 +423,19 @@ def _stringify(obj):
     return obj
 
 
+def _pre_post(pre: dict, post: dict, target: str, k: int, pre_correlation: dict, cfg) -> dict:
+    """Retrieval, distances and correlations of one target's intervention against the unsteered
+    embeddings (raw and centred); the unsteered correlations are computed once per corpus."""
+    return {
+        "k": k,
+        "retrieval": {r: retrieval_block(pre, post, target, r == "centred", cfg.n_boot, cfg.seed)
+                      for r in ("raw", "centred")},
+        "distances": {"pre": _distances(pre, target), "post": _distances(post, target)},
+        "correlation": {r: {"pre": pre_correlation[r], "post": correlation(post, r == "centred", cfg.n_boot, cfg.seed)}
+                        for r in ("raw", "centred")},
+    }
+
+
 def correlation(embs: dict, centred: bool, n_boot: int, seed: int) -> dict:
     """Pearson r (bootstrap CI over language pairs) between top-1 of each ordered pair and the
     cosine distance of its two languages: language means (the paper's) and mean sentence-level."""
@@ -658,15 +671,7 @@ def _run(cfg: StudyConfig) -> dict:
         for t in cfg.targets:
             post = embedder.parallel(test, [layer], side(t, expert_iv(t, ks[t])))[layer]
             post_by_target[t] = post
-            test_results[t] = {
-                "k": ks[t],
-                "retrieval": {r: retrieval_block(pre, post, t, r == "centred", cfg.n_boot, cfg.seed)
-                              for r in ("raw", "centred")},
-                "distances": {"pre": _distances(pre, t), "post": _distances(post, t)},
-                "correlation": {r: {"pre": correlation(pre, r == "centred", cfg.n_boot, cfg.seed),
-                                    "post": correlation(post, r == "centred", cfg.n_boot, cfg.seed)}
-                                for r in ("raw", "centred")},
-            }
+            test_results[t] = _pre_post(pre, post, t, ks[t], test_results["pre"]["correlation"], cfg)
         for t in cfg.targets:
             path = out / f"projection_{t}.png"
             A.plot_projection(pre, post_by_target[t], path)
@@ -731,15 +736,7 @@ def _run(cfg: StudyConfig) -> dict:
                     if t not in udhr_langs:
                         continue
                     u_post = embedder.parallel(udhr, [layer], side(t, expert_iv(t, ks[t])))[layer]
-                    u_results[t] = {
-                        "k": ks[t],
-                        "retrieval": {r: retrieval_block(u_pre, u_post, t, r == "centred", cfg.n_boot, cfg.seed)
-                                      for r in ("raw", "centred")},
-                        "distances": {"pre": _distances(u_pre, t), "post": _distances(u_post, t)},
-                        "correlation": {r: {"pre": correlation(u_pre, r == "centred", cfg.n_boot, cfg.seed),
-                                            "post": correlation(u_post, r == "centred", cfg.n_boot, cfg.seed)}
-                                        for r in ("raw", "centred")},
-                    }
+                    u_results[t] = _pre_post(u_pre, u_post, t, ks[t], u_results["pre"]["correlation"], cfg)
             results["udhr"] = u_results
 
     # optional descriptive k sweep on test (never used for a choice) ------------------------------
