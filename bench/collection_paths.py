@@ -52,6 +52,8 @@ def main(argv=None) -> None:
         "bare forward": bare,
         "exact, hooks": lambda: collect(model, tok, corpus, backend="hooks", **kw),
         "exact, fused": lambda: collect(model, tok, corpus, backend="fused", **kw),
+        "stream, hooks": lambda: collect_stream(model, tok, corpus, backend="hooks",
+                                                calibration=len(corpus) // 4, **kw),
         "stream, fused": lambda: collect_stream(model, tok, corpus, backend="fused",
                                                 calibration=len(corpus) // 4, **kw),
     }, baseline="bare forward", repeats=args.repeats)

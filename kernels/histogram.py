@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .histogram_ref import histogram_update_ref
+from .histogram_ref import check_update, histogram_update_ref
 
 
 @triton.jit
@@ -99,20 +99,7 @@ def histogram_update(
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if counts.dim() != 3 or counts.dtype != torch.int32 or not counts.is_contiguous():
-        raise ValueError("counts must be a contiguous [C, M, NB] int32 tensor")
-    C, M, NB = counts.shape
-    if x.dim() != 2 or x.shape[1] != M:
-        raise ValueError(f"x must be [B, {M}], got {tuple(x.shape)}")
-    if label_ids.shape != (x.shape[0],):
-        raise ValueError(f"label_ids must be [{x.shape[0]}], got {tuple(label_ids.shape)}")
-    if edges.shape != (M, NB - 1):
-        raise ValueError(f"edges must be [{M}, {NB - 1}], got {tuple(edges.shape)}")
-    if label_ids.numel() and (int(label_ids.min()) < 0 or int(label_ids.max()) >= C):
-        raise ValueError(f"label ids must lie in [0, {C})")
-    x = x.to(torch.float32).contiguous()
-    label_ids = label_ids.to(torch.int64).contiguous()
-    edges = edges.to(torch.float32).contiguous()
+    x, label_ids, edges = check_update(counts, x, label_ids, edges)
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         histogram_update_ref(counts, x, label_ids, edges)
     else:

@@ -5,7 +5,7 @@ of neuron m is the number of m's inner edges that are <= x, so with NB bins and 
 edges bin 0 is (-inf, e_0), bin j is [e_{j-1}, e_j) and the last bin is [e_{NB-2}, +inf): the
 end bins are open and counted. Duplicate edges give empty bins between them. NaN and +-inf
 responses are not binned (the caller counts them). `steer.kernels.histogram` does the same in
-one Triton pass.
+one Triton pass; both check their inputs with `check_update`.
 """
 import torch
 
@@ -25,3 +25,22 @@ def histogram_update_ref(
     keep = torch.isfinite(xt)  # [M, B]
     idx = flat[keep]  # [K]
     counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+
+
+def check_update(counts, x, label_ids, edges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes, dtypes and label range of an update (out-of-range ids would write out of bounds in
+    the kernel; on CUDA the check costs one synchronisation). Returns x fp32, label_ids int64 and
+    edges fp32, contiguous."""
+    if counts.dim() != 3 or counts.dtype != torch.int32 or not counts.is_contiguous():
+        raise ValueError("counts must be a contiguous [C, M, NB] int32 tensor")
+    C, M, NB = counts.shape
+    if x.dim() != 2 or x.shape[1] != M:
+        raise ValueError(f"x must be [B, {M}], got {tuple(x.shape)}")
+    if label_ids.shape != (x.shape[0],):
+        raise ValueError(f"label_ids must be [{x.shape[0]}], got {tuple(label_ids.shape)}")
+    if edges.shape != (M, NB - 1):
+        raise ValueError(f"edges must be [{M}, {NB - 1}], got {tuple(edges.shape)}")
+    if label_ids.numel() and (int(label_ids.min()) < 0 or int(label_ids.max()) >= C):
+        raise ValueError(f"label ids must lie in [0, {C})")
+    return (x.to(torch.float32).contiguous(), label_ids.to(torch.int64).contiguous(),
+            edges.to(torch.float32).contiguous())

@@ -34,7 +34,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from steer.kernels.histogram import histogram_update
+from steer.kernels.histogram_ref import check_update, histogram_update_ref
+
+try:
+    from steer.kernels.histogram import histogram_update
+except ImportError:  # no Triton on this platform: the torch reference is the CPU path anyway
+    def histogram_update(counts, x, label_ids, edges, *, backend: str = "auto") -> None:
+        if backend != "auto" and backend != "torch":
+            raise ImportError(f"backend={backend!r}: Triton does not import here; use 'auto' or 'torch'")
+        histogram_update_ref(counts, *check_update(counts, x, label_ids, edges))
 
 FORMAT = "steer.stream/1"
 

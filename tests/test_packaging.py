@@ -26,3 +26,28 @@ def test_installed_package_does_not_shadow_pypi_kernels(tmp_path):
         f"assert steer.kernels.__file__.startswith({str(ROOT / 'kernels')!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+
+
+def test_steer_works_without_triton(tmp_path):
+    """Where Triton does not import (macOS, Windows), steer imports and its CPU paths (the torch
+    references) still run: streaming update, fused patch; asking for Triton is a clear error."""
+    code = (
+        "import sys; sys.modules['triton'] = None  # any `import triton` now raises ImportError\n"
+        "import pytest, torch, transformers as T, steer\n"
+        "from steer.stream import StreamState, calibrate_edges\n"
+        "from steer.kernels.histogram_ref import histogram_update_ref\n"
+        "x = torch.randn(12, 5); labels = torch.arange(12) % 3\n"
+        "state = StreamState(calibrate_edges(x, 8), ['a', 'b', 'c'])\n"
+        "state.update(x, labels)\n"
+        "ref = torch.zeros(3, 5, 8, dtype=torch.int32); histogram_update_ref(ref, x, labels, state.edges)\n"
+        "assert torch.equal(state.counts, ref)\n"
+        "with pytest.raises(ImportError, match='Triton'):\n"
+        "    state.update(x, labels, backend='triton')\n"
+        "cfg = T.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,\n"
+        "                    num_attention_heads=2, num_key_value_heads=1, vocab_size=50)\n"
+        "model = T.AutoModelForCausalLM.from_config(cfg).eval(); ids = torch.randint(0, 50, (2, 5))\n"
+        "want = model(ids).logits\n"
+        "with steer.patch(model):\n"
+        "    torch.testing.assert_close(model(ids).logits, want)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
