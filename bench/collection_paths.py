@@ -5,7 +5,9 @@
 bare forward: the base model over steer's length-sorted batches, no hooks (the floor);
 exact, hooks: `collect(backend="hooks")`, the reference pre-hooks; exact, fused: `collect(
 backend="fused")`, the patched model's fused op (its PyTorch reference on CPU); stream, fused:
-`collect_stream` (calibration on a quarter of the sentences, then histogram updates).
+`collect_stream` (calibration on a quarter of the sentences, then histogram updates), whose batches
+differ (calibration sample first, then the rest): `ratio_same_batches` compares it with the bare
+forward over exactly its batches ("bare forward, stream's batches").
 Results: bench/results/collection_paths.md/.csv.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from harness import Table, compare, environment, finish, write_results  # noqa: 
 
 from steer import NeuronSites, bible_corpus, collect, collect_stream, load_model  # noqa: E402
 from steer.adapters import base_inputs  # noqa: E402
-from steer.collect import batches, pad, tokenize  # noqa: E402
+from steer.collect import batches, calibration_sample, pad, plan_batches, tokenize  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 
@@ -41,23 +43,37 @@ def main(argv=None) -> None:
     tokens = sum(map(len, ids))
     kw = dict(batch_size=16, progress=False)
 
-    def bare():
-        with torch.inference_mode():
-            for rows in batches([len(t) for t in ids], 16):
-                input_ids = pad([ids[i] for i in rows], tok.pad_token_id, tok.padding_side)
-                mask = pad([[1] * len(ids[i]) for i in rows], 0, tok.padding_side)
-                model.base_model(**base_inputs(model, input_ids, mask))
+    cal = calibration_sample(len(corpus), len(corpus) // 4)
+    records = list(corpus.records())
+    in_cal = set(cal)
+    stream_batches = [b.ids for b in plan_batches([records[i] for i in cal], tok, batch_size=16, window=len(cal))]
+    stream_batches += [b.ids for b in plan_batches([r for r in records if r.index not in in_cal], tok, batch_size=16)]
+    sorted_batches = [[ids[i] for i in rows] for rows in batches([len(t) for t in ids], 16)]
+
+    def bare(plan):
+        def run():
+            with torch.inference_mode():
+                for rows in plan:
+                    input_ids = pad(rows, tok.pad_token_id, tok.padding_side)
+                    mask = pad([[1] * len(r) for r in rows], 0, tok.padding_side)
+                    model.base_model(**base_inputs(model, input_ids, mask))
+        return run
+
+    def stream(backend):
+        return lambda: collect_stream(model, tok, corpus, backend=backend, calibration=len(cal), **kw)
 
     result = compare({
-        "bare forward": bare,
+        "bare forward": bare(sorted_batches),
+        "bare forward, stream's batches": bare(stream_batches),
         "exact, hooks": lambda: collect(model, tok, corpus, backend="hooks", **kw),
         "exact, fused": lambda: collect(model, tok, corpus, backend="fused", **kw),
-        "stream, hooks": lambda: collect_stream(model, tok, corpus, backend="hooks",
-                                                calibration=len(corpus) // 4, **kw),
-        "stream, fused": lambda: collect_stream(model, tok, corpus, backend="fused",
-                                                calibration=len(corpus) // 4, **kw),
+        "stream, hooks": stream("hooks"),
+        "stream, fused": stream("fused"),
     }, baseline="bare forward", repeats=args.repeats)
-    rows = [{**r, "tokens": tokens, "tok_per_s_best": tokens / r["min_s"]} for r in result.rows()]
+    same = result.variants["bare forward, stream's batches"].min
+    rows = [{**r, "tokens": tokens, "tok_per_s_best": tokens / r["min_s"],
+             "ratio_same_batches": r["min_s"] / same if r["variant"].startswith("stream") else ""}
+            for r in result.rows()]
     n_neurons = NeuronSites(model).n_neurons
     write_results("collection_paths", finish(env), [Table(
         f"Collection paths, {len(corpus)} Bible verses, {n_neurons:,} neurons", rows)],

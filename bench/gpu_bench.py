@@ -1,10 +1,12 @@
-"""Benchmarks for a lent GPU machine: random weights with real configs, every ratio in one run.
+"""Collection and steering benchmarks on random weights with real configs, every ratio in one run.
 
-The GPU machine has no network and carries at most 64 MiB, so the packaged weights stay behind:
-models are built from Gemma-3-270M's config (bench/configs/) and from a 2-layer model with
-Llama-3-8B's MLP (4096 x 14336), so that the MLP's share of the time is realistic.
+Written for a lent GPU machine (no network, at most 64 MiB carried, so the packaged weights stay
+behind), and run on this CPU too: models are built from Gemma-3-270M's config (bench/configs/)
+and from a 2-layer model with Llama-3-8B's MLP (4096 x 14336), so that the MLP's share of the
+time is realistic; `--real` adds Gemma-3-270M's real weights (where the package is installed).
 
-    python bench/gpu_bench.py                 # on CUDA, bf16
+    python bench/gpu_bench.py                 # on CUDA, bf16 -> results/gpu_<case>.md
+    python bench/gpu_bench.py steering --device cpu --dtype float32 --real   # -> results/cpu_<case>.md
     python bench/gpu_bench.py --device cpu --quick --dtype float32   # a smoke run anywhere
 
 Cases (results in bench/results/gpu_<case>.md/.csv, with the device name):
@@ -16,6 +18,7 @@ Cases (results in bench/results/gpu_<case>.md/.csv, with the device name):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -29,24 +32,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import Table, compare, environment, finish, write_results  # noqa: E402
 from tiny import tiny_tokenizer  # noqa: E402
 
-from steer import Corpus, Intervention, collect, collect_stream, intervene, patch  # noqa: E402
+from steer import Corpus, Intervention, collect, collect_stream, intervene, load_model, patch  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def models(quick: bool) -> dict[str, T.PretrainedConfig]:
+def models(quick: bool, real: bool = False) -> dict:
     gemma = T.Gemma3TextConfig(**json.loads((CONFIGS / "gemma-3-270m.json").read_text()))
     llama = T.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                           num_key_value_heads=8, vocab_size=128256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if quick:  # one small model: a smoke test of the script itself
         return {"small Llama": T.LlamaConfig(hidden_size=64, intermediate_size=224, num_hidden_layers=2,
                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=1000)}
-    return {"gemma-3-270m config": gemma, "2 layers of Llama-3-8B MLP": llama}
+    return {**({"gemma-3-270m (real weights)": "gemma-3-270m"} if real else {}),
+            "gemma-3-270m config": gemma, "2 layers of Llama-3-8B MLP": llama}
 
 
 def build(cfg, device, dtype):
+    """A model from a config (random weights, seeded) or a `load_model` name (real weights)."""
+    if isinstance(cfg, str):
+        return load_model(cfg, device=device, dtype=dtype)[0].eval()
     torch.manual_seed(0)
     return T.AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype).eval()
+
+
+def share_weights(model):
+    """A copy of `model` whose parameters are the same tensors (modules, hooks and buffers are its own)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def corpus(n: int) -> Corpus:
@@ -64,7 +76,7 @@ def sync(device):
 def case_collection(args, device, dtype) -> list[Table]:
     tok, data = tiny_tokenizer(), corpus(64 if args.quick else 2000)
     tables = []
-    for name, cfg in models(args.quick).items():
+    for name, cfg in models(args.quick, args.real).items():
         model = build(cfg, device, dtype)
         kw = dict(batch_size=16, progress=False)
 
@@ -89,8 +101,9 @@ def case_collection(args, device, dtype) -> list[Table]:
 def case_steering(args, device, dtype) -> list[Table]:
     """Three copies of one model, each set up once (hooks must exist before torch.compile traces)."""
     tables = []
-    for name, cfg in models(args.quick).items():
-        plain, hooked, fused = build(cfg, device, dtype), build(cfg, device, dtype), build(cfg, device, dtype)
+    for name, cfg in models(args.quick, args.real).items():
+        plain = build(cfg, device, dtype)
+        hooked, fused = share_weights(plain), share_weights(plain)
         for model in (hooked, fused):
             if model is fused:
                 patch(model)
@@ -136,17 +149,23 @@ def case_steering(args, device, dtype) -> list[Table]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("case", nargs="?", default="all", choices=["collection", "steering", "all"])
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--real", action="store_true", help="also Gemma-3-270M's real weights (packaged)")
+    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for case, fn in [("collection", case_collection), ("steering", case_steering)]:
         if args.case in (case, "all"):
             env = environment(args.dtype)
             tables = fn(args, device, dtype)
-            write_results(f"gpu_{case}" + ("_quick" if args.quick else ""), finish(env), tables,
-                          title=f"GPU {case}: random weights, real configs, {args.dtype}, {args.device}")
+            kind = "gpu" if device.type == "cuda" else "cpu"
+            write_results(f"{kind}_{case}" + ("_quick" if args.quick else ""), finish(env), tables,
+                          title=f"{kind.upper()} {case}: real configs (random weights"
+                                f"{', and real Gemma weights' if args.real else ''}), {args.dtype}, {device}")
 
 
 if __name__ == "__main__":

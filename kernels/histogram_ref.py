@@ -19,13 +19,12 @@ def histogram_update_ref(
     """Add one to counts[label_ids[b], m, bin(x[b, m])] for every finite x[b, m]."""
     _, M, NB = counts.shape
     xt = x.t().contiguous()  # [M, B]
-    bins = torch.searchsorted(edges.contiguous(), xt, right=True)  # [M, B] = #edges <= x
-    neuron = torch.arange(M, device=x.device)[:, None]  # [M, 1]
-    flat = (label_ids[None, :] * M + neuron) * NB + bins  # [M, B] index into counts.view(-1)
+    flat = torch.searchsorted(edges.contiguous(), xt, right=True)  # [M, B] = #edges <= x
+    flat += (label_ids * (M * NB))[None, :]  # now the index into counts.view(-1)
+    flat += torch.arange(0, M * NB, NB, device=x.device)[:, None]
     keep = torch.isfinite(xt)  # [M, B]
-    idx = flat[keep]  # [K]
-    counts.view(-1).index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
-
+    idx = flat.view(-1) if bool(keep.all()) else flat[keep]  # [K]
+    counts.view(-1).index_add_(0, idx, torch.ones(1, dtype=counts.dtype, device=x.device).expand(idx.numel()))
 
 def check_update(counts, x, label_ids, edges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shapes, dtypes and label range of an update (out-of-range ids would write out of bounds in

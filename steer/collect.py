@@ -62,7 +62,7 @@ def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
     h = h.float()
     if how == "max":
         return h.masked_fill(~tokens[:, :, None], float("-inf")).amax(1)
-    return (h * tokens[:, :, None]).sum(1) / tokens.sum(1, keepdim=True)
+    return torch.bmm(tokens[:, None, :].to(h.dtype), h).squeeze(1) / tokens.sum(1, keepdim=True)  # no [B, T, M] temporary
 
 
 def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, max_length: int | None):

@@ -232,12 +232,18 @@ class StreamState:
         histogram_update(self.counts, x, label_ids, self.edges, backend=backend)  # checks shapes
         if x.shape[0] == 0:
             return
-        finite = torch.isfinite(x)  # [B, M]
-        self.sums.index_add_(0, label_ids, torch.where(finite, x, 0.0).double())
         self.n += torch.bincount(label_ids, minlength=len(self.label_names))
-        self.nonfinite += (~finite).sum(0)
-        self.lo = torch.minimum(self.lo, torch.where(finite, x, math.inf).amin(0))
-        self.hi = torch.maximum(self.hi, torch.where(finite, x, -math.inf).amax(0))
+        finite = torch.isfinite(x)  # [B, M]
+        if bool(finite.all()):  # the usual case: no masking needed
+            self.sums.index_add_(0, label_ids, x.double())
+            lo, hi = torch.aminmax(x, dim=0)
+        else:
+            self.sums.index_add_(0, label_ids, torch.where(finite, x, 0.0).double())
+            self.nonfinite += (~finite).sum(0)
+            lo = torch.where(finite, x, math.inf).amin(0)
+            hi = torch.where(finite, x, -math.inf).amax(0)
+        torch.minimum(self.lo, lo, out=self.lo)
+        torch.maximum(self.hi, hi, out=self.hi)
 
     def merge(self, other: "StreamState") -> "StreamState":
         """Add `other` into this state (in place) and return it. Both must share edges (exactly),
