@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, compare, environment, finish, write_results  # noqa: E402
 
 from steer import NeuronSites, bible_corpus, collect, collect_stream, load_model  # noqa: E402
-from steer.adapters import base_inputs  # noqa: E402
-from steer.collect import batches, calibration_sample, pad, plan_batches, tokenize  # noqa: E402
+from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
+from steer.collect import tokenize  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 
@@ -43,28 +43,15 @@ def main(argv=None) -> None:
     tokens = sum(map(len, ids))
     kw = dict(batch_size=16, progress=False)
 
-    cal = calibration_sample(len(corpus), len(corpus) // 4)
-    records = list(corpus.records())
-    in_cal = set(cal)
-    stream_batches = [b.ids for b in plan_batches([records[i] for i in cal], tok, batch_size=16, window=len(cal))]
-    stream_batches += [b.ids for b in plan_batches([r for r in records if r.index not in in_cal], tok, batch_size=16)]
-    sorted_batches = [[ids[i] for i in rows] for rows in batches([len(t) for t in ids], 16)]
-
-    def bare(plan):
-        def run():
-            with torch.inference_mode():
-                for rows in plan:
-                    input_ids = pad(rows, tok.pad_token_id, tok.padding_side)
-                    mask = pad([[1] * len(r) for r in rows], 0, tok.padding_side)
-                    model.base_model(**base_inputs(model, input_ids, mask))
-        return run
+    cal = len(corpus) // 4
+    bare = {"bare forward": bare_forward(model, tok, sorted_plan(tok, corpus)),
+            "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, corpus, cal))}
 
     def stream(backend):
-        return lambda: collect_stream(model, tok, corpus, backend=backend, calibration=len(cal), **kw)
+        return lambda: collect_stream(model, tok, corpus, backend=backend, calibration=cal, **kw)
 
     result = compare({
-        "bare forward": bare(sorted_batches),
-        "bare forward, stream's batches": bare(stream_batches),
+        **bare,
         "exact, hooks": lambda: collect(model, tok, corpus, backend="hooks", **kw),
         "exact, fused": lambda: collect(model, tok, corpus, backend="fused", **kw),
         "stream, hooks": stream("hooks"),

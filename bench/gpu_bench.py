@@ -7,11 +7,14 @@ time is realistic; `--real` adds Gemma-3-270M's real weights (where the package 
 
     python bench/gpu_bench.py                 # on CUDA, bf16 -> results/gpu_<case>.md
     python bench/gpu_bench.py steering --device cpu --dtype float32 --real   # -> results/cpu_<case>.md
-    python bench/gpu_bench.py --device cpu --quick --dtype float32   # a smoke run anywhere
+    python bench/gpu_bench.py --device cpu --quick --dtype float32   # a smoke run anywhere -> results/quick/
 
 Cases (results in bench/results/gpu_<case>.md/.csv, with the device name):
-- collection: bare base-model forward vs exact collection (reference hooks) vs fused collection
-  (Triton op on CUDA) vs streaming (fused + histogram kernel), tokens/s and ratios to the bare forward;
+- collection: bare base-model forward (over collect's batches, and over collect_stream's) vs exact
+  collection (reference hooks) vs fused collection (Triton op on CUDA) vs streaming (fused +
+  histogram kernel) vs today's way (bench/todays_way.py: full LM, corpus order, hooks + host
+  copies), ratios to the bare forward (`ratio_same_batches`: streaming vs the bare forward over
+  its own batches);
 - steering: forward (batch 8) and greedy generation (32 new tokens, batch 1 and 8, KV cache):
   unsteered vs fused vs hook steering, and the same three under torch.compile.
 """
@@ -29,7 +32,9 @@ import transformers as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Table, compare, environment, finish, write_results  # noqa: E402
+import todays_way  # noqa: E402
+from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
+from harness import RESULTS, Table, compare, environment, finish, write_results  # noqa: E402
 from tiny import tiny_tokenizer  # noqa: E402
 
 from steer import Corpus, Intervention, collect, collect_stream, intervene, load_model, patch  # noqa: E402
@@ -74,27 +79,27 @@ def sync(device):
 
 
 def case_collection(args, device, dtype) -> list[Table]:
-    tok, data = tiny_tokenizer(), corpus(64 if args.quick else 2000)
+    tok, data = tiny_tokenizer(), corpus(64 if args.quick else args.n)
     tables = []
     for name, cfg in models(args.quick, args.real).items():
         model = build(cfg, device, dtype)
         kw = dict(batch_size=16, progress=False)
 
-        def bare():
-            ids = tok(data.texts, padding=True, return_tensors="pt").to(device)
-            with torch.inference_mode():
-                for i in range(0, len(data), 16):
-                    model.base_model(input_ids=ids.input_ids[i:i + 16], attention_mask=ids.attention_mask[i:i + 16])
-            sync(device)
-
+        cal = 256 if not args.quick else 16
         variants = {
-            "bare forward": bare,
+            "bare forward": bare_forward(model, tok, sorted_plan(tok, data), lambda: sync(device)),
+            "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, data, cal), lambda: sync(device)),
             "exact, hooks": lambda: collect(model, tok, data, backend="hooks", **kw),
             "exact, fused": lambda: collect(model, tok, data, backend="fused", **kw),
-            "stream, fused": lambda: collect_stream(model, tok, data, backend="fused", calibration=256, **kw),
+            "stream, hooks": lambda: collect_stream(model, tok, data, backend="hooks", calibration=cal, **kw),
+            "stream, fused": lambda: collect_stream(model, tok, data, backend="fused", calibration=cal, **kw),
+            "today's way": lambda: todays_way.collect(model, tok, data.texts)[1] and {},
         }
-        result = compare(variants, baseline="bare forward", repeats=1 if args.quick else 3)
-        tables.append(Table(f"Collection on {name} ({len(data)} sentences)", result.rows(model=name)))
+        result = compare(variants, baseline="bare forward", repeats=1 if args.quick else args.repeats)
+        same = result.variants["bare forward, stream's batches"].min
+        rows = [{**r, "ratio_same_batches": r["min_s"] / same if r["variant"].startswith("stream") else ""}
+                for r in result.rows(model=name)]
+        tables.append(Table(f"Collection on {name} ({len(data)} sentences)", rows))
     return tables
 
 
@@ -134,7 +139,7 @@ def case_steering(args, device, dtype) -> list[Table]:
                         for m in models_.values():
                             m.forward = torch.compile(m.forward)
                     variants = {k: (lambda m=m: run(m, batch)) for k, m in models_.items()}
-                    result = compare(variants, baseline="unsteered", repeats=1 if args.quick else 5)
+                    result = compare(variants, baseline="unsteered", repeats=1 if args.quick else args.repeats + 2)
                     rows += result.rows(model=name, case=label, compiled=compiled)
                 except Exception as e:  # a compile failure is a result to report, not a crash
                     rows.append({"model": name, "case": label, "compiled": compiled, "variant": "all",
@@ -154,6 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--real", action="store_true", help="also Gemma-3-270M's real weights (packaged)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--n", type=int, default=2000, help="sentences of the collection case")
+    p.add_argument("--repeats", type=int, default=3, help="collection repeats (steering: 2 more)")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
@@ -163,7 +170,7 @@ def main(argv=None) -> None:
             env = environment(args.dtype)
             tables = fn(args, device, dtype)
             kind = "gpu" if device.type == "cuda" else "cpu"
-            write_results(f"{kind}_{case}" + ("_quick" if args.quick else ""), finish(env), tables,
+            write_results(f"{kind}_{case}", finish(env), tables, out_dir=RESULTS / "quick" if args.quick else RESULTS,
                           title=f"{kind.upper()} {case}: real configs (random weights"
                                 f"{', and real Gemma weights' if args.real else ''}), {args.dtype}, {device}")
 
