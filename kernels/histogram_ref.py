@@ -26,6 +26,7 @@ def histogram_update_ref(
     idx = flat.view(-1) if bool(keep.all()) else flat[keep]  # [K]
     counts.view(-1).index_add_(0, idx, torch.ones(1, dtype=counts.dtype, device=x.device).expand(idx.numel()))
 
+
 def check_update(counts, x, label_ids, edges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shapes, dtypes and label range of an update (out-of-range ids would write out of bounds in
     the kernel; on CUDA the check costs one synchronisation). Returns x fp32, label_ids int64 and
