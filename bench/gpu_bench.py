@@ -104,7 +104,10 @@ def case_collection(args, device, dtype) -> list[Table]:
 
 
 def case_steering(args, device, dtype) -> list[Table]:
-    """Three copies of one model, each set up once (hooks must exist before torch.compile traces)."""
+    """Three copies of one model, sharing weights, each set up once. Every compiled variant is
+    checked against its eager logits (`same_as_eager`): torch skips guards on module hooks by
+    default, and steer's `guard_hooks` is what keeps a compiled hooked copy from running the
+    unsteered copy's graph."""
     tables = []
     for name, cfg in models(args.quick, args.real).items():
         plain = build(cfg, device, dtype)
@@ -114,6 +117,12 @@ def case_steering(args, device, dtype) -> list[Table]:
                 patch(model)
             intervene(model, Intervention.for_model(model).set(0, list(range(0, 100, 3)), 2.0))
         ids = torch.randint(3, 900, (8, 32 if args.quick else 128), device=device)
+
+        def logits(model):
+            with torch.inference_mode():
+                return model(input_ids=ids[:2, :16]).logits.float()
+
+        eager = {"unsteered": logits(plain), "fused": logits(fused), "hooks": logits(hooked)}
 
         def forward(model, batch):
             with torch.inference_mode():
@@ -140,7 +149,11 @@ def case_steering(args, device, dtype) -> list[Table]:
                             m.forward = torch.compile(m.forward)
                     variants = {k: (lambda m=m: run(m, batch)) for k, m in models_.items()}
                     result = compare(variants, baseline="unsteered", repeats=1 if args.quick else args.repeats + 2)
-                    rows += result.rows(model=name, case=label, compiled=compiled)
+                    # a compiled variant must compute what it computes eagerly (steering not dropped)
+                    same = {k: torch.allclose(logits(m), eager[k], rtol=2e-2, atol=2e-2 * float(eager[k].abs().max()))
+                            for k, m in models_.items()}
+                    rows += [{**r, "same_as_eager": same[r["variant"]]}
+                             for r in result.rows(model=name, case=label, compiled=compiled)]
                 except Exception as e:  # a compile failure is a result to report, not a crash
                     rows.append({"model": name, "case": label, "compiled": compiled, "variant": "all",
                                  "error": f"{type(e).__name__}: {str(e)[:200]}"})

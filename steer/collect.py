@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from .adapters import NeuronSites, base_inputs
 from .corpus import Corpus, Record
 from .distributed import Group, current
+from .intervention import guard_hooks
 from .metrics import score_splits
 from .stream import StreamState, atomic_save_file, calibrate_edges, shortlist
 
@@ -99,6 +100,7 @@ class Pooler:
     """
 
     def __init__(self, sites: NeuronSites, pooling: str):
+        guard_hooks()
         self.sites, self.pooling = sites, pooling
         self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, set before each forward
         self.pooled: torch.Tensor | None = None

@@ -131,10 +131,22 @@ def steered_tokens(positions: str, attention_mask: torch.Tensor, extends_cache: 
     return t[None, :] == last[:, None]
 
 
+def guard_hooks() -> None:
+    """Make `torch.compile` guard on module hooks, before steer adds any.
+
+    torch 2.13 skips those guards by default (`torch._dynamo.config.skip_nnmodule_hook_guards`),
+    so a graph compiled before steer's hooks existed, or compiled for another copy of the same
+    model class, silently runs WITHOUT them: steering or pooling would be ignored and nothing
+    would say so. With the guards, adding or removing a hook recompiles (tests/test_intervention.py).
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+
+
 class _CallInfo:
     """Pre-hook on the layer stack that records each forward call's real-token mask and cache use."""
 
     def __init__(self, stack: nn.Module):
+        guard_hooks()
         self.attention_mask: torch.Tensor | None = None  # [B, T] of the current call
         self.extends_cache = False
         self.handle = stack.register_forward_pre_hook(self._capture, with_kwargs=True)

@@ -103,3 +103,29 @@ def test_bad_indices_and_shapes_are_clear_errors():
         Intervention(2, 48, positions="first")
     with pytest.raises(ValueError, match="the model has 2 x 48"):
         intervene(model, Intervention(3, 48))
+
+
+def test_compiled_model_sees_hooks_added_after_compiling_and_on_another_copy():
+    """torch 2.13 skips guards on module hooks by default: a graph compiled before the steering
+    hooks existed (or for an unsteered copy of the same class) would run without them, silently.
+    steer turns those guards on (`guard_hooks`), so hooks added or removed after compiling count."""
+    import copy
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids, mask = batch([5, 3])
+    plain, iv = logits(model, ids, mask), Intervention.for_model(model).set(0, [0, 1, 2], 5.0)
+    other = copy.deepcopy(model)
+    with intervene(other, iv):  # the eager steered logits, from a copy
+        steered = logits(other, ids, mask)
+    assert not torch.allclose(steered, plain)
+
+    compiled = torch.compile(model)
+    torch.testing.assert_close(logits(compiled, ids, mask), plain)  # compiled without hooks
+    with intervene(model, iv):  # hooks added after compiling
+        torch.testing.assert_close(logits(compiled, ids, mask), steered)
+    torch.testing.assert_close(logits(compiled, ids, mask), plain)  # removed again
+    hooked_copy = copy.deepcopy(model)  # a second instance of the class, compiled after the first
+    with intervene(hooked_copy, iv):
+        torch.testing.assert_close(logits(torch.compile(hooked_copy), ids, mask), steered)
+    torch._dynamo.reset()
