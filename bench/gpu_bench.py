@@ -3,7 +3,8 @@
 Written for a lent GPU machine (no network, at most 64 MiB carried, so the packaged weights stay
 behind), and run on this CPU too: models are built from Gemma-3-270M's config (bench/configs/)
 and from a 2-layer model with Llama-3-8B's MLP (4096 x 14336), so that the MLP's share of the
-time is realistic; `--real` adds Gemma-3-270M's real weights (where the package is installed).
+time is realistic; `--real` takes Gemma-3-270M's real weights instead of its config (where the
+package is installed).
 
     python bench/gpu_bench.py                 # on CUDA, bf16 -> results/gpu_<case>.md
     python bench/gpu_bench.py steering --device cpu --dtype float32 --real   # -> results/cpu_<case>.md
@@ -49,8 +50,8 @@ def models(quick: bool, real: bool = False) -> dict:
     if quick:  # one small model: a smoke test of the script itself
         return {"small Llama": T.LlamaConfig(hidden_size=64, intermediate_size=224, num_hidden_layers=2,
                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=1000)}
-    return {**({"gemma-3-270m (real weights)": "gemma-3-270m"} if real else {}),
-            "gemma-3-270m config": gemma, "2 layers of Llama-3-8B MLP": llama}
+    gemma = {"gemma-3-270m (real weights)": "gemma-3-270m"} if real else {"gemma-3-270m config": gemma}
+    return {**gemma, "2 layers of Llama-3-8B MLP": llama}
 
 
 def build(cfg, device, dtype):
@@ -170,7 +171,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--real", action="store_true", help="also Gemma-3-270M's real weights (packaged)")
+    p.add_argument("--real", action="store_true", help="Gemma-3-270M's real weights (packaged) instead of random ones")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--n", type=int, default=2000, help="sentences of the collection case")
     p.add_argument("--repeats", type=int, default=3, help="collection repeats (steering: 2 more)")
