@@ -185,8 +185,8 @@ def main(argv=None) -> None:
             tables = fn(args, device, dtype)
             kind = "gpu" if device.type == "cuda" else "cpu"
             write_results(f"{kind}_{case}", finish(env), tables, out_dir=RESULTS / "quick" if args.quick else RESULTS,
-                          title=f"{kind.upper()} {case}: real configs (random weights"
-                                f"{', and real Gemma weights' if args.real else ''}), {args.dtype}, {device}")
+                          title=f"{kind.upper()} {case}: {'real Gemma-3-270M and ' if args.real else ''}"
+                                f"random weights with real configs, {args.dtype}, {device}")
 
 
 if __name__ == "__main__":
