@@ -86,7 +86,7 @@ def case_collection(args, device, dtype) -> list[Table]:
         model = build(cfg, device, dtype)
         kw = dict(batch_size=16, progress=False)
 
-        cal = 256 if not args.quick else 16
+        cal = min(256, len(data) // 4)  # a calibration sample, then streaming updates of the rest
         variants = {
             "bare forward": bare_forward(model, tok, sorted_plan(tok, data), lambda: sync(device)),
             "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, data, cal), lambda: sync(device)),
