@@ -110,6 +110,9 @@ def case_steering(args, device, dtype) -> list[Table]:
     default, and steer's `guard_hooks` is what keeps a compiled hooked copy from running the
     unsteered copy's graph."""
     tables = []
+    # three instances of one class x prefill / decode x batch sizes: far more graphs than torch's
+    # default limit of 8 per frame, past which a frame silently falls back to eager
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
     for name, cfg in models(args.quick, args.real).items():
         plain = build(cfg, device, dtype)
         hooked, fused = share_weights(plain), share_weights(plain)
