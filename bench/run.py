@@ -264,8 +264,8 @@ def histogram_state(x, label_ids, names, layers: int, width: int):
 
 def case_scoring(cfg) -> None:
     from steer import score_state
+    from steer.collect import shortlist_scores
     from steer.metrics import score_splits
-    from steer.stream import shortlist
 
     env = environment("float32")
     rows = []
@@ -289,14 +289,10 @@ def case_scoring(cfg) -> None:
             return run
 
         state = histogram_state(x, label_ids, names, layers, width)
-        shortlists = []
 
         def refined():  # what refine computes once its second pass holds the short-list's responses
-            scores = score_state(state)
-            keep = torch.cat([shortlist(scores.stats["ap"][i].flatten(), scores.stats["ap_bound"][i].flatten(), 100)
-                              for i in range(len(splits))]).unique()
+            keep, _ = shortlist_scores(score_state(state), k=100)
             score_splits(x[:, keep], label_ids, splits)
-            shortlists.append(keep.numel())
             return {"note": f"short-list of {keep.numel():,} neurons"}
 
         variants = {

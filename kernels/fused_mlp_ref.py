@@ -57,8 +57,8 @@ def fused_mlp_ref(
     if pool_tokens is None:
         return h, None, None
 
+    keep = pool_tokens[..., None]  # [B, T, 1]
     written = h.float()  # [B, T, M]
-    pool_max = written.masked_fill(~pool_tokens[..., None], float("-inf")).amax(dim=1)  # [B, M]
-    # the sum as a batched [1, T] x [T, M] product: no [B, T, M] temporary (CPU time matters here)
-    pool_sum = torch.bmm(pool_tokens[:, None, :].to(written.dtype), written).squeeze(1)  # [B, M]
+    pool_max = written.masked_fill(~keep, float("-inf")).amax(dim=1)  # [B, M]
+    pool_sum = written.masked_fill(~keep, 0.0).sum(dim=1)  # [B, M]
     return h, pool_max, pool_sum

@@ -20,7 +20,7 @@ def histogram_update_ref(
     _, M, NB = counts.shape
     xt = x.t().contiguous()  # [M, B]
     flat = torch.searchsorted(edges.contiguous(), xt, right=True)  # [M, B] = #edges <= x
-    flat += (label_ids * (M * NB))[None, :]  # now the index into counts.view(-1)
+    flat += (label_ids.long() * (M * NB))[None, :]  # now the index into counts.view(-1)
     flat += torch.arange(0, M * NB, NB, device=x.device)[:, None]
     keep = torch.isfinite(xt)  # [M, B]
     idx = flat.view(-1) if bool(keep.all()) else flat[keep]  # [K]

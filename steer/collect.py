@@ -63,7 +63,8 @@ def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
     h = h.float()
     if how == "max":
         return h.masked_fill(~tokens[:, :, None], float("-inf")).amax(1)
-    return torch.bmm(tokens[:, None, :].to(h.dtype), h).squeeze(1) / tokens.sum(1, keepdim=True)  # no [B, T, M] temporary
+    # masked, not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN
+    return h.masked_fill(~tokens[:, :, None], 0.0).sum(1) / tokens.sum(1, keepdim=True)
 
 
 def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, max_length: int | None):
@@ -736,6 +737,23 @@ def score_state(state: StreamState, splits=None) -> Scores:
     return Scores(stats, splits, settings)
 
 
+def shortlist_scores(hist: Scores, *, k: int = 100, by: str | tuple[str, ...] = "ap",
+                     bottom_k: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
+    """The neurons of histogram scores (`score_state`) that could be in any split's exact top-k by
+    each score in `by` (or its bottom-k by AUROC): sorted flat indices [K], and the size of each
+    split's short-list. `refine` rescores exactly these."""
+    flat = {key: v.flatten(1) for key, v in hist.stats.items() if v.dim() == 3}  # [S, L*M]
+    sizes, keep = {}, []
+    for i, sp in enumerate(hist.splits):
+        chosen = torch.cat([shortlist(flat[b][i], flat[f"{b}_bound"][i], k)
+                            for b in ((by,) if isinstance(by, str) else by)])
+        if bottom_k:
+            chosen = torch.cat([chosen, shortlist(flat["auroc"][i], flat["auroc_bound"][i], bottom_k, largest=False)])
+        sizes[sp.name] = int(chosen.numel())
+        keep.append(chosen)
+    return torch.cat(keep).unique(), sizes
+
+
 def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, splits=None, *, k: int = 100,
            by: str | tuple[str, ...] = "ap", bottom_k: int = 0, progress: bool = True,
            group: Group | None = None, **forward) -> Scores | None:
@@ -758,18 +776,8 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
             if corpus.hash() != state.settings.get("corpus_hash"):
                 raise ValueError("refine needs the corpus the state was collected on (corpus hash differs)")
             hist = score_state(state, splits)
-            flat = {key: v.flatten(1) if v.dim() == 3 else v for key, v in hist.stats.items()}  # [S, L*M]
-            sizes, keep = {}, []
-            for i, sp in enumerate(hist.splits):
-                chosen = torch.cat([shortlist(flat[b][i], flat[f"{b}_bound"][i], k)
-                                    for b in ((by,) if isinstance(by, str) else by)])
-                if bottom_k:
-                    chosen = torch.cat([chosen, shortlist(flat["auroc"][i], flat["auroc_bound"][i], bottom_k,
-                                                          largest=False)])
-                sizes[sp.name] = int(chosen.numel())
-                keep.append(chosen)
-            idx = torch.cat(keep).unique()  # [K] sorted flat neuron indices
-            print(f"refine: short-list of {idx.numel():,} neurons of {flat['ap'].shape[1]:,} "
+            idx, sizes = shortlist_scores(hist, k=k, by=by, bottom_k=bottom_k)
+            print(f"refine: short-list of {idx.numel():,} neurons of {state.edges.shape[0]:,} "
                   f"(per split: {sizes}); second pass stores only their responses", flush=True)
         except Exception as e:
             error = e

@@ -138,8 +138,13 @@ def guard_hooks() -> None:
     so a graph compiled before steer's hooks existed, or compiled for another copy of the same
     model class, silently runs WITHOUT them: steering or pooling would be ignored and nothing
     would say so. With the guards, adding or removing a hook recompiles (tests/test_intervention.py).
+    Called when steer is imported (a model compiled before any steering must guard its hooks too)
+    and again whenever steer adds hooks (in case something turned the guards off since).
     """
     torch._dynamo.config.skip_nnmodule_hook_guards = False
+
+
+guard_hooks()
 
 
 class _CallInfo:

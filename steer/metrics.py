@@ -1,8 +1,8 @@
 """Per-neuron AP, AUROC and response statistics, exact, as batched tensor ops.
 
 Design: neurons are taken in chunks of columns of `scores` [N, M] (`chunk` neurons at a time,
-so extra memory stays bounded, about 70 bytes per chunk element and CPU thread: chunks run on
-torch's threads side by side). Each chunk is sorted ONCE,
+so extra memory stays bounded, about 70 bytes per chunk element and worker: on CPU up to
+MAX_WORKERS chunks run side by side, one per torch thread). Each chunk is sorted ONCE,
 every neuron's responses ascending, and no split is ever sorted over all N again: the sort gives
 each response a key, lo * 2**32 + hi, with lo / hi = how many of that neuron's responses are
 < / <= it. Keys are ordered like the responses and equal exactly for ties, and lo / hi are the
@@ -43,6 +43,9 @@ __all__ = ["CHUNK_ELEMENTS", "average_precision", "auroc", "score_splits", "rank
 # Default bound on neurons_per_chunk * N: ~70 MB of working set. Larger chunks are no faster on
 # CPU (cache); on a GPU, or when N is large (fewer neurons per chunk), pass a larger `chunk`.
 CHUNK_ELEMENTS = 1 << 20
+
+# Chunks scored side by side on CPU (each holds its own working set, see CHUNK_ELEMENTS)
+MAX_WORKERS = 4
 
 _PERCENTILES = {"on_p50": 50, "on_p90": 90}
 
@@ -171,7 +174,7 @@ def _score_splits(
     starts = range(0, m_total, step)
     # on CPU, chunks run side by side on torch's threads: numpy's sorts and scans are single-threaded
     # and release the GIL (2 threads: 3.8 s -> 2.5 s for 36,864 neurons x 2,000 sentences x 8 labels)
-    workers = min(len(starts), torch.get_num_threads()) if dev.type == "cpu" else 1
+    workers = min(len(starts), torch.get_num_threads(), MAX_WORKERS) if dev.type == "cpu" else 1
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(score_columns, starts))  # list(): re-raise a chunk's error here

@@ -40,8 +40,10 @@ try:
     from steer.kernels.histogram import histogram_update
 except ImportError:  # no Triton on this platform: the torch reference is the CPU path anyway
     def histogram_update(counts, x, label_ids, edges, *, backend: str = "auto") -> None:
-        if backend != "auto" and backend != "torch":
-            raise ImportError(f"backend={backend!r}: Triton does not import here; use 'auto' or 'torch'")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if backend == "triton":
+            raise ImportError("backend='triton': Triton does not import here; use 'auto' or 'torch'")
         histogram_update_ref(counts, *check_update(counts, x, label_ids, edges))
 
 FORMAT = "steer.stream/1"

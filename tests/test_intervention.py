@@ -1,4 +1,7 @@
 """The reference intervention: the down projection receives exactly the forced values, nothing else."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -108,24 +111,29 @@ def test_bad_indices_and_shapes_are_clear_errors():
 def test_compiled_model_sees_hooks_added_after_compiling_and_on_another_copy():
     """torch 2.13 skips guards on module hooks by default: a graph compiled before the steering
     hooks existed (or for an unsteered copy of the same class) would run without them, silently.
-    steer turns those guards on (`guard_hooks`), so hooks added or removed after compiling count."""
+    steer turns those guards on when imported (`guard_hooks`), so hooks added or removed after
+    compiling count. backend="eager": the guards are dynamo's, no need to generate code."""
     import copy
 
     torch._dynamo.reset()
     model = tiny_model("llama")
     ids, mask = batch([5, 3])
-    plain, iv = logits(model, ids, mask), Intervention.for_model(model).set(0, [0, 1, 2], 5.0)
-    other = copy.deepcopy(model)
-    with intervene(other, iv):  # the eager steered logits, from a copy
-        steered = logits(other, ids, mask)
-    assert not torch.allclose(steered, plain)
-
-    compiled = torch.compile(model)
-    torch.testing.assert_close(logits(compiled, ids, mask), plain)  # compiled without hooks
+    iv = Intervention.for_model(model).set(0, [0, 1, 2], 5.0)
+    compiled = torch.compile(model, backend="eager")
+    plain = logits(compiled, ids, mask)  # compiled before any hook exists
+    torch.testing.assert_close(plain, logits(model, ids, mask))
     with intervene(model, iv):  # hooks added after compiling
+        steered = logits(model, ids, mask)
+        assert not torch.allclose(steered, plain)
         torch.testing.assert_close(logits(compiled, ids, mask), steered)
-    torch.testing.assert_close(logits(compiled, ids, mask), plain)  # removed again
+    torch.testing.assert_close(logits(compiled, ids, mask), plain)  # and removed again
     hooked_copy = copy.deepcopy(model)  # a second instance of the class, compiled after the first
     with intervene(hooked_copy, iv):
-        torch.testing.assert_close(logits(torch.compile(hooked_copy), ids, mask), steered)
+        torch.testing.assert_close(logits(torch.compile(hooked_copy, backend="eager"), ids, mask), steered)
     torch._dynamo.reset()
+
+
+def test_importing_steer_turns_on_hook_guards():
+    code = ("import torch; assert torch._dynamo.config.skip_nnmodule_hook_guards\n"
+            "import steer; assert not torch._dynamo.config.skip_nnmodule_hook_guards")
+    subprocess.run([sys.executable, "-c", code], check=True)
