@@ -23,7 +23,6 @@ from harness import Table, compare, environment, finish, write_results  # noqa: 
 
 from steer import NeuronSites, bible_corpus, collect, collect_stream, load_model  # noqa: E402
 from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
-from steer.collect import tokenize  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 
@@ -39,12 +38,12 @@ def main(argv=None) -> None:
     env = environment("float32")
     model, tok = load_model("gemma-3-270m")
     corpus = bible_corpus(LANGUAGES, split="discovery", n_per_language=args.n)
-    ids, _ = tokenize(tok, corpus.texts, corpus.keys, True, None)
-    tokens = sum(map(len, ids))
+    plan = sorted_plan(tok, corpus)
+    tokens = sum(len(ids) for batch in plan for ids in batch)
     kw = dict(batch_size=16, progress=False)
 
     cal = len(corpus) // 4
-    bare = {"bare forward": bare_forward(model, tok, sorted_plan(tok, corpus)),
+    bare = {"bare forward": bare_forward(model, tok, plan),
             "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, corpus, cal))}
 
     def stream(backend):

@@ -87,7 +87,8 @@ class Group:
             t.copy_(buf)
         return t
 
-    def _state_ops(self, state):
+    @staticmethod
+    def _state_ops():
         S, MIN, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MIN, dist.ReduceOp.MAX
         return [("counts", S), ("sums", S), ("n", S), ("nonfinite", S), ("lo", MIN), ("hi", MAX)]
 
@@ -95,7 +96,7 @@ class Group:
         """Merge every rank's `StreamState` (same edges) into each of them, in place."""
         if not self.active:
             return
-        for name, op in self._state_ops(state):
+        for name, op in self._state_ops():
             t = getattr(state, name)
             buf = t.to(self.device)
             dist.all_reduce(buf, op=op)
@@ -105,7 +106,7 @@ class Group:
         """Merge every rank's state onto rank 0; the other ranks' states restart from zero."""
         if not self.active:
             return
-        for name, op in self._state_ops(state):
+        for name, op in self._state_ops():
             t = getattr(state, name)
             buf = t.to(self.device)
             dist.reduce(buf, dst=0, op=op)
