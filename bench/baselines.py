@@ -3,31 +3,35 @@
 A bare forward is the base model (no LM head) over padded batches, no hooks: the floor any
 collection sits on. It runs over the very batches of the collection it is compared with:
 `sorted_plan` for `steer.collect` (length-sorted), `stream_plan` for `steer.collect_stream`
-(its calibration sample first, then the rest in windows), so that a ratio measures the
-collection's own work, not a different padding.
+(its calibration sample first, then the rest in windows), both planned by steer's own
+`batches` with the same sentence cap and token budget (`max_tokens`, default
+`steer.collect.MAX_TOKENS`), so that a ratio measures the collection's own work, not a
+different padding.
 """
 from __future__ import annotations
 
 import torch
 
 from steer.adapters import base_inputs
-from steer.collect import batches, calibration_sample, pad, plan_batches, tokenize
+from steer.collect import MAX_TOKENS, batches, calibration_sample, pad, plan_batches, tokenize
 
 
-def sorted_plan(tokenizer, corpus, batch_size: int = 16) -> list[list[list[int]]]:
+def sorted_plan(tokenizer, corpus, batch_size: int = 16,
+                max_tokens: int | None = MAX_TOKENS) -> list[list[list[int]]]:
     """Token ids of `collect`'s batches: [batch][sentence][token]."""
     ids, _ = tokenize(tokenizer, corpus.texts, corpus.keys, True, None)
-    return [[ids[i] for i in rows] for rows in batches([len(t) for t in ids], batch_size)]
+    return [[ids[i] for i in rows] for rows in batches([len(t) for t in ids], batch_size, max_tokens)]
 
 
-def stream_plan(tokenizer, corpus, calibration: int, batch_size: int = 16) -> list[list[list[int]]]:
+def stream_plan(tokenizer, corpus, calibration: int, batch_size: int = 16,
+                max_tokens: int | None = MAX_TOKENS) -> list[list[list[int]]]:
     """Token ids of `collect_stream`'s batches with `calibration` sentences (seed 0)."""
     records = list(corpus.records())
     cal = calibration_sample(len(records), calibration)
     in_cal = set(cal)
-    plan = [b.ids for b in plan_batches([records[i] for i in cal], tokenizer, batch_size=batch_size, window=len(cal))]
-    return plan + [b.ids for b in plan_batches([r for r in records if r.index not in in_cal], tokenizer,
-                                                batch_size=batch_size)]
+    kw = dict(batch_size=batch_size, max_tokens=max_tokens)
+    plan = [b.ids for b in plan_batches([records[i] for i in cal], tokenizer, window=len(cal), **kw)]
+    return plan + [b.ids for b in plan_batches([r for r in records if r.index not in in_cal], tokenizer, **kw)]
 
 
 def bare_forward(model, tokenizer, plan, sync=lambda: None):

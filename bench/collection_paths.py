@@ -2,7 +2,8 @@
 
     python bench/collection_paths.py [--n 24] [--repeats 3] [--threads 1]
 
-bare forward: the base model over steer's length-sorted batches, no hooks (the floor);
+bare forward: the base model over steer's batches (the same plan: 16 sentences and
+`MAX_TOKENS` padded tokens at most, longest first), no hooks (the floor);
 exact, hooks: `collect(backend="hooks")`, the reference pre-hooks; exact, fused: `collect(
 backend="fused")`, the patched model's fused op (its PyTorch reference on CPU); stream, fused:
 `collect_stream` (calibration on a quarter of the sentences, then histogram updates), whose batches
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, compare, environment, finish, write_results  # noqa: E402
 
 from steer import NeuronSites, bible_corpus, collect, collect_stream, load_model  # noqa: E402
+from steer.collect import MAX_TOKENS  # noqa: E402
 from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
@@ -36,15 +38,15 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment("float32")
-    model, tok = load_model("gemma-3-270m")
+    model, tok = load_model("gemma-3-270m", dtype="float32")
     corpus = bible_corpus(LANGUAGES, split="discovery", n_per_language=args.n)
-    plan = sorted_plan(tok, corpus)
+    plan = sorted_plan(tok, corpus, 16, MAX_TOKENS)
     tokens = sum(len(ids) for batch in plan for ids in batch)
-    kw = dict(batch_size=16, progress=False)
+    kw = dict(batch_size=16, max_tokens=MAX_TOKENS, progress=False)
 
     cal = len(corpus) // 4
     bare = {"bare forward": bare_forward(model, tok, plan),
-            "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, corpus, cal))}
+            "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, corpus, cal, 16, MAX_TOKENS))}
 
     def stream(backend):
         return lambda: collect_stream(model, tok, corpus, backend=backend, calibration=cal, **kw)

@@ -1,7 +1,7 @@
 """Today's way: expert finding and steering as existing tools do it, written faithfully as a baseline.
 
 Modelled on apple/ml-selfcond (Suau et al.; `selfcond/responses.py`, `selfcond/expertise.py`)
-and apple/ml-aura (`src/hooks/`), with the mistakes DESIGN.md §5 lists removed where they would
+and apple/ml-aura (`src/hooks/`), with the known mistakes of such pipelines removed where they would
 change the *results* (padding is masked out of the pooling, so the responses equal steer's and the
 comparison is of speed only). What is kept, because it is what costs time:
 

@@ -2,4 +2,31 @@
 
 Installed as `steer.kernels` (see pyproject.toml): the project never exposes a top-level
 `kernels` module, which would shadow PyPI's `kernels` package that transformers imports.
+
+Each op has three files: `<op>_ref.py` (the semantics in plain torch: the CPU path and the tests'
+reference), `<op>_triton.py` (the Triton kernel, registered as `torch.ops.steer.<op>`) and
+`<op>.py` (the dispatcher). Triton is imported only when a Triton path runs (`triton_module`):
+importing steer imports neither Triton nor Inductor, and works where Triton does not install.
+`use_triton` is the one backend rule every dispatcher follows.
 """
+import importlib
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(backend: str, tensor) -> bool:
+    """The backend rule: "auto" runs Triton on CUDA tensors and the reference elsewhere, "torch"
+    always the reference, "triton" always Triton (on CPU tensors only under TRITON_INTERPRET=1)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend == "triton" or (backend == "auto" and tensor.is_cuda)
+
+
+def triton_module(name: str):
+    """`steer.kernels.<name>` (a Triton module), imported on first use; a clear ImportError where
+    Triton does not import (macOS, Windows: use backend "auto" or "torch" there)."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as e:
+        raise ImportError(f"the Triton path needs Triton, which does not import here ({e}); "
+                          "use backend='auto' or 'torch'") from e

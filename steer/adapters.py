@@ -1,6 +1,6 @@
 """Adapters: where each model family keeps its MLP neurons.
 
-A *neuron* is one unit of the input of an MLP's down projection (DESIGN.md §1): gated MLPs feed
+A *neuron* is one unit of the input of an MLP's down projection (the README's "What steer computes"): gated MLPs feed
 it `act(gate_proj(x)) * up_proj(x)`, ungated ones the activation output. One declared `Adapter`
 per family maps these canonical parts to module paths inside a Hugging Face model (the way
 TransformerLens declares its architecture adapters):
@@ -137,6 +137,16 @@ class NeuronSites:
             f"{type(self.model).__name__} ({family}): {self.n_layers} layers x {self.width} neurons = "
             f"{self.n_neurons:,} neurons; neuron = input of {self.names[0]}"
         )
+
+
+def check_eval(model: nn.Module) -> None:
+    """Refuse a model in training mode (the model or its base model; `from_config` returns one):
+    dropout would make responses and embeddings random (GPT-2's 0.1 moves responses by up to
+    ~0.2 between identical calls). collect, collect_stream, refine and embed call it before any
+    forward pass. Submodules are not inspected: modules swapped in later (steer.patch) start in
+    training mode without any dropout."""
+    if model.training or getattr(model, "base_model", model).training:
+        raise ValueError("model is in training mode (dropout is active): call model.eval() first")
 
 
 def base_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:

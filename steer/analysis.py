@@ -11,6 +11,8 @@ Choices the paper leaves open, fixed here:
   summed cosine distance to the other means (first in dict order on a tie);
 - retrieval ranks ties pessimistically: a candidate scoring as high as the correct one ranks
   ahead of it, so a collapsed space (all embeddings equal) scores top-1 = 0, not chance;
+- ties are closeness within `TIE_TOL` (1e-6), not float equality: a recomputed similarity may
+  differ by a few ulp between CPUs (BLAS rounding), and no rank or medoid may follow that;
 - confidence intervals are percentile bootstraps over sentences (or over language pairs for
   the correlation), 95 % by default, with a seeded generator.
 """
@@ -29,6 +31,12 @@ Embs = dict[str, torch.Tensor]
 
 # A language mean this much smaller than its sentences (e.g. after centring) counts as zero.
 _ZERO_MEAN_REL = 1e-6
+# Cosine similarities (and summed distances) closer than this are ties. Decisions on recomputed
+# floats must not depend on BLAS rounding: one CPU's matrix product rounds two identical candidates
+# a few ulp apart where another rounds them equal. 1e-6 sits far above float64 rounding of unit
+# vectors (~1e-13) and at the precision of the float32 embeddings they come from (a few ulp of
+# float32 move a cosine by ~1e-7), so recomputing or re-rounding the inputs never changes a rank.
+TIE_TOL = 1e-6
 
 
 def center(embs: Embs) -> Embs:
@@ -77,7 +85,8 @@ def distance_report(embs: Embs, target: str | None = None) -> dict:
     pos = {lang: i for i, lang in enumerate(langs)}
     pairwise = {(a, b): float(dist[pos[a], pos[b]]) for a, b in pairs}
     sentence = {(a, b): float(cosine_distance(data[a], data[b]).mean()) for a, b in pairs}
-    medoid = None if zero.any() else langs[int(dist.sum(1).argmin())]
+    total = dist.sum(1)  # the medoid: least total distance; near-ties go to the first language
+    medoid = None if zero.any() else langs[int((total <= total.min() + TIE_TOL).nonzero()[0])]
     report = {
         "pairwise": pairwise,
         "mean_pairwise": _mean(pairwise.values()),
@@ -117,7 +126,8 @@ def retrieval(queries: torch.Tensor, candidates: torch.Tensor) -> dict:
     """Retrieve, for each query i, among all candidates by cosine similarity; the match is i.
 
     Returns top1, top5, mrr (floats) and rank (LongTensor [N], 1 = best) per query, for
-    bootstrapping. Ties rank pessimistically: rank = #{j : sim(q_i, c_j) >= sim(q_i, c_i)}.
+    bootstrapping. Ties rank pessimistically: rank = #{j : sim(q_i, c_j) >= sim(q_i, c_i) - TIE_TOL}
+    (similarities within TIE_TOL are ties, so ranks do not depend on BLAS rounding).
     `queries` and `candidates` may come from different models (the paper's "mixed" control).
     """
     if queries.ndim != 2 or queries.shape != candidates.shape:
@@ -289,7 +299,7 @@ def _retrieve(q: torch.Tensor, c: torch.Tensor, chunk: int = 1024) -> dict:
     for start in range(0, len(q), chunk):  # bounds memory at chunk x N similarities
         sim = q[start : start + chunk] @ c.T  # [chunk, N]
         own = sim.diagonal(offset=start)[:, None]  # [chunk, 1]: similarity of the match
-        ranks.append((sim >= own).sum(1))
+        ranks.append((sim >= own - TIE_TOL).sum(1))
     rank = torch.cat(ranks)  # [N]
     return {
         "top1": float((rank == 1).double().mean()),

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from . import runtime
+from .collect import MAX_TOKENS
 
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
 
@@ -30,15 +34,6 @@ def _layers(text: str | None) -> list[int] | None:
     return out
 
 
-def _splits(labels: list[str], targets: list[str] | None, negatives: list[str] | None):
-    from .collect import Split
-
-    targets = targets or labels
-    if negatives is None:
-        return [Split.one_vs_rest(t) for t in targets]
-    return [Split(t, (t,), tuple(n for n in negatives if n != t)) for t in targets]
-
-
 def _add_selection(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("expert selection")
     g.add_argument("--recipe", choices=["finding-experts", "sundar2025"], default=None,
@@ -53,12 +48,21 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negatives", default=None, help="negative labels (default: every other label)")
 
 
-def _select(scores, args):
-    from .experts import RECIPES, select_experts
+def _find_config(args, **fields):
+    """FindConfig from the selection options (and `fields`), validated before any model loads."""
+    from .find import FindConfig
 
-    by, value, min_auroc = RECIPES[args.recipe] if args.recipe else (args.score, args.value, None)
-    return select_experts(scores, args.k, by=by, value=value, bottom_k=args.bottom_k,
-                          layers=_layers(args.layers), min_auroc=min_auroc)
+    return FindConfig(k=args.k, recipe=args.recipe, by=args.score, value=args.value, bottom_k=args.bottom_k,
+                      layers=_layers(args.layers), targets=_csv(args.targets), negatives=_csv(args.negatives),
+                      **fields).validate()
+
+
+def _select(scores, config):
+    from .experts import select_experts
+
+    by, value, min_auroc = config.selection()
+    return select_experts(scores, config.k, by=by, value=value, bottom_k=config.bottom_k,
+                          layers=config.layers, min_auroc=min_auroc)
 
 
 def summary(experts, scores, top: int = 5) -> str:
@@ -86,90 +90,87 @@ def summary(experts, scores, top: int = 5) -> str:
 
 
 def _write_outputs(out: Path, experts, scores, settings: dict) -> None:
+    """Expert set, statistics.csv, summary.txt and run.json, each written atomically."""
+    from .artifacts import atomic_write_text
+    from .collect import nonfinite_message
     from .experts import export_statistics
 
     experts.save(out / "experts")
     export_statistics(scores, out / "statistics.csv")
     text = summary(experts, scores)
-    (out / "summary.txt").write_text(text + "\n")
-    (out / "run.json").write_text(json.dumps(settings, indent=2))
+    note = nonfinite_message(scores.settings)
+    atomic_write_text(out / "summary.txt", text + "\n" + (note + "\n" if note else ""))
+    atomic_write_text(out / "run.json", json.dumps(settings, indent=2))
     print(text)
+    if note:
+        print(note)
     print(f"\nwrote {out}/experts (expert set), statistics.csv (every neuron), summary.txt, run.json")
 
 
-def _mode(args, corpus, model) -> str:
-    """auto: exact while every response fits the memory budget, else stream + refine.
-    Under torchrun (several processes) only stream mode runs."""
-    from .distributed import current
+def writable_dir(path: str | Path, what: str = "--out") -> Path:
+    """Check, before any compute, that `path` is (or can become) a writable directory; creates nothing."""
+    import tempfile
 
-    if current().active:
-        if args.mode == "exact":
-            raise SystemExit("steer find-experts: --mode exact runs in one process; under torchrun "
-                             "use --mode stream (or auto)")
-        return "stream"
-    if args.mode != "auto":
-        return args.mode
-    if args.checkpoint_every or args.resume:  # checkpoints are a streaming feature
-        return "stream"
-    from .adapters import NeuronSites
-
-    table = len(corpus) * NeuronSites(model).n_neurons * 4
-    return "exact" if table <= args.memory_budget * 2**30 else "stream"
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} exists and is not a directory")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {ancestor} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{what} {path} is not writable ({e.strerror or e})") from None
+    return path
 
 
 def cmd_find_experts(args) -> None:
-    """Collect, score, select, and only then write the outputs, so a run that fails (bad input,
-    a crash) leaves the earlier outputs of --out as they were; checkpoints and states are
-    written atomically. Under torchrun rank 0 writes everything."""
-    import torch
-
-    from .collect import collect, collect_stream, nonfinite_message, refine
-    from .corpus import bible_corpus, open_corpus
-    from .distributed import init_from_env, local_device, shutdown
-    from .experts import RECIPES
+    """Check every option, collect, score, select, and only then write the outputs, so a run that
+    fails (bad input, a crash) leaves the earlier outputs of --out as they were; checkpoints and
+    states are written atomically. Under torchrun rank 0 writes everything."""
+    from .corpus import bible_corpus, check_labels, open_corpus
+    from .distributed import init_from_env, shutdown
+    from .find import choose_mode, find_experts, splits_for
     from .models import load_model
 
+    out = writable_dir(args.out)
+    ckpt = out / "checkpoint.safetensors"
+    if args.resume and not ckpt.exists():
+        raise FileNotFoundError(f"--resume but there is no checkpoint {ckpt}")
+    if args.checkpoint_every and ckpt.exists() and not args.resume:
+        raise FileExistsError(f"{ckpt} exists (an interrupted run): pass --resume to continue it, or remove "
+                              "it / choose another --out to start afresh")
+    config = _find_config(
+        args, mode=args.mode, memory_budget_gib=args.memory_budget, pooling=args.pooling,
+        batch_size=args.batch_size, max_tokens=args.max_tokens or None, skip_special=not args.keep_special,
+        max_length=args.max_length, too_long=args.too_long, backend=args.backend, bins=args.bins,
+        calibration=args.calibration, window=args.window, seed=args.seed,
+        checkpoint=ckpt if args.checkpoint_every or args.resume else None,
+        checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if args.corpus == "bible":
+        corpus = bible_corpus(_csv(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
+    else:
+        corpus = open_corpus(args.corpus, labels=_csv(args.labels))
+    check_labels(corpus)
+    splits_for(corpus.label_names, config.targets, config.negatives)  # unknown --targets / --negatives
     group = init_from_env()  # torchrun: WORLD_SIZE > 1
     try:
         start = time.perf_counter()
-        out = Path(args.out)
-        ckpt = out / "checkpoint.safetensors"
-        if args.resume and not ckpt.exists():
-            raise SystemExit(f"steer find-experts: --resume but there is no checkpoint {ckpt}")
-        if args.checkpoint_every and ckpt.exists() and not args.resume:
-            raise SystemExit(f"steer find-experts: {ckpt} exists (an interrupted run): pass --resume "
-                             "to continue it, or remove it / choose another --out to start afresh")
-        if args.corpus == "bible":
-            corpus = bible_corpus(_csv(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
-        else:
-            corpus = open_corpus(args.corpus, labels=_csv(args.labels))
-        device = local_device() if args.device == "auto" else torch.device(args.device)
-        model, tok = load_model(args.model, device=device)
-        mode = _mode(args, corpus, model)
-        if (args.checkpoint_every or args.resume) and mode != "stream":
-            raise SystemExit("steer find-experts: --checkpoint-every / --resume need --mode stream")
+        device, dtype = runtime.apply(args)
+        model, tok = load_model(args.model, device=device, dtype=dtype)
+        from .adapters import NeuronSites
+
+        mode = choose_mode(config, len(corpus), NeuronSites(model).n_neurons, group)
         say = print if group.is_main else (lambda *a, **k: None)
         ranks = f" on {group.world} ranks" if group.active else ""
         say(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}; {mode} mode{ranks}")
-        opts = dict(pooling=args.pooling, batch_size=args.batch_size, skip_special=not args.keep_special,
-                    max_length=args.max_length, backend=args.backend, too_long=args.too_long)
-        splits = _splits(corpus.label_names, _csv(args.targets), _csv(args.negatives))
-        if mode == "exact":
-            responses = collect(model, tok, corpus, **opts)
-            scores, s = responses.score(splits), responses.settings
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            state = collect_stream(model, tok, corpus, bins=args.bins, seed=args.seed, calibration=args.calibration,
-                                   window=args.window, checkpoint=ckpt if args.checkpoint_every or args.resume else None,
-                                   checkpoint_every=args.checkpoint_every, resume=args.resume, **opts)
-            s = state.settings
-            by = RECIPES[args.recipe][0] if args.recipe else args.score
-            scores = refine(model, tok, corpus, state if group.is_main else None, splits, k=args.k, by=by,
-                            bottom_k=args.bottom_k, batch_size=args.batch_size, backend=args.backend,
-                            window=args.window)
-        if not group.is_main:
+        found = find_experts(model, tok, corpus, config, group=group, mode=mode)
+        if found is None:  # not rank 0
             return
-        experts = _select(scores, args)
+        scores, s = found.scores, found.settings
         settings = {"command": " ".join(sys.argv), **scores.settings, "world_size": group.world,
                     "seconds_total": round(time.perf_counter() - start, 1)}
         say(f"first pass: {s['tokens']:,} tokens in {s['seconds']:.1f} s "
@@ -177,16 +178,11 @@ def cmd_find_experts(args) -> None:
         if s.get("truncated"):
             say(f"truncated {s['truncated']:,} sentences longer than the limit (--too-long truncate)")
         out.mkdir(parents=True, exist_ok=True)
-        if mode == "exact" and args.save_responses:
-            responses.save(out / "responses.safetensors")
-        if mode == "stream":
-            state.save(out / "state.safetensors")
-        _write_outputs(out, experts, scores, settings)
-        note = nonfinite_message(scores.settings)
-        if note:
-            print(note)
-            with (out / "summary.txt").open("a") as f:
-                f.write(note + "\n")
+        if found.responses is not None and args.save_responses:
+            found.responses.save(out / "responses.safetensors")
+        if found.state is not None:
+            found.state.save(out / "state.safetensors")
+        _write_outputs(out, found.experts, scores, settings)
         if (args.checkpoint_every or args.resume) and ckpt.exists():
             ckpt.unlink()  # this run is complete: state.safetensors holds everything its checkpoint held
     finally:
@@ -194,43 +190,36 @@ def cmd_find_experts(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from .collect import Responses, nonfinite_message, score_state
+    from .collect import Responses, score_state
+    from .find import splits_for
     from .stream import StreamState
 
     src = Path(args.source)
+    config = _find_config(args)
+    out = writable_dir(args.out)
     if (src / "responses.safetensors").exists():
-        try:
-            responses = Responses.load(src / "responses.safetensors")
-        except ValueError as e:
-            raise SystemExit(f"steer score: {e}") from None
-        scores = responses.score(_splits(responses.label_names, _csv(args.targets), _csv(args.negatives)))
+        responses = Responses.load(src / "responses.safetensors")
+        scores = responses.score(splits_for(responses.label_names, config.targets, config.negatives))
     elif (src / "state.safetensors").exists():
-        try:
-            state = StreamState.load(src / "state.safetensors")
-        except ValueError as e:
-            raise SystemExit(f"steer score: {e}") from None
-        scores = score_state(state, _splits(state.label_names, _csv(args.targets), _csv(args.negatives)))
-        bound = scores.stats[f"{args.score}_bound"].nan_to_num(0.0).max().item()
+        state = StreamState.load(src / "state.safetensors")
+        scores = score_state(state, splits_for(state.label_names, config.targets, config.negatives))
+        bound = scores.stats[f"{config.selection()[0]}_bound"].nan_to_num(0.0).max().item()
         print(f"histogram scores from a streaming state: certified within {bound:.4f} of the exact "
-              f"{args.score}; `steer find-experts --mode stream` refines the top-k exactly")
+              f"{config.selection()[0]}; `steer find-experts --mode stream` refines the top-k exactly")
     else:
-        raise SystemExit(f"steer score: neither responses.safetensors nor state.safetensors in {src}")
-    experts = _select(scores, args)
-    out = Path(args.out)
+        raise FileNotFoundError(f"neither responses.safetensors nor state.safetensors in {src}")
+    experts = _select(scores, config)
     out.mkdir(parents=True, exist_ok=True)
     _write_outputs(out, experts, scores, {"command": " ".join(sys.argv), "source": str(src), **scores.settings})
-    note = nonfinite_message(scores.settings)
-    if note:
-        print(note)
-        with (out / "summary.txt").open("a") as f:
-            f.write(note + "\n")
 
 
 def cmd_info(args) -> None:
     from .adapters import NeuronSites
     from .models import load_model
 
-    model, _ = load_model(args.model)
+    device, dtype = runtime.apply(args)
+    print(runtime.describe(device, dtype))
+    model, _ = load_model(args.model, device=device, dtype=dtype)
     sites = NeuronSites(model)
     print(sites.describe())
     print(f"fingerprint {sites.fingerprint()}")
@@ -250,7 +239,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--pooling", default="max", choices=["max", "mean"])
     f.add_argument("--keep-special", action="store_true", help="pool BOS/special tokens too")
     f.add_argument("--max-length", type=int, default=None, help="truncate sentences to this many tokens")
-    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--batch-size", type=int, default=16, help="at most this many sentences a batch (default 16)")
+    f.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"at most this many padded tokens a batch (default {MAX_TOKENS}; 0: no budget); "
+                        "a longer sentence runs alone")
     f.add_argument("--mode", choices=["auto", "exact", "stream"], default="auto",
                    help="exact: keep every response; stream: fixed-memory histograms + exact refine of the "
                         "short-list; auto (default): exact while the responses fit --memory-budget")
@@ -275,9 +267,8 @@ def parser() -> argparse.ArgumentParser:
                         "to <out>/checkpoint.safetensors (default 0: never)")
     f.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.safetensors (refused if model, corpus or settings differ)")
-    f.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:1, ... (default auto: cuda:LOCAL_RANK when CUDA is available, else cpu)")
     f.add_argument("--out", default="runs/experts")
+    runtime.add_arguments(f)
     _add_selection(f)
     f.set_defaults(func=cmd_find_experts)
 
@@ -287,21 +278,58 @@ def parser() -> argparse.ArgumentParser:
     _add_selection(s)
     s.set_defaults(func=cmd_score)
 
-    from .generate import add_parser as add_generate
+    from .generation import add_parser as add_generate
     from .study import add_parser as add_study
 
     add_generate(sub)
     add_study(sub)
 
-    i = sub.add_parser("info", help="show a model's neuron layout")
+    i = sub.add_parser("info", help="the device, dtype and threads steer would use, and a model's neuron layout")
     i.add_argument("--model", default="gemma-3-270m")
+    runtime.add_arguments(i)
     i.set_defaults(func=cmd_info)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
+class _Print(logging.Handler):
+    """steer's log records, printed to the current sys.stdout (the CLI speaks; the library logs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
+def _show_logs() -> None:
+    logger = logging.getLogger("steer")
+    if not any(isinstance(h, _Print) for h in logger.handlers):
+        logger.addHandler(_Print())
+    logger.setLevel(logging.INFO)
+
+
+#: errors in what the user asked for (exit code 2); anything else is a failure (exit code 1)
+INPUT_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    args.func(args)
+    """Run one command. Errors print one line (`--debug`: the traceback) and exit with 2 for bad
+    input, 1 for other failures."""
+    p = parser()
+    args = p.parse_args(argv)
+    _show_logs()
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as e:
+        if args.debug:
+            raise
+        code = 2 if isinstance(e, INPUT_ERRORS) else 1
+        kind = "error" if code == 2 else f"failed ({type(e).__name__})"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"steer {args.command}: {kind}: {message}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 Exact mode (`collect`) keeps the full table of responses ([sentences, layers, width], fp32) so
 that any positive/negative split can be scored afterwards without another forward pass.
-Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/stream.py,
-DESIGN.md §2); `refine` then rescores exactly, in a second pass, the short-list of neurons that
+Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/stream.py); `refine` then rescores exactly, in a second pass, the short-list of neurons that
 could still enter the exact top-k, so the experts and their values equal exact mode's.
 
-How a batch is run: sentences are tokenized, sorted by length (stable, so batches depend only on
-the corpus, not on its order) and padded on the tokenizer's side; position ids count real tokens
-only, so padding on either side changes nothing. Only the base model runs (no LM head). A
+How a batch is run: sentences are tokenized, sorted by length, longest first (stable, so batches
+depend only on the corpus, not on its order), cut into batches of at most `batch_size` sentences
+and `max_tokens` padded tokens (`batches`; a sentence over the budget runs alone, and the
+longest sentences run first, so a memory problem shows at once) and padded on the tokenizer's
+side; progress bars count tokens. Position ids count real tokens only, so padding on either side
+changes nothing. Only the base model runs (no LM head). A
 pre-hook on every down projection pools the neuron tensor over each sentence's real tokens
 (`pool`, below): padding never counts, and BOS/special tokens are skipped unless asked not to.
 Hooks registered earlier (an active `intervene`) run first, so responses are what the down
@@ -19,8 +21,9 @@ Scale (stream mode and refine). Sentences come from `corpus.records()`, an itera
 `window` sentences (`plan_batches`): memory is bounded by the window, the fixed-size state and
 the model, whatever the corpus size. That batch order is deterministic, so a run can be
 - checkpointed: every `checkpoint_every` batches the state and the position (batches done) are
-  written atomically; `resume=True` skips the batches done (whole windows without tokenizing)
-  and refuses a checkpoint of another model, corpus or settings, naming what differs;
+  written atomically, with each window's number of batches; `resume=True` skips the batches
+  done (whole windows without tokenizing) and refuses a checkpoint of another model, corpus or
+  settings (batch_size, window and max_tokens included), naming what differs;
 - distributed (steer/distributed.py): rank r runs the batches i with i % world == r; rank 0
   calibrates and broadcasts the edges; states merge by all-reduce; refine gathers the
   short-list responses on rank 0.
@@ -32,6 +35,7 @@ an expert) and `settings["nonfinite"]` reports it (`nonfinite_message`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -41,21 +45,28 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import NeuronSites, base_inputs
-from .corpus import Corpus, Record
+from . import artifacts
+from .adapters import NeuronSites, base_inputs, check_eval
+from .corpus import Corpus, Record, check_labels
 from .distributed import Group, current
 from .intervention import guard_hooks
-from .metrics import score_splits
-from .stream import StreamState, atomic_save_file, calibrate_edges, shortlist
+from .metrics import check_k, score_splits
+from .stream import StreamState, calibrate_edges, shortlist
 
+log = logging.getLogger(__name__)
 POOLINGS = ("max", "mean")
 TOO_LONG = ("truncate", "error")
 WINDOW = 4096
-CHECKPOINT_FORMAT = "steer.checkpoint/1"
+# padded tokens per batch (sentences x the longest one's length): batches of 16 sentences of up to
+# 512 tokens are bounded by the sentence count alone; a longer sentence shrinks its batch and one
+# of 4,097 tokens or more runs alone, so a batch's activations stay those of 8,192 tokens
+MAX_TOKENS = 8192
+CHECKPOINT_VERSION = 1  # a checkpoint: a steer.stream file whose extra metadata has this format
+CHECKPOINT_FORMAT = f"steer.checkpoint/{CHECKPOINT_VERSION}"
+RESPONSES_VERSION = 1  # steer.responses files (artifacts.py); unversioned older ones are read
 
 
 def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
@@ -67,25 +78,54 @@ def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
     return h.masked_fill(~tokens[:, :, None], 0.0).sum(1) / tokens.sum(1, keepdim=True)
 
 
-def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, max_length: int | None):
-    """Token ids and the mask of pooled tokens of each text (lists, unpadded); truncated to
-    max_length when given."""
-    enc = tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True,
-                    truncation=max_length is not None, max_length=max_length)
-    ids, pooled = [], []
-    for i, (t, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
-        keep = [not s for s in special] if skip_special else [True] * len(t)
+def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, limit: int | None = None,
+             too_long: str = "truncate", truncated: list | None = None):
+    """Token ids and the mask of pooled tokens of each text (lists, unpadded): the one tokenizing
+    function of collection (exact and stream) and of the benchmarks' baselines.
+
+    A text over `limit` tokens (the model's context or max_length; None: no limit) is truncated
+    to `limit` (too_long='truncate'; when `truncated` is a list, (position, tokens before
+    truncation) is appended to it), or refused with a ValueError naming it (too_long='error')."""
+    enc = tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True)
+    ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
+    long = [] if limit is None else [(i, len(t)) for i, t in enumerate(ids) if len(t) > limit]
+    if long and too_long == "error":
+        i, n = long[0]
+        raise ValueError(f"sentence {keys[i]!r} has {n} tokens, more than the limit of {limit} "
+                         "(the model's context or max_length); too_long='truncate' "
+                         "(--too-long truncate) cuts such sentences with a warning")
+    if long:
+        cut = tokenizer([texts[i] for i, _ in long], add_special_tokens=True,
+                        return_special_tokens_mask=True, truncation=True, max_length=limit)
+        for j, (i, _) in enumerate(long):
+            ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
+        if truncated is not None:
+            truncated += long
+    pooled = []
+    for i, (t, s) in enumerate(zip(ids, special)):
+        keep = [not x for x in s] if skip_special else [True] * len(t)
         if not any(keep):
             raise ValueError(f"sentence {keys[i]!r} has no token to pool ({texts[i]!r})")
-        ids.append(t)
         pooled.append(keep)
     return ids, pooled
 
 
-def batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Sentence indices grouped into batches of similar length (longest first)."""
+def batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """The batch plan: sentence indices sorted by (descending length, index), so the longest
+    sentences run first (a memory problem shows at once) and the plan depends only on the
+    lengths, then cut into batches of at most `batch_size` sentences and `max_tokens` padded tokens
+    (sentences x the longest one's length; None: no budget). A sentence longer than the budget
+    runs alone. Every batching of steer (collect, collect_stream, refine, embed) and of the
+    benchmarks' baselines is this one."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    plan, start = [], 0
+    while start < len(order):
+        fit = batch_size if max_tokens is None else max(1, max_tokens // max(lengths[order[start]], 1))
+        plan.append(order[start:start + min(batch_size, fit)])
+        start += len(plan[-1])
+    return plan
 
 
 def pad(rows: list[list], value, side: str = "right") -> torch.Tensor:
@@ -202,30 +242,41 @@ class Responses:
         if bool(bad.any()):
             warnings.warn(nonfinite_message(settings), stacklevel=2)
             flat = torch.where(torch.isfinite(flat), flat, 0.0)  # a copy; scored NaN below
-        stats = score_splits(flat, self.label_ids, ids)
+        stats = score_splits(flat, self.label_ids, ids, names=[s.name for s in splits])
         _mask_nonfinite(stats, bad)
         stats = {k: v.reshape(len(splits), layers, width) if v.dim() == 2 else v for k, v in stats.items()}
         return Scores(stats, splits, settings)
 
     def save(self, path) -> None:
-        """Write as safetensors, atomically (temporary file, fsync, rename)."""
+        """Write atomically as a steer.responses file (steer/artifacts.py: safetensors, format
+        version, sha256); label names, keys and settings go to its metadata."""
         meta = {"label_names": self.label_names, "keys": self.keys, "settings": self.settings}
-        atomic_save_file({"values": self.values.contiguous(), "label_ids": self.label_ids}, path,
-                         metadata={"steer": json.dumps(meta)})
+        artifacts.save(path, {"values": self.values, "label_ids": self.label_ids}, meta,
+                       kind="responses", version=RESPONSES_VERSION)
 
     @classmethod
-    def load(cls, path) -> "Responses":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads(f.metadata()["steer"])
-            t = load_file(str(path))
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from e
-        return cls(t["values"], t["label_ids"], meta["label_names"], meta["keys"], meta["settings"])
+    def load(cls, path, *, shape: tuple[int, int] | None = None) -> "Responses":
+        """Read a file written by `save` (or an unversioned one of steer before artifacts.py).
+        A file that is not responses, is corrupt or truncated, was written by a newer steer, or
+        (given `shape` = (layers, width)) is of another shape raises ValueError naming it."""
+        head = artifacts.header(path)
+        if "format" not in head and "steer" in head:  # unversioned, without a hash
+            t = artifacts.read_tensors(path)
+            try:
+                meta = json.loads(head["steer"])
+            except ValueError as e:
+                raise ValueError(f"{path} is corrupt: unreadable metadata ({e})") from None
+        else:
+            t, meta = artifacts.load(path, kind="responses", version=RESPONSES_VERSION)[:2]
+        artifacts.check_shapes(path, t, {"values": (None, *(shape or (None, None)))})
+        n = t["values"].shape[0]
+        artifacts.check_shapes(path, t, {"label_ids": (n,)})
+        missing = [k for k in ("label_names", "keys", "settings") if k not in meta]
+        ids = t["label_ids"]
+        if missing or len(meta["keys"]) != n or (n and not 0 <= int(ids.min()) <= int(ids.max()) < len(meta["label_names"])):
+            raise ValueError(f"{path} is not a valid responses file ({n} sentences; metadata "
+                             f"missing {missing} or keys / label ids that do not match)")
+        return cls(t["values"], ids, meta["label_names"], meta["keys"], meta["settings"])
 
 
 @dataclass(frozen=True)
@@ -311,40 +362,16 @@ def token_limit(model: nn.Module, max_length: int | None) -> int | None:
     return max_length
 
 
-def _encode(tokenizer, texts: list[str], keys: list[str], skip_special: bool, limit: int | None,
-            too_long: str):
-    """Token ids and pooled-token masks of `texts`, and the (position, original length) of every
-    sentence over `limit` tokens: truncated to `limit` (too_long='truncate'), or refused with a
-    ValueError naming it (too_long='error')."""
-    enc = tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True)
-    ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
-    long = [] if limit is None else [(i, len(t)) for i, t in enumerate(ids) if len(t) > limit]
-    if long and too_long == "error":
-        i, n = long[0]
-        raise ValueError(f"sentence {keys[i]!r} has {n} tokens, more than the limit of {limit} "
-                         "(the model's context or max_length); too_long='truncate' "
-                         "(--too-long truncate) cuts such sentences with a warning")
-    if long:
-        cut = tokenizer([texts[i] for i, _ in long], add_special_tokens=True,
-                        return_special_tokens_mask=True, truncation=True, max_length=limit)
-        for j, (i, _) in enumerate(long):
-            ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
-    pooled = []
-    for i, (t, s) in enumerate(zip(ids, special)):
-        keep = [not x for x in s] if skip_special else [True] * len(t)
-        if not any(keep):
-            raise ValueError(f"sentence {keys[i]!r} has no token to pool ({texts[i]!r})")
-        pooled.append(keep)
-    return ids, pooled, long
-
-
-def _check(pooling: str, too_long: str, batch_size: int, window: int = WINDOW) -> None:
+def _check(pooling: str, too_long: str, batch_size: int, window: int = WINDOW,
+           max_tokens: int | None = None) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long={too_long!r}; choose one of {TOO_LONG}")
     if batch_size < 1 or window < 1:
         raise ValueError(f"batch_size ({batch_size}) and window ({window}) must be >= 1")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens ({max_tokens!r}) must be an int >= 1, or None (no token budget)")
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -388,26 +415,30 @@ class _Forward:
 def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str], sites: NeuronSites, *,
                    pooling: str = "max", batch_size: int = 16, skip_special: bool = True,
                    max_length: int | None = None, backend: str = "hooks", progress: bool = True,
-                   desc: str = "collect", run: Run | None = None, too_long: str = "truncate"):
-    """Yield (rows, pooled [B, L, M] fp32 on the model's device) for length-sorted batches of `texts`
-    (all of them tokenized up front: the exact mode's in-memory path)."""
-    _check(pooling, too_long, batch_size)
+                   desc: str = "collect", run: Run | None = None, too_long: str = "truncate",
+                   max_tokens: int | None = MAX_TOKENS):
+    """Yield (rows, pooled [B, L, M] fp32 on the model's device) for the batches of `texts` planned
+    by `batches` (at most batch_size sentences and max_tokens padded tokens, longest first; all
+    of them tokenized up front: the exact mode's in-memory path)."""
+    _check(pooling, too_long, batch_size, max_tokens=max_tokens)
     if not texts:
         return
     run = run if run is not None else Run()
     limit = token_limit(model, max_length)
-    ids, pooled, long = _encode(tokenizer, texts, keys, skip_special, limit, too_long)
+    long = []
+    ids, pooled = tokenize(tokenizer, texts, keys, skip_special, limit, too_long, truncated=long)
     run.note_truncated([keys[i] for i, _ in long], [n for _, n in long], limit)
-    bar = tqdm(total=sum(map(len, ids)), unit="tok", desc=desc, disable=not progress, unit_scale=True)
+    bar = _Progress(len(ids), desc, progress)
+    bar.plan(len(ids), sum(map(len, ids)))
     start = time.perf_counter()
     try:
         with _Forward(model, tokenizer, sites, pooling, backend) as forward:
-            for rows in batches([len(t) for t in ids], batch_size):
+            for rows in batches([len(t) for t in ids], batch_size, max_tokens):
                 out = forward([ids[i] for i in rows], [pooled[i] for i in rows])
                 yield rows, out
                 n = sum(len(ids[i]) for i in rows)
                 run.tokens += n
-                bar.update(n)
+                bar.update(len(rows), n)
     finally:
         bar.close()
         run.seconds += time.perf_counter() - start
@@ -429,37 +460,53 @@ class Batch:
         return sum(map(len, self.ids))
 
 
-def plan_batches(records, tokenizer, *, batch_size: int, window: int = WINDOW, skip: int = 0,
-                 skip_special: bool = True, limit: int | None = None, too_long: str = "truncate"):
+def plan_batches(records, tokenizer, *, batch_size: int, max_tokens: int | None = None,
+                 window: int = WINDOW, skip: int = 0, known: list[int] | tuple = (),
+                 skip_special: bool = True, limit: int | None = None, too_long: str = "truncate",
+                 on_window=None):
     """The deterministic batch order of a stream of `Record`s, as `Batch`es.
 
-    Consecutive windows of `window` records are tokenized, sorted by (descending length, corpus
-    index) and cut into batches of `batch_size`: memory holds one window, and the order depends
-    only on the records, the tokenizer, `window` and `batch_size` (not on ranks or restarts).
-    The first `skip` batches are not yielded; a window all of whose batches are skipped is not
-    even tokenized (it holds ceil(len / batch_size) batches).
+    Consecutive windows of `window` records are tokenized and planned by `batches` (sorted by
+    descending length, then corpus index; at most `batch_size` sentences and `max_tokens` padded
+    tokens a batch, None: no budget): memory holds one window, and the order depends only on the
+    records, the tokenizer, `window`, `batch_size` and `max_tokens` (not on ranks or restarts).
+
+    The first `skip` batches are not yielded. A window all of whose batches are skipped is not
+    even tokenized when its number of batches is known: `known[w]` for window w (as reported to
+    `on_window` by an earlier pass, e.g. in a checkpoint), or ceil(len / batch_size) without a
+    token budget. on_window(w, batches, sentences, tokens, skipped) is called as each window is
+    planned: its number of batches, the sentences and tokens of those yielded (tokens None for a
+    window passed over without tokenizing), and the sentences of those skipped.
     """
     it = iter(records)
-    index = 0
+    index = w = 0
     while True:
         chunk: list[Record] = list(islice(it, window))
         if not chunk:
             return
-        n_batches = -(-len(chunk) // batch_size)
-        if index + n_batches <= skip:
+        n_batches = (known[w] if w < len(known) else
+                     -(-len(chunk) // batch_size) if max_tokens is None else None)
+        if n_batches is not None and index + n_batches <= skip:
+            if on_window is not None:
+                on_window(w, n_batches, 0, None, len(chunk))
             index += n_batches
+            w += 1
             continue
         texts, keys = [r.text for r in chunk], [r.key for r in chunk]
-        ids, pooled, long = _encode(tokenizer, texts, keys, skip_special, limit, too_long)
+        long = []
+        ids, pooled = tokenize(tokenizer, texts, keys, skip_special, limit, too_long, truncated=long)
         long = dict(long)
-        order = sorted(range(len(chunk)), key=lambda i: (-len(ids[i]), i))
-        for j in range(n_batches):
+        plan = batches([len(t) for t in ids], batch_size, max_tokens)
+        if on_window is not None:
+            todo = [i for j, sel in enumerate(plan) if index + j >= skip for i in sel]
+            on_window(w, len(plan), len(todo), sum(len(ids[i]) for i in todo), len(chunk) - len(todo))
+        for sel in plan:
             if index >= skip:
-                sel = order[j * batch_size:(j + 1) * batch_size]
                 yield Batch(index, [chunk[i].index for i in sel], [chunk[i].label for i in sel],
                             [ids[i] for i in sel], [pooled[i] for i in sel],
                             [(keys[i], long[i]) for i in sel if i in long])
             index += 1
+        w += 1
 
 
 def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **options) -> dict:
@@ -475,15 +522,21 @@ def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **optio
 
 def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max", batch_size: int = 16,
             skip_special: bool = True, max_length: int | None = None, neuron_module: str | None = None,
-            backend: str = "hooks", progress: bool = True, too_long: str = "truncate") -> Responses:
+            backend: str = "hooks", progress: bool = True, too_long: str = "truncate",
+            max_tokens: int | None = MAX_TOKENS) -> Responses:
     """Run `corpus` through the base model and return every sentence's pooled neuron responses.
 
     backend: "hooks" (reference pre-hooks) or "fused" (the fused MLP op, `steer.patch`).
+    batch_size / max_tokens: at most that many sentences and padded tokens a batch (None: no
+    token budget), longest first (`batches`); a longer sentence runs alone. Responses do not
+    depend on them (up to fp rounding).
     too_long: sentences over the model's context (or max_length) are "truncate"d with a warning
     or an "error". One process (a distributed run uses `collect_stream`).
     """
     if len(corpus) == 0:
         raise ValueError("the corpus is empty")
+    check_eval(model)
+    check_labels(corpus)
     if current().active:
         raise RuntimeError("exact collection runs in one process; under torch.distributed use "
                            "collect_stream (--mode stream)")
@@ -494,7 +547,8 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
     run = Run()
     for rows, pooled in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, pooling=pooling,
                                        batch_size=batch_size, skip_special=skip_special, max_length=max_length,
-                                       backend=backend, progress=progress, run=run, too_long=too_long):
+                                       backend=backend, progress=progress, run=run, too_long=too_long,
+                                       max_tokens=max_tokens):
         values[rows] = pooled.cpu()
     settings = _settings(model, sites, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
                          backend=backend, max_length=max_length, too_long=too_long)
@@ -515,18 +569,40 @@ def calibration_sample(n: int, k: int, seed: int = 0) -> list[int]:
 
 
 class _Progress:
-    """A bar over sentences with tokens/s and ETA (tqdm), shown by rank 0 only."""
+    """A bar over tokens (tqdm: tok/s and ETA; sentences run in the postfix), shown by rank 0 only.
 
-    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
-        self.bar = tqdm(total=total, initial=min(initial, total), unit="sent", desc=desc,
-                        disable=not enabled, unit_scale=True, dynamic_ncols=True)
-        self.tokens, self.start = 0, time.perf_counter()
+    Tokens, not sentences, so a batch of long sentences advances the bar by its share of the
+    work. The total (this pass's work: `sentences`, less those a resumed run skips) is exact
+    once every window is tokenized (`plan`); before, the sentences not yet tokenized count at
+    the mean length of those that were."""
+
+    def __init__(self, sentences: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=None, unit="tok", desc=desc, disable=not enabled, unit_scale=True,
+                        dynamic_ncols=True)
+        self.sentences, self.run = sentences, 0
+        self.planned_sentences = self.planned_tokens = 0
+
+    def plan(self, sentences: int, tokens: int | None, skipped: int = 0) -> None:
+        """`sentences` to run were tokenized into `tokens` (None: not tokenized); `skipped`
+        sentences will not run in this pass."""
+        self.sentences -= skipped
+        if tokens is None:
+            return
+        self.planned_sentences += sentences
+        self.planned_tokens += tokens
+        rest = max(self.sentences - self.planned_sentences, 0)
+        estimate = self.planned_tokens + round(rest * self.planned_tokens / max(self.planned_sentences, 1))
+        self.bar.total = max(estimate, self.bar.n)
+        self.bar.refresh()
+
+    def window(self, w: int, batches: int, sentences: int, tokens: int | None, skipped: int) -> None:
+        """`plan_batches`' on_window callback."""
+        self.plan(sentences, tokens, skipped)
 
     def update(self, sentences: int, tokens: int) -> None:
-        self.tokens += tokens
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-        self.bar.update(sentences)
+        self.run += sentences
+        self.bar.set_postfix_str(f"{self.run:,} sentences", refresh=False)
+        self.bar.update(tokens)
 
     def close(self) -> None:
         self.bar.close()
@@ -559,9 +635,12 @@ def _load_checkpoint(path, settings: dict, plan: dict, label_names: list[str], d
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    state, extra = StreamState.load(path, device, with_extra=True)
-    if extra.get("format") != CHECKPOINT_FORMAT:
+    state, extra = StreamState.load(path, device, with_extra=True)  # refuses corrupt / newer files
+    kind, _, number = str(extra.get("format", "")).rpartition("/")
+    if kind != "steer.checkpoint":
         raise ValueError(f"{path} is a streaming state, not a checkpoint (no corpus position)")
+    if not number.isdigit() or int(number) > CHECKPOINT_VERSION:
+        raise artifacts.newer(path, kind, number, CHECKPOINT_VERSION)
     why = _mismatch(path, state.settings, json.loads(json.dumps(settings)), extra.get("plan", {}), plan)
     if why is None and state.label_names != list(label_names):
         why = f"checkpoint {path} has labels {state.label_names}, this corpus {list(label_names)}"
@@ -576,12 +655,14 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
                    max_length: int | None = None, neuron_module: str | None = None, backend: str = "hooks",
                    progress: bool = True, window: int = WINDOW, too_long: str = "truncate",
                    checkpoint: str | Path | None = None, checkpoint_every: int = 0,
-                   resume: bool = False, group: Group | None = None) -> StreamState:
-    """Fixed-memory statistics of every neuron (`StreamState`, DESIGN.md §2) in one pass.
+                   resume: bool = False, group: Group | None = None,
+                   max_tokens: int | None = MAX_TOKENS) -> StreamState:
+    """Fixed-memory statistics of every neuron (`StreamState`, steer/stream.py) in one pass.
 
     A seeded random sample of `calibration` sentences runs first: its responses fix every
     neuron's bin edges and are then counted like the rest, so no sentence runs twice. The rest
-    streams through `plan_batches` (windows of `window` sentences bucketed by length).
+    streams through `plan_batches` (windows of `window` sentences bucketed by length, batches of
+    at most `batch_size` sentences and `max_tokens` padded tokens, None: no token budget).
     corpus: a `Corpus` or a `CorpusFile` (anything with records(), label_names, hash(), len).
 
     checkpoint / checkpoint_every: every `checkpoint_every` batches (per rank), and after the
@@ -593,7 +674,9 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     group = group or current()
     if len(corpus) == 0:
         raise ValueError("the corpus is empty")
-    _check(pooling, too_long, batch_size, window)
+    check_eval(model)
+    check_labels(corpus)
+    _check(pooling, too_long, batch_size, window, max_tokens)
     if checkpoint is None and (checkpoint_every or resume):
         raise ValueError("checkpoint_every / resume need a checkpoint path")
     if calibration < 1 or bins < 4 or checkpoint_every < 0:
@@ -605,7 +688,8 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     cal = calibration_sample(len(corpus), calibration, seed)
     settings = _settings(model, sites, corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
                          pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long)
-    plan = {"batch_size": batch_size, "window": window}
+    plan = {"batch_size": batch_size, "window": window, "max_tokens": max_tokens}
+    windows: list[int] = []  # batches in each window of the rest, so a resume skips windows untokenized
     label_names = list(corpus.label_names)
     show = progress and group.is_main
     # tokens and truncations of this rank since the last checkpoint; totals live on rank 0
@@ -625,13 +709,13 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
             extra = {"format": CHECKPOINT_FORMAT, "position": position, "plan": plan,
                      "tokens": totals["tokens"], "truncated": totals["truncated"],
                      "seconds": round(totals["seconds"] + time.perf_counter() - start, 2),
-                     "world": group.world}
+                     "world": group.world, "windows": list(windows)}
             try:
                 state.save(checkpoint, extra)
             except Exception as e:  # tell the other ranks, then fail everywhere
                 error = f"could not write the checkpoint {checkpoint}: {e}"
             else:
-                print(f"checkpoint: {position} batches done -> {checkpoint}", flush=True)
+                log.info("checkpoint: %d batches done -> %s", position, checkpoint)
         error = group.broadcast_object(error)
         if error:
             raise RuntimeError(error)
@@ -645,7 +729,8 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
                     state, extra = _load_checkpoint(checkpoint, settings, plan, label_names, device)
                 else:
                     state = _calibrate(forward, tokenizer, corpus, cal, bins, label_names, settings,
-                                       batch_size=batch_size, skip_special=skip_special, limit=limit,
+                                       batch_size=batch_size, max_tokens=max_tokens,
+                                       skip_special=skip_special, limit=limit,
                                        too_long=too_long, run=delta, progress=show)
             except Exception as e:  # raised on every rank below
                 error = e
@@ -658,18 +743,26 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
             state = StreamState(edges, label_names, settings)
         extra = group.broadcast_object(extra)
         position = saved = int(extra["position"])
+        windows[:] = extra.get("windows") or []
         if resume:
             totals.update(tokens=extra["tokens"], truncated=extra["truncated"], seconds=extra["seconds"])
             if group.is_main:
-                print(f"resume: {position} batches done in {checkpoint}", flush=True)
+                log.info("resume: %d batches done in %s", position, checkpoint)
         elif checkpoint_every:
             checkpoint_now(0)
         cal_set = set(cal)
         rest = (r for r in corpus.records() if r.index not in cal_set)
-        bar = _Progress(len(corpus) - len(cal), "stream", show, initial=position * batch_size)
+        bar = _Progress(len(corpus) - len(cal), "stream", show)
         every = checkpoint_every * group.world
-        for b in plan_batches(rest, tokenizer, batch_size=batch_size, window=window, skip=position,
-                              skip_special=skip_special, limit=limit, too_long=too_long):
+
+        def planned(w: int, n_batches: int, *sizes) -> None:
+            if w == len(windows):
+                windows.append(n_batches)
+            bar.window(w, n_batches, *sizes)
+
+        for b in plan_batches(rest, tokenizer, batch_size=batch_size, max_tokens=max_tokens, window=window,
+                              skip=position, known=list(windows), skip_special=skip_special, limit=limit,
+                              too_long=too_long, on_window=planned):
             if group.owns(b.index):
                 state.update(forward(b.ids, b.pooled).flatten(1), torch.tensor(b.labels))
                 delta.tokens += b.tokens
@@ -692,7 +785,8 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
 
 
 def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, label_names, settings,
-               *, batch_size, skip_special, limit, too_long, run: Run, progress: bool) -> StreamState:
+               *, batch_size, max_tokens, skip_special, limit, too_long, run: Run,
+               progress: bool) -> StreamState:
     """A state whose edges come from the responses of the calibration sentences `cal` (sorted
     corpus indices), which it then counts. Reads the corpus only up to the last of them."""
     wanted = set(cal)
@@ -700,8 +794,9 @@ def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, 
     where = {r.index: j for j, r in enumerate(records)}
     sample = torch.empty(len(records), forward.sites.n_neurons, device=forward.sites.modules[0].weight.device)  # [S, L*M]
     bar = _Progress(len(records), "calibrate", progress)
-    for b in plan_batches(records, tokenizer, batch_size=batch_size, window=len(records),
-                          skip_special=skip_special, limit=limit, too_long=too_long):
+    for b in plan_batches(records, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
+                          window=len(records), skip_special=skip_special, limit=limit,
+                          too_long=too_long, on_window=bar.window):
         sample[[where[i] for i in b.rows]] = forward(b.ids, b.pooled).flatten(1)
         run.tokens += b.tokens
         _note(run, b, limit)
@@ -767,9 +862,13 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
     Distributed: rank 0 (which needs `state`; other ranks may pass None) picks the short-list
     and broadcasts it, every rank runs its share of the batches, the responses are gathered on
     rank 0, which returns the scores; the other ranks return None.
-    forward: batch_size, backend, neuron_module, window (default: as collected).
+    forward: batch_size, max_tokens (default MAX_TOKENS; None: no token budget), backend,
+    neuron_module, window (default: as collected); the scores do not depend on the batches.
     """
     group = group or current()
+    check_eval(model)
+    check_k(k, "k")
+    check_k(bottom_k, "bottom_k", allow_zero=True)
     hist = sizes = idx = error = None
     if group.is_main:
         try:
@@ -777,8 +876,8 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
                 raise ValueError("refine needs the corpus the state was collected on (corpus hash differs)")
             hist = score_state(state, splits)
             idx, sizes = shortlist_scores(hist, k=k, by=by, bottom_k=bottom_k)
-            print(f"refine: short-list of {idx.numel():,} neurons of {state.edges.shape[0]:,} "
-                  f"(per split: {sizes}); second pass stores only their responses", flush=True)
+            log.info("refine: short-list of %s neurons of %s (per split: %s); second pass stores only their "
+                     "responses", f"{idx.numel():,}", f"{state.edges.shape[0]:,}", sizes)
         except Exception as e:
             error = e
     error = group.broadcast_object(error)
@@ -792,6 +891,7 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
     batch_size = forward.pop("batch_size", 16)
     backend = forward.pop("backend", "hooks")
     window = forward.pop("window", None) or settings.get("window") or WINDOW
+    max_tokens = forward.pop("max_tokens", MAX_TOKENS)
     if forward:
         raise TypeError(f"refine got unexpected options {sorted(forward)}")
     pooling, skip_special = settings["pooling"], settings["skip_special"]
@@ -806,8 +906,9 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
         dev_idx = idx.to(sites.modules[0].weight.device)
         bar = _Progress(N, "refine", progress and group.is_main)
         with _Forward(model, tokenizer, sites, pooling, backend) as fwd:
-            for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, window=window,
-                                  skip_special=skip_special, limit=limit, too_long=too_long):
+            for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, max_tokens=max_tokens,
+                                  window=window, skip_special=skip_special, limit=limit,
+                                  too_long=too_long, on_window=bar.window):
                 if group.is_main:
                     label_ids[b.rows] = torch.tensor(b.labels)
                 if group.owns(b.index):
@@ -828,7 +929,8 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
         return None
     flat = {key: v.flatten(1) if v.dim() == 3 else v for key, v in hist.stats.items()}
     if K:
-        exact = score_splits(values, label_ids, [s.label_ids(list(corpus.label_names)) for s in hist.splits])
+        exact = score_splits(values, label_ids, [s.label_ids(list(corpus.label_names)) for s in hist.splits],
+                             names=[s.name for s in hist.splits])
         for key, v in exact.items():
             if v.dim() == 2:
                 flat[key][:, idx] = v

@@ -271,23 +271,73 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line.removesuffix("\n").removesuffix("\r")
 
 
+# The first LABEL_SAMPLE rows of a TSV file tell whether its columns are swapped (text<TAB>label):
+# see `_check_label_column`. A cell longer than LABEL_MAX_CHARS or with a space reads as text.
+LABEL_SAMPLE = 1000
+LABEL_MAX_CHARS = 32
+
+
+def _textual(cell: str) -> bool:
+    return len(cell) > LABEL_MAX_CHARS or any(c.isspace() for c in cell)
+
+
+def _check_label_column(path: Path, labels: dict, texts: set, textual: tuple[int, int], rows: int) -> None:
+    """Refuse a TSV whose label column looks like text and whose text column like labels.
+
+    labels / texts: the distinct cells of each column in the first `rows` rows (empty texts left
+    out); textual: how many label cells and text cells read as text. Swapped means more than
+    half the labels distinct, no text reading as text, and either at most half the texts
+    distinct (labels repeat, sentences rarely do) or most labels reading as text. A corpus of
+    many labels with sentences (e.g. languages interleaved verse by verse) passes."""
+    if 2 * len(labels) <= rows or textual[1]:
+        return
+    if 2 * len(texts) <= rows or 2 * textual[0] > rows:
+        example = next((l for l in labels if _textual(l)), next(iter(labels)))
+        first = "" if rows < LABEL_SAMPLE else "the first "
+        raise ValueError(f"{path}: column 1 looks like text, not labels ({len(labels)} distinct "
+                         f"labels in {first}{rows} rows, e.g. {example[:40]!r}: is it text<TAB>label? "
+                         "Put the label first, or start the file with the header line text<TAB>label)")
+
+
 def _tsv_records(path: Path, key_prefix: str = "") -> Iterator[tuple[str, str, str]]:
-    """(key, label, text) of `label<TAB>text` lines; an optional first line `label<TAB>text` is a
-    header; blank lines are skipped."""
-    first = True
+    """(key, label, text) of `label<TAB>text` lines; blank lines are skipped.
+
+    An optional first line is a header naming the columns: `label<TAB>text`, or `text<TAB>label`
+    for files with the text first (their text is everything before the last tab). Without that
+    header, a file whose columns look swapped (`_check_label_column`, on its first LABEL_SAMPLE
+    rows) raises ValueError.
+    """
+    first, swapped = True, False
+    labels: dict = {}  # a set in file order (the error's example is the first label)
+    texts: set = set()
+    textual = [0, 0]
+    rows = 0
     for number, line in _lines(path):
         if not line.strip():
             continue
         if "\t" not in line:
             raise ValueError(f"{path}:{number}: expected label<TAB>text, found no tab")
-        label, text = (field.strip() for field in line.split("\t", 1))
-        if first and [label.lower(), text.lower()] == ["label", "text"]:
-            first = False
+        if swapped:
+            text, label = (field.strip() for field in line.rsplit("\t", 1))
+        else:
+            label, text = (field.strip() for field in line.split("\t", 1))
+        if first and [label.lower(), text.lower()] in (["label", "text"], ["text", "label"]):
+            first, swapped = False, label.lower() == "text"
             continue
         first = False
         if not label:
             raise ValueError(f"{path}:{number}: empty label")
+        if rows < LABEL_SAMPLE and text and not swapped:  # bounded memory: the first rows
+            labels[label] = None
+            texts.add(text)
+            textual[0] += _textual(label)
+            textual[1] += _textual(text)
+            rows += 1
+            if rows == LABEL_SAMPLE:
+                _check_label_column(path, labels, texts, tuple(textual), rows)
         yield f"{key_prefix}{label}/{number}", label, text
+    if 0 < rows < LABEL_SAMPLE:
+        _check_label_column(path, labels, texts, tuple(textual), rows)
 
 
 def _jsonl_records(path: Path, text_field: str = "text", label_field: str = "label",
@@ -320,6 +370,17 @@ def _txt_records(path: Path) -> Iterator[tuple[str, str, str]]:
         yield f"{label}/{number}", label, line.strip()
 
 
+def check_labels(corpus) -> None:
+    """Refuse a corpus with fewer than two labels that have sentences: one-vs-rest experts
+    need negatives. `collect` and `collect_stream` call it before any forward pass (`embed`
+    does not: any texts embed)."""
+    counts = getattr(corpus, "n_per_label", None)
+    present = [label for label, n in counts.items() if n] if counts is not None else list(corpus.label_names)
+    if len(present) < 2:
+        what = f"one label ({present[0]!r})" if present else "no labels"
+        raise ValueError(f"the corpus has {what}: experts need at least two")
+
+
 def _corpus(records: Iterator[tuple[str, str, str]], description: dict) -> Corpus:
     keys, labels, texts = [], [], []
     for key, label, text in records:
@@ -332,7 +393,9 @@ def _corpus(records: Iterator[tuple[str, str, str]], description: dict) -> Corpu
 
 
 def from_tsv(path: str | Path) -> Corpus:
-    """`label<TAB>text` per line; an optional first line `label<TAB>text` is a header."""
+    """`label<TAB>text` per line; an optional first line `label<TAB>text` is a header
+    (`text<TAB>label`: the columns are the other way round). Swapped columns without that
+    header raise ValueError."""
     path = Path(path)
     return _corpus(_tsv_records(path), {"source": str(path), "format": "tsv"})
 

@@ -7,7 +7,7 @@ code never initialises anything: `current()` wraps whatever group the caller set
 trivial one-process group), so `collect_stream` and `refine` run unchanged in one process, under
 torchrun, or under `torch.multiprocessing.spawn` with an explicit `init_process_group`.
 
-What a distributed streaming run does (steer.collect, DESIGN.md §2):
+What a distributed streaming run does (steer.collect, steer/stream.py):
 - rank 0 runs the calibration sample and broadcasts the bin edges; every rank builds its
   `StreamState` on those edges, so states merge by addition;
 - the deterministic batch order (windows of sentences sorted by length, cut into batches) is the
@@ -191,13 +191,6 @@ def init_from_env(backend: str | None = None) -> Group:
     group = current()
     group.owned = True
     return group
-
-
-def local_device() -> torch.device:
-    """The device this process should put its model on: cuda:LOCAL_RANK with CUDA, else cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def shutdown(group: Group) -> None:

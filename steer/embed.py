@@ -5,10 +5,12 @@ default the last one (`hidden_states[-1]`, after the final norm), as in Sundar e
 2025), "Steering into New Embedding Spaces". Only the base model runs (no LM head, whose vocab
 can be 262k wide), so any intervention hooked or patched into its layers applies as it is.
 
-Padding never counts: texts are tokenized without padding, sorted by length, and padded per
-batch on the tokenizer's side with explicit position ids (so left padding gives the positions
-an unpadded sentence would have); pooling uses the attention mask. Embeddings therefore do
-not depend on batch size, batch make-up, order or padding side (up to fp rounding, ~1e-6).
+Padding never counts: texts are tokenized without padding, planned into batches like
+collection's (`steer.collect.batches`: longest first, at most `batch_size` sentences and
+`max_tokens` padded tokens, a longer sentence alone), and padded per batch on the tokenizer's
+side with explicit position ids (so left padding gives the positions an unpadded sentence would
+have); pooling uses the attention mask. Embeddings therefore do not depend on batch size,
+token budget, batch make-up, order or padding side (up to fp rounding, ~1e-6).
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import base_inputs
-from .collect import batches, pad
+from .adapters import base_inputs, check_eval
+from .collect import MAX_TOKENS, batches, pad
 
 
 def embed(
@@ -28,6 +30,7 @@ def embed(
     *,
     layers: str | Sequence[int] = "last",
     batch_size: int = 16,
+    max_tokens: int | None = MAX_TOKENS,
     skip_bos: bool = False,
     progress: bool = True,
 ) -> torch.Tensor | dict[int, torch.Tensor]:
@@ -38,6 +41,8 @@ def embed(
         or 0: its value never matters).
     layers: "last" -> Tensor [N, D] of `hidden_states[-1]`; "all" or a list of indices into
         `hidden_states` (0 = embedding output, i = output of block i) -> dict index -> [N, D].
+    batch_size / max_tokens: at most that many sentences and padded tokens a batch (None: no
+        token budget); embeddings do not depend on them (up to fp rounding).
     skip_bos: leave out each sentence's first token when it is a special token (any of
         `tokenizer.all_special_ids`; without a tokenizer, `model.config.bos_token_id`).
     The model must be in eval mode (dropout would make embeddings random).
@@ -46,9 +51,8 @@ def embed(
         isinstance(layers, str) or not all(isinstance(i, int) for i in layers)
     ):
         raise ValueError(f'layers must be "last", "all" or a list of ints, got {layers!r}')
+    check_eval(model)
     base = model.base_model
-    if base.training:
-        raise ValueError("model is in training mode: call model.eval() first")
     ids = _token_ids(tokenizer, texts)
     if not ids or any(len(s) == 0 for s in ids):
         raise ValueError("embed needs at least one text and no empty token sequence")
@@ -72,9 +76,9 @@ def embed(
     device = model.get_input_embeddings().weight.device
 
     out: dict[int, torch.Tensor] = {}
-    with torch.inference_mode():
-        for rows in tqdm(batches([len(s) for s in ids], batch_size), desc="embed", unit="batch",
-                         disable=not progress):  # longest first: OOM early
+    bar = tqdm(total=sum(map(len, ids)), desc="embed", unit="tok", unit_scale=True, disable=not progress)
+    with torch.inference_mode(), bar:
+        for rows in batches([len(s) for s in ids], batch_size, max_tokens):  # longest first: OOM early
             input_ids = pad([ids[i] for i in rows], pad_id, side)  # [batch, pos]
             mask = pad([[1] * len(ids[i]) for i in rows], 0, side)  # [batch, pos]
             # positions of real tokens start at 0 whatever the padding
@@ -99,6 +103,7 @@ def embed(
                 # where, not a product: padding positions may hold non-finite values
                 summed = torch.where(pool, hidden[k].float(), 0.0).sum(1)  # [batch, D]
                 out[k][index] = (summed / count).cpu()
+            bar.update(sum(len(ids[i]) for i in rows))
     return out[-1] if layers == "last" else out
 
 

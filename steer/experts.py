@@ -1,6 +1,6 @@
 """Expert sets: the neurons that best separate a concept, with the value each is forced to.
 
-`select_experts` ranks every neuron of a `Scores` table (DESIGN.md §1): top-k by AP or AUROC,
+`select_experts` ranks every neuron of a `Scores` table: top-k by AP or AUROC,
 ties broken by the other score and then by (layer, unit), so a top-k is deterministic;
 optional bottom-k = the neurons with the lowest AUROC below 0.5 (they switch off for the
 concept); optional layer filter. Two recipes are one option apart:
@@ -16,6 +16,7 @@ of other shapes is an error; same shapes with another fingerprint is a warning.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -23,15 +24,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import artifacts
 from .adapters import NeuronSites
 from .collect import Scores
 from .intervention import Intervention
-from .metrics import rank_neurons
+from .metrics import check_k, rank_neurons
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: experts.safetensors is a steer.experts file (artifacts.py); 1 is still read
+FILES = ("experts.json", "experts.safetensors")
 SCORES = ("ap", "auroc")
 VALUES = ("on_p50", "on_mean", "on_p90")
 RECIPES = {  # name -> (score, value, min_auroc)
@@ -76,14 +78,14 @@ class ExpertSet:
                      positions: str = "all", strength: float = 1.0) -> Intervention:
         """Force the first k experts of `concept` to `strength` x their value.
 
+        k: None (all of them) or 1 .. the number the set holds (else ValueError).
         With `model`, its shapes are checked (error) and its fingerprint compared (warning).
         """
+        e = self._get(concept)
+        n = len(e["layer"])
+        k = n if k is None else check_k(k, available=n, where=f"the set holds {{n}} experts for {concept!r}")
         if model is not None:
             self.check(model)
-        e = self._get(concept)
-        k = len(e["layer"]) if k is None else k
-        if k > len(e["layer"]):
-            raise ValueError(f"k={k} but the set holds {len(e['layer'])} experts for {concept!r}")
         iv = Intervention(*self.shape, positions=positions)
         return iv.set(e["layer"][:k], e["unit"][:k], e["value"][:k] * strength)
 
@@ -101,34 +103,76 @@ class ExpertSet:
                 f"({sites.fingerprint()})", stacklevel=2)
 
     def save(self, directory) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{c}/{f}": t.contiguous() for c, e in self.experts.items() for f, t in e.items()}
-        save_file(tensors, str(d / "experts.safetensors"))
-        (d / "experts.json").write_text(json.dumps({**self.meta, "concepts": self.concepts}, indent=2))
-        return d
+        """Write the set atomically (steer/artifacts.py: a temporary directory swapped in).
+
+        experts.safetensors (a steer.experts file: tensors, metadata and sha256) is the set;
+        experts.json is a readable copy of its metadata, which `load` checks against it. An
+        existing directory holding other files is refused, never replaced."""
+        tensors = {f"{c}/{f}": t for c, e in self.experts.items() for f, t in e.items()}
+        meta = {**self.meta, "format_version": FORMAT_VERSION, "concepts": self.concepts}
+        with artifacts.atomic_directory(directory, owned=FILES) as tmp:
+            artifacts.save(tmp / FILES[1], tensors, meta, kind="experts", version=FORMAT_VERSION)
+            (tmp / FILES[0]).write_text(json.dumps(meta, indent=2))  # fsynced with the directory
+        return Path(directory)
 
     @classmethod
-    def load(cls, directory) -> "ExpertSet":
+    def load(cls, directory, model: nn.Module | None = None) -> "ExpertSet":
+        """Read a set written by `save` (or in format 1, before hashes). A corrupt, truncated or
+        newer-format set raises ValueError naming the file; with `model`, `check` runs (another
+        shape: ValueError; same shapes, other weights: a warning)."""
         d = Path(directory)
-        for name in ("experts.json", "experts.safetensors"):
+        aside = artifacts.moved_aside(d)
+        if aside:
+            raise FileNotFoundError(f"{d} is missing: a save was interrupted after moving the "
+                                    f"previous expert set aside to {aside[-1]} (rename it back)")
+        for name in FILES:
             if not (d / name).exists():
                 raise FileNotFoundError(f"{d} is not an expert set: {name} is missing")
         try:
-            meta = json.loads((d / "experts.json").read_text())
-            tensors = load_file(str(d / "experts.safetensors"))
-        except Exception as e:  # corrupt or truncated files
-            raise ValueError(f"cannot read the expert set in {d}: {e}") from e
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d}: expert-set format {meta.get('format_version')}, this steer reads {FORMAT_VERSION}")
-        experts = {c: {f: tensors[f"{c}/{f}"] for f in FIELDS} for c in meta.pop("concepts")}
-        return cls(experts, meta)
+            try:
+                manifest = json.loads((d / FILES[0]).read_text())
+                found = int(manifest.get("format_version"))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{d / FILES[0]} is corrupt or truncated ({e})") from None
+            if found > FORMAT_VERSION:
+                raise artifacts.newer(d / FILES[0], "expert-set", found, FORMAT_VERSION)
+            if found == 1:  # no hash, metadata in experts.json only
+                tensors, meta = artifacts.read_tensors(d / FILES[1]), manifest
+            else:
+                tensors, meta = artifacts.load(d / FILES[1], kind="experts", version=FORMAT_VERSION)[:2]
+                if json.dumps(meta, sort_keys=True) != json.dumps(manifest, sort_keys=True):
+                    raise ValueError(f"{d / FILES[0]} does not match the metadata of {d / FILES[1]} "
+                                     "(edited, or copied from another set)")
+            concepts = meta.pop("concepts", None)
+            if not isinstance(concepts, list):
+                raise ValueError(f"{d / FILES[0]} lists no concepts")
+            experts = {}
+            for c in concepts:
+                artifacts.check_shapes(d / FILES[1], tensors, {f"{c}/{f}": (None,) for f in FIELDS})
+                experts[c] = {f: tensors[f"{c}/{f}"] for f in FIELDS}
+                if len({len(t) for t in experts[c].values()}) != 1:
+                    raise ValueError(f"{d / FILES[1]}: the tensors of {c!r} differ in length")
+        except ValueError as e:
+            raise ValueError(f"cannot read the expert set in {d}: {e}") from None
+        out = cls(experts, meta)
+        if model is not None:
+            try:
+                out.check(model)
+            except ValueError as e:
+                raise ValueError(f"{d}: {e}") from None
+        return out
 
 
 def select_experts(scores: Scores, k: int = 100, *, by: str = "ap", value: str = "on_p50", bottom_k: int = 0,
                    layers: list[int] | None = None, min_auroc: float | None = None,
                    splits: list[str] | None = None) -> ExpertSet:
-    """Top-k (and bottom-k) experts of every split of `scores` (or of the named `splits`)."""
+    """Top-k (and bottom-k) experts of every split of `scores` (or of the named `splits`).
+
+    k >= 1 and bottom_k >= 0, at most the neurons of the model (of `layers`): else ValueError
+    (`check_k`). A split with fewer eligible neurons (finite score, AUROC > min_auroc; for
+    bottom-k AUROC < 0.5) gets fewer experts, with a warning naming it. A split without
+    negative sentences (a one-label corpus) ranks nothing: ValueError.
+    """
     if by not in SCORES:
         raise ValueError(f"by={by!r}; choose one of {SCORES}")
     if value not in VALUES:
@@ -136,6 +180,15 @@ def select_experts(scores: Scores, k: int = 100, *, by: str = "ap", value: str =
     n_layers, width = scores.stats["ap"].shape[1:]
     if layers is not None and any(not 0 <= l < n_layers for l in layers):
         raise IndexError(f"layers {layers} out of range: the model has {n_layers} layers")
+    n = (n_layers if layers is None else len(set(layers))) * width
+    where = "the model has {n} neurons" if layers is None else f"layers {layers} hold {{n}} neurons"
+    k = check_k(k, "k", available=n, where=where)
+    bottom_k = check_k(bottom_k, "bottom_k", allow_zero=True, available=n, where=where)
+    n_neg = scores.stats.get("n_neg")
+    for name in splits or [s.name for s in scores.splits]:
+        if n_neg is not None and int(n_neg[scores.index(name)]) == 0:
+            raise ValueError(f"label {name!r} has no negative sentences (a corpus with one label?): "
+                             "experts need at least two labels")
     keep = torch.zeros(n_layers, width, dtype=torch.bool)
     keep[list(range(n_layers)) if layers is None else layers] = True
     other = "auroc" if by == "ap" else "ap"
@@ -145,9 +198,16 @@ def select_experts(scores: Scores, k: int = 100, *, by: str = "ap", value: str =
         primary = scores.stats[by][i].masked_fill(~keep, float("nan")).flatten()  # [L*M]
         secondary = scores.stats[other][i].flatten()
         top_ok = primary.isfinite() if min_auroc is None else primary.isfinite() & (scores.stats["auroc"][i].flatten() > min_auroc)
+        if int(top_ok.sum()) < k:
+            rule = f"finite {by}" + ("" if min_auroc is None else f" and AUROC > {min_auroc}")
+            warnings.warn(f"label {name!r}: only {int(top_ok.sum())} neurons have {rule}: "
+                          f"{int(top_ok.sum())} experts, not k={k}", stacklevel=2)
         top = rank_neurons(primary.masked_fill(~top_ok, float("nan")), secondary, min(k, int(top_ok.sum())))
         auc = scores.stats["auroc"][i].masked_fill(~keep, float("nan")).flatten()
         low_ok = auc < 0.5
+        if int(low_ok.sum()) < bottom_k:
+            warnings.warn(f"label {name!r}: only {int(low_ok.sum())} neurons have AUROC < 0.5: "
+                          f"{int(low_ok.sum())} bottom experts, not bottom_k={bottom_k}", stacklevel=2)
         bottom = rank_neurons(auc.masked_fill(~low_ok, float("nan")), scores.stats["ap"][i].flatten(),
                               min(bottom_k, int(low_ok.sum())), largest=False)
         idx = torch.cat([top, bottom])
@@ -174,15 +234,14 @@ def export_statistics(scores: Scores, path) -> Path:
     """Every neuron's statistics for every split as one CSV (split, layer, unit, ap, auroc, ...)."""
     stats = ("ap", "auroc", "on_mean", "on_p50", "on_p90", "off_mean")
     n_layers, width = scores.stats["ap"].shape[1:]
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "layer", "unit", *stats])
-        for i, sp in enumerate(scores.splits):
-            cols = [scores.stats[s][i].flatten().tolist() for s in stats]
-            for j in range(n_layers * width):
-                w.writerow([sp.name, j // width, j % width, *(f"{c[j]:.6g}" for c in cols)])
-    return path
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(["split", "layer", "unit", *stats])
+    for i, sp in enumerate(scores.splits):
+        cols = [scores.stats[s][i].flatten().tolist() for s in stats]
+        for j in range(n_layers * width):
+            w.writerow([sp.name, j // width, j % width, *(f"{c[j]:.6g}" for c in cols)])
+    return artifacts.atomic_write_text(path, f.getvalue())
 
 
 def export_selfcond(scores: Scores, directory, layer_names: list[str], group: str = "language") -> list[Path]:
@@ -193,11 +252,12 @@ def export_selfcond(scores: Scores, directory, layer_names: list[str], group: st
         d = Path(directory) / sp.name / "expertise"
         d.mkdir(parents=True, exist_ok=True)
         cols = {s: scores.stats[s][i].flatten().float().tolist() for s in ("ap", "off_mean", "on_p50", "on_p90")}
-        with (d / "expertise.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["ap", "off_mean", "on_p50", "on_p90", "layer", "unit", "uuid", "concept", "group"])
-            for j in range(n_layers * width):
-                w.writerow([*(f"{cols[s][j]:.7g}" for s in cols), layer_names[j // width], j % width, j, sp.name, group])
+        f = io.StringIO()
+        w = csv.writer(f)
+        w.writerow(["ap", "off_mean", "on_p50", "on_p90", "layer", "unit", "uuid", "concept", "group"])
+        for j in range(n_layers * width):
+            w.writerow([*(f"{cols[s][j]:.7g}" for s in cols), layer_names[j // width], j % width, j, sp.name, group])
+        artifacts.atomic_write_text(d / "expertise.csv", f.getvalue())
         ap = scores.stats["ap"][i].flatten()
         thresholds = torch.linspace(0.5, 1.0, 501, dtype=torch.float64)
         info = {
@@ -205,6 +265,6 @@ def export_selfcond(scores: Scores, directory, layer_names: list[str], group: st
             "layer_names": layer_names, "total_neurons": n_layers * width,
             "neurons_at_ap": {f"{t:0.5f}": int((ap > t).sum()) for t in thresholds.tolist()},
         }
-        (d / "expertise_info.json").write_text(json.dumps(info, indent=4))
+        artifacts.atomic_write_text(d / "expertise_info.json", json.dumps(info, indent=4))
         out.append(d)
     return out

@@ -17,15 +17,18 @@ the buffers, otherwise it applies them with forward pre-hooks on every down proj
 correct means: this is the oracle that the fused MLP path is tested against. A pre-hook on the
 layer stack records, for each forward call, which positions are real tokens and whether a cache
 is being extended. `override()` below is where a hook overwrites a neuron; the fused path does it
-in `steer/kernels/fused_mlp_ref.py` (CPU) and `fused_mlp.py` (Triton).
+in `kernels/fused_mlp_ref.py` (CPU) and `kernels/fused_mlp_triton.py` (Triton).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from .adapters import NeuronSites
 
+log = logging.getLogger(__name__)
 POSITIONS = ("all", "last", "prompt", "generated")
 
 
@@ -132,19 +135,22 @@ def steered_tokens(positions: str, attention_mask: torch.Tensor, extends_cache: 
 
 
 def guard_hooks() -> None:
-    """Make `torch.compile` guard on module hooks, before steer adds any.
+    """Make `torch.compile` guard on module hooks before steer adds any (called whenever it does).
 
     torch 2.13 skips those guards by default (`torch._dynamo.config.skip_nnmodule_hook_guards`),
     so a graph compiled before steer's hooks existed, or compiled for another copy of the same
     model class, silently runs WITHOUT them: steering or pooling would be ignored and nothing
-    would say so. With the guards, adding or removing a hook recompiles (tests/test_intervention.py).
-    Called when steer is imported (a model compiled before any steering must guard its hooks too)
-    and again whenever steer adds hooks (in case something turned the guards off since).
+    would say so. steer turns the guards on the first time it adds hooks, and if dynamo may
+    already hold graphs compiled without them it drops those graphs once (`torch._dynamo.reset()`,
+    logged): they recompile on their next call, with the guards. From then on adding or removing
+    a hook recompiles (tests/test_intervention.py). Importing steer changes nothing.
     """
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    import torch._dynamo
 
-
-guard_hooks()
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+        log.info("torch.compile now guards module hooks (steer adds hooks); compiled graphs recompile once")
 
 
 class _CallInfo:

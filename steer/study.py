@@ -42,8 +42,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
-import platform
 import subprocess
 import sys
 import time
@@ -57,20 +57,22 @@ import torch
 from tqdm.auto import tqdm
 
 from . import analysis as A
+from .artifacts import atomic_write_text
 from .adapters import NeuronSites
-from .collect import Split, collect
 from .corpus import BIBLE_PARAPHRASES, BIBLE_VERSIONS, bible_corpus, bible_paraphrases, bible_parallel, udhr_parallel
 from .embed import embed
-from .experts import RECIPES, ExpertSet, package_version, select_experts
+from .experts import RECIPES, ExpertSet, package_version
+from .find import find_experts
 from .intervention import Intervention, intervene
 from .models import cache_dir as _steer_cache_dir
 from .models import load_model
+from .runtime import DTYPES, add_arguments, dtype_name, environment
 
+log = logging.getLogger(__name__)
 SCHEMA = "steer.study/1"
 CRITERIA = ("a", "ab")
 SIDES = ("both", "target")
 CONTROL_LAYERS = ("any", "matched")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +83,8 @@ class StudyConfig:
     """Everything a study run depends on. `layer=None` is the last hidden state (the paper's)."""
 
     model: str = "gemma-3-270m"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # runtime.native_dtype: bf16 where the device computes it natively, else fp32
+    device: str = "auto"
     targets: list[str] = field(default_factory=lambda: ["fr", "de"])
     languages: list[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it", "pt", "ru", "zh"])
     negatives: list[str] = field(default_factory=lambda: ["zh"])  # besides the other targets
@@ -116,8 +119,8 @@ class StudyConfig:
     full: bool = False
 
     def validate(self) -> "StudyConfig":
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose auto or one of {sorted(DTYPES)}")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r}; choose one of {sorted(RECIPES)}")
         if self.criterion not in CRITERIA:
@@ -185,6 +188,44 @@ def condition_key(iv: Intervention | None) -> str:
     return h.hexdigest()[:20]
 
 
+CACHE_VERSION = 1  # steer.embeddings files (steer/artifacts.py)
+
+
+def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict) -> None:
+    """{text: [n_layers, D]} as a steer.embeddings file, atomically (steer/artifacts.py): the
+    texts as UTF-8 bytes + offsets tensors (no header size limit), `meta` (the model's
+    fingerprint, skip_bos, layers) in the metadata."""
+    from . import artifacts
+
+    raw = [t.encode("utf-8") for t in table]
+    sizes = torch.tensor([len(b) for b in raw], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])  # [N + 1]
+    text = torch.from_numpy(np.frombuffer(b"".join(raw), dtype=np.uint8).copy())
+    emb = torch.stack(list(table.values())) if table else torch.zeros(0, len(meta["layers"]), 0)
+    artifacts.save(path, {"emb": emb, "text_bytes": text, "text_offsets": offsets}, meta,
+                   kind="embeddings", version=CACHE_VERSION)
+
+
+def load_embedding_cache(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The table written by `save_embedding_cache`; ValueError naming the file when it is
+    corrupt, truncated, of a newer format, or for another model, skip_bos or layers than `meta`."""
+    from . import artifacts
+
+    a = artifacts.load(path, kind="embeddings", version=CACHE_VERSION)
+    want = json.loads(json.dumps(meta))
+    if a.meta != want:
+        diff = ", ".join(f"{k}: {a.meta.get(k)!r} in the file, {want.get(k)!r} wanted"
+                         for k in sorted(set(a.meta) | set(want)) if a.meta.get(k) != want.get(k))
+        raise ValueError(f"{path} is for another model or layers ({diff})")
+    artifacts.check_shapes(path, a.tensors, {"text_offsets": (None,), "text_bytes": (None,)})
+    off = a.tensors["text_offsets"].tolist()
+    artifacts.check_shapes(path, a.tensors, {"emb": (len(off) - 1, len(want["layers"]), None),
+                                             "text_bytes": (off[-1] if off else 0,)})
+    data = a.tensors["text_bytes"].numpy().tobytes()
+    texts = [data[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+    return dict(zip(texts, a.tensors["emb"].unbind(0)))
+
+
 class Embedder:
     """Mean-pooled hidden states per text and condition, each computed once.
 
@@ -209,7 +250,10 @@ class Embedder:
         if self.directory is None:
             return None
         spec = hashlib.sha256(json.dumps([self.fingerprint, self.skip_bos, list(layers)]).encode()).hexdigest()[:12]
-        return self.directory / f"{self.fingerprint}-{spec}-{cond}.pt"
+        return self.directory / f"{self.fingerprint}-{spec}-{cond}.safetensors"
+
+    def _cache_meta(self, layers: tuple[int, ...]) -> dict:
+        return {"fingerprint": self.fingerprint, "skip_bos": self.skip_bos, "layers": list(layers)}
 
     def _table(self, cond: str, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
         key = (cond, layers)
@@ -218,10 +262,9 @@ class Embedder:
             path = self._file(cond, layers)
             if path is not None and path.exists():
                 try:
-                    saved = torch.load(path, weights_only=True)
-                    table = dict(zip(saved["texts"], saved["emb"].unbind(0)))
-                except Exception as e:  # a torn file: recompute
-                    warnings.warn(f"ignoring unreadable embedding cache {path}: {e}")
+                    table = load_embedding_cache(path, self._cache_meta(layers))
+                except ValueError as e:  # corrupt, newer, another model: recompute, then overwrite
+                    warnings.warn(f"ignoring the embedding cache: {e}")
             self.memory[key] = table
         return self.memory[key]
 
@@ -244,9 +287,7 @@ class Embedder:
             self.stats["computed_tokens"] += n_tok
             path = self._file(cond, layers)
             if path is not None:
-                tmp = path.with_suffix(".tmp")
-                torch.save({"texts": list(table), "emb": torch.stack(list(table.values()))}, tmp)
-                tmp.replace(path)
+                save_embedding_cache(path, table, self._cache_meta(layers))
         rows = torch.stack([table[t] for t in texts])  # [N, n_layers, D]
         if not keep:
             self.memory.pop((cond, layers), None)
@@ -468,6 +509,8 @@ def choose(records: list[dict], targets: list[str], criterion: str, layer_search
     records: {"split", "target", "k", "layer", "a", "b"} (k = 0: the unsteered model). Only
     records with split == "dev" are accepted. k maximises the criterion (ties: the smaller k);
     the layer maximises the mean over targets of the best-k criterion (ties: the later layer).
+    Values equal to 9 decimals are ties: means of hit fractions summed in another order may differ
+    in the last bit, and no choice may follow that.
     """
     if any(r["split"] != "dev" for r in records):
         raise ValueError("choose() accepts dev records only")
@@ -480,10 +523,10 @@ def choose(records: list[dict], targets: list[str], criterion: str, layer_search
         cands = [r for r in records if r["target"] == target and r["layer"] == layer and r["k"] > 0]
         if not cands:
             raise ValueError(f"no dev records for target {target!r} at layer {layer}")
-        return max(cands, key=lambda r: (value(r), -r["k"]))
+        return max(cands, key=lambda r: (round(value(r), 9), -r["k"]))  # rounded: sums of fractions
 
     layer_score = {l: float(np.mean([value(best(t, l)) for t in targets])) for l in layers}
-    layer = max(layers, key=lambda l: (layer_score[l], l))
+    layer = max(layers, key=lambda l: (round(layer_score[l], 9), l))
     chosen = {t: best(t, layer) for t in targets}
     pre = {t: next(r for r in records if r["target"] == t and r["layer"] == layer and r["k"] == 0) for t in targets}
     return {
@@ -511,7 +554,7 @@ class _Stages:
     def __call__(self, name: str):
         before = Counter(self.stats)
         start = time.perf_counter()
-        print(f"\n== stage {name} ==", flush=True)
+        log.info("== stage %s ==", name)
         yield
         sec = time.perf_counter() - start
         d = Counter(self.stats)
@@ -520,19 +563,16 @@ class _Stages:
                "computed_tokens": d["computed_tokens"], "cached_sentences": d["cached_sentences"],
                "tokens_per_s": round(d["computed_tokens"] / sec, 1) if sec > 0 and d["computed_tokens"] else None}
         self.rows.append(row)
-        print(f"== stage {name}: {sec:.1f} s, {row['computed_sentences']} sentences "
-              f"({row['computed_tokens']} tokens) embedded, {row['cached_sentences']} from cache ==", flush=True)
+        log.info("== stage %s: %.1f s, %s sentences (%s tokens) embedded, %s from cache ==", name, sec,
+                 row["computed_sentences"], row["computed_tokens"], row["cached_sentences"])
 
 
 def _environment() -> dict:
     import matplotlib
     import scipy
-    import transformers
 
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-           "matplotlib": matplotlib.__version__, "steer": package_version(), "threads": torch.get_num_threads(),
-           "cpu_count": __import__("os").cpu_count()}
+    env = {**environment(), "numpy": np.__version__, "scipy": scipy.__version__,
+           "matplotlib": matplotlib.__version__, "steer": package_version()}
     try:
         here = Path(__file__).resolve().parent
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
@@ -576,14 +616,13 @@ def _run(cfg: StudyConfig) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    by, value, min_auroc = RECIPES[cfg.recipe]
     negatives = [n for n in cfg.negatives if n not in cfg.targets]
     results: dict = {"schema": SCHEMA, "config": dataclasses.asdict(cfg), "environment": _environment(),
                      "corpora": {}}
 
     model_start = time.perf_counter()
-    model, tok = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-    model.eval()
+    device = None if cfg.device == "auto" else cfg.device
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device)
     cache = None
     if cfg.cache_dir is not None:
         cache = _steer_cache_dir() / "study" if cfg.cache_dir == "default" else Path(cfg.cache_dir)
@@ -597,8 +636,8 @@ def _run(cfg: StudyConfig) -> dict:
         raise ValueError(f"layer {cfg.layer} out of range: hidden states 0..{n_layers}")
     all_layers = list(range(1, n_layers + 1))
     dev_layers = sorted(set(all_layers) | {readout}) if (cfg.layer_search or cfg.layer_profile) else [readout]
-    _print_plan(cfg, negatives)
-    results["model"] = {"name": cfg.model, "dtype": cfg.dtype, "architecture": type(model).__name__, "layers": n_layers,
+    _log_plan(cfg, negatives)
+    results["model"] = {"name": cfg.model, "dtype": dtype_name(next(model.parameters()).dtype), "architecture": type(model).__name__, "layers": n_layers,
                         "fingerprint": embedder.fingerprint,
                         "neurons": n_layers * NeuronSites(model).width}
 
@@ -607,17 +646,14 @@ def _run(cfg: StudyConfig) -> dict:
         disc_langs = list(dict.fromkeys(cfg.targets + negatives))
         corpus = bible_corpus(disc_langs, split="discovery", n_per_language=cfg.n_discovery, seed=cfg.seed)
         results["corpora"]["discovery"] = _corpus_entry(corpus)
-        splits = [Split(t, (t,), tuple(l for l in disc_langs if l != t)) for t in cfg.targets]
-        responses = collect(model, tok, corpus, pooling=cfg.pooling, batch_size=cfg.batch_size,
-                            progress=cfg.progress)
-        scores = responses.score(splits)
-        embedder.stats["computed_tokens"] += responses.settings.get("tokens", 0)
+        found = find_experts(model, tok, corpus, k=max(cfg.k_grid), recipe=cfg.recipe, targets=cfg.targets,
+                             negatives=disc_langs, pooling=cfg.pooling, batch_size=cfg.batch_size,
+                             progress=cfg.progress)
+        scores, experts = found.scores, found.experts
+        embedder.stats["computed_tokens"] += scores.settings.get("tokens", 0)
         embedder.stats["computed_sentences"] += len(corpus)
-        del responses
-        k_max = max(cfg.k_grid)
-        experts = select_experts(scores, k_max, by=by, value=value, min_auroc=min_auroc)
-        results["experts"] = _experts_summary(experts, scores, cfg, splits)
-        del scores
+        results["experts"] = _experts_summary(experts, scores, cfg, scores.splits)
+        del found, scores
     k_avail = {t: len(experts.experts[t]["layer"]) for t in cfg.targets}
     grid = {t: [k for k in cfg.k_grid if k <= k_avail[t]] or [k_avail[t]] for t in cfg.targets}
 
@@ -656,7 +692,7 @@ def _run(cfg: StudyConfig) -> dict:
     ks = chosen["k"]
     results["dev"] = {"records": _stringify(records), "chosen": chosen, "readout_default": readout,
                       "representation": "centred" if primary_centred else "raw"}
-    print(f"chosen on dev: layer {layer}, k {ks}", flush=True)
+    log.info("chosen on dev: layer %s, k %s", layer, ks)
 
     # 3. test -----------------------------------------------------------------------------------
     test_results: dict = {}
@@ -758,7 +794,7 @@ def _run(cfg: StudyConfig) -> dict:
     results["verdict"] = verdict(results)
     results = _stringify(results)
     write_outputs(results, out)
-    _print_stage_table(results["stages"], results["total_seconds"])
+    _log_stage_table(results["stages"], results["total_seconds"])
     return results
 
 
@@ -840,7 +876,7 @@ def _shrink_png(path: Path, limit: int = 200_000) -> None:
         pass
 
 
-def _print_plan(cfg: StudyConfig, negatives: list[str]) -> None:
+def _log_plan(cfg: StudyConfig, negatives: list[str]) -> None:
     """What the run will push through the model, in sentences per stage (before caching)."""
     n_lang, n_t = len(cfg.languages), len(cfg.targets)
     n_k = len(cfg.k_grid)
@@ -853,17 +889,18 @@ def _print_plan(cfg: StudyConfig, negatives: list[str]) -> None:
         "udhr": (1 + n_t) * 50 * n_lang if cfg.udhr else 0,
         "test k sweep": n_t * n_k * cfg.n_test * n_lang if cfg.test_k_sweep else 0,
     }
-    print("plan (sentences through the model, before caching): "
-          + ", ".join(f"{k} {v:,}" for k, v in plan.items() if v) + f"; total {sum(plan.values()):,}", flush=True)
+    log.info("plan (sentences through the model, before caching): %s; total %s",
+             ", ".join(f"{k} {v:,}" for k, v in plan.items() if v), f"{sum(plan.values()):,}")
 
 
-def _print_stage_table(stages: list[dict], total: float) -> None:
-    print("\nstage times:")
+def _log_stage_table(stages: list[dict], total: float) -> None:
+    lines = ["stage times:"]
     for s in stages:
         tok = s.get("computed_tokens")
         extra = f"  {tok} tokens, {s.get('tokens_per_s')} tok/s" if tok else ""
-        print(f"  {s['stage']:<16} {s['seconds']:>8.1f} s{extra}")
-    print(f"  {'total':<16} {total:>8.1f} s")
+        lines.append(f"  {s['stage']:<16} {s['seconds']:>8.1f} s{extra}")
+    lines.append(f"  {'total':<16} {total:>8.1f} s")
+    log.info("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -908,9 +945,9 @@ def write_outputs(results: dict, out: Path) -> None:
     out = Path(out)
     figures = make_figures(results, out)
     results["figures"] = figures
-    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False))
-    (out / "report.md").write_text(render_report(results, out))
-    print(f"wrote {out}/report.md, results.json and {len(figures)} figures", flush=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False))
+    atomic_write_text(out / "report.md", render_report(results, out))
+    log.info("wrote %s/report.md, results.json and %d figures", out, len(figures))
 
 
 def _figure(w: float, h: float, n_cols: int = 1, n_rows: int = 1):
@@ -1162,7 +1199,7 @@ def render_report(results: dict, out: Path | None = None) -> str:
         rows.append([t, e["n_pos"], e["n_neg"], e["n_auroc_above_half"], e["n_selected"],
                      _f(e["neurons"][min(chosen['k'][t], len(e['neurons'])) - 1][3]) if e["neurons"] else "n/a",
                      hist, "; ".join(f"L{r[0]}/{r[1]} v={r[2]:.2f}" for r in top)])
-    md.append(_table(["target", "n+", "n-", f"neurons with AUROC > 0.5", "selected (max k)", f"{ex['by']} of k-th",
+    md.append(_table(["target", "n+", "n-", "neurons with AUROC > 0.5", "selected (max k)", f"{ex['by']} of k-th",
                       "layers of the selected", "top 3 (value)"], rows))
     if ex["overlap"]:
         md.append("\nShared experts between targets (max k): " + ", ".join(f"{k}: {v}" for k, v in ex["overlap"].items()))
@@ -1442,9 +1479,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                 "complete protocol (targets en,de,fr,es,ja; all 22 Bible languages; k up to 2000; a descriptive "
                 "k sweep on test); options given explicitly override it."))
     p.add_argument("--model", default=None, help=f"built-in name or local checkpoint (default {d.model})")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="model weights and activations (default bfloat16: Gemma 3's native dtype, about 2.4x "
-                        "faster than float32 on a CPU with AMX; embeddings agree with float32 to cos >= 0.9999)")
     p.add_argument("--targets", type=_csv, default=None, help=f"target languages (default {','.join(d.targets)})")
     p.add_argument("--languages", type=_csv, default=None,
                    help=f"evaluated Bible languages (default {','.join(d.languages)})")
@@ -1491,7 +1525,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--generation-results", default=None,
                    help="a language-steering results JSON to render as an extra report section "
                         "(default: <out>/generation.json when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--full", action="store_true", default=None, help="the complete protocol for a bigger machine")
     p.add_argument("--render", metavar="RESULTS_JSON", default=None,
@@ -1523,11 +1557,11 @@ def cmd_study(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="steer")
-    add_parser(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    args.func(args)
+    """`python -m steer.study ...`: the same as `steer study ...`."""
+    from .cli import main as cli_main
+
+    cli_main(["study", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -55,7 +55,7 @@ def earlier(base, tmp_path):
 
 def find(base, out, *extra, corpus=None, model=None):
     main(["find-experts", "--model", str(model or base / "ckpt"), "--corpus", str(corpus or base / "corpus.tsv"),
-          *STREAM, "--out", str(out), *extra])
+          *STREAM, "--out", str(out), "--debug", *extra])  # --debug: the exception itself, not exit 2
 
 
 def test_empty_corpus_or_label(base, earlier, tmp_path):
@@ -90,13 +90,12 @@ def test_label_without_positives_or_negatives_follows_the_rule(base, earlier, tm
         assert len(experts.rows("fr")) == 3
         stats = (tmp_path / mode / "statistics.csv").read_text().splitlines()
         assert all(",nan,nan," in row for row in stats if row.startswith("xx,"))
-    # a corpus of one label: no negatives -> AP 1.0 (as scikit-learn), AUROC NaN, with a warning
+    # a corpus of one label: no negatives, no experts -> refused before the forward pass (issue 17)
     one = tmp_path / "one.tsv"
     one.write_text("\n".join(line for line in LINES if line.startswith("fr")) + "\n")
-    with pytest.warns(UserWarning, match="no negative"):
+    with pytest.raises(ValueError, match=r"the corpus has one label \('fr'\): experts need at least two"):
         find(base, tmp_path / "one", corpus=one)
-    rows = ExpertSet.load(tmp_path / "one" / "experts").rows("fr")
-    assert [r["score"] for r in rows] == [1.0] * 3 and all(r["other"] != r["other"] for r in rows)  # NaN
+    assert not (tmp_path / "one" / "experts").exists()
     assert snapshot(out) == before
 
 
@@ -193,7 +192,7 @@ def test_corrupt_or_truncated_checkpoint(base, earlier):
     flipped = bytearray(good)
     flipped[-5] ^= 0xFF  # one flipped bit in the tensors: the header still parses
     ckpt.write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="is corrupt: its tensors do not match the sha256"):
+    with pytest.raises(ValueError, match="is corrupt: its tensors or metadata do not match the sha256"):
         find(base, out, "--resume")
     shutil.copy(out / "state.safetensors", ckpt)
     with pytest.raises(ValueError, match="is a streaming state, not a checkpoint"):
@@ -215,6 +214,6 @@ def test_corrupt_or_truncated_expert_or_state_file(base, earlier, tmp_path):
         ExpertSet.load(bad / "experts")
     data = (bad / "state.safetensors").read_bytes()
     (bad / "state.safetensors").write_bytes(data[:50])
-    with pytest.raises(SystemExit, match=r"state\.safetensors is corrupt or truncated"):
-        main(["score", str(bad), "--out", str(out)])  # writing over the earlier outputs: refused first
+    with pytest.raises(ValueError, match=r"state\.safetensors is corrupt or truncated"):
+        main(["score", str(bad), "--out", str(out), "--debug"])  # writing over the earlier outputs: refused first
     assert snapshot(out) == before

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from steer.cli import main
 from steer.experts import ExpertSet
@@ -41,14 +40,19 @@ def test_find_experts_then_score(checkpoint, tmp_path, capsys):
     assert all(r["score"] > 0.5 for r in re.rows("fr"))
 
 
-def test_missing_responses_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="neither responses.safetensors nor state.safetensors"):
+def test_missing_responses_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
         main(["score", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert exit.value.code == 2
+    assert "neither responses.safetensors nor state.safetensors" in capsys.readouterr().err
 
 
-def test_unknown_model_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a built-in model"):
-        main(["info", "--model", str(tmp_path / "nope")])
+def test_unknown_model_path_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["info", "--model", str(tmp_path / "no" / "such" / "model")])
+    assert exit.value.code == 2 and "neither a built-in model" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="neither a built-in model"):  # --debug: the exception itself
+        main(["info", "--model", str(tmp_path / "no" / "such" / "model"), "--debug"])
 
 
 def test_stream_mode_gives_the_exact_experts(checkpoint, tmp_path, capsys):

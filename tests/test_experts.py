@@ -33,7 +33,8 @@ def test_sundar_recipe_auroc_threshold_mean_value_and_bottom_k():
     ap = torch.full((2, 3), 0.5)
     on_mean = torch.arange(6.0).view(2, 3).double()
     s = synthetic_scores(ap, auroc, on_mean)
-    e = select_experts(s, k=10, by="auroc", value="on_mean", min_auroc=0.5, bottom_k=2).experts["x"]
+    with pytest.warns(UserWarning, match=r"label 'x': only 2 neurons have finite auroc and AUROC > 0.5"):
+        e = select_experts(s, k=6, by="auroc", value="on_mean", min_auroc=0.5, bottom_k=2).experts["x"]
     pairs = list(zip(e["layer"].tolist(), e["unit"].tolist()))
     assert pairs == [(0, 0), (1, 0), (0, 2), (0, 1)]  # 2 with AUROC > 0.5, then lowest AUROC < 0.5
     assert e["sign"].tolist() == [1, 1, -1, -1]

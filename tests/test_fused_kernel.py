@@ -152,17 +152,23 @@ def test_reference_compiles_fullgraph():
 
 # --- kernel vs reference ------------------------------------------------------------------
 
+# (B, T, M): on CPU 2 position chunks of 16 and 2 neuron blocks of 128, both partial; CUDA's
+# blocks (32 x 128) need the longer shape for several partial chunks and blocks
+EXACT_SHAPES = [(3, 21, 131)] + ([(3, 75, 300)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("shape", EXACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("verb", ["set", "scale", "add", "zero", "mixed"])
-def test_override_pool_max_and_counts_exact(verb, dtype):
+def test_override_pool_max_and_counts_exact(verb, dtype, shape):
     """Ungated relu of inputs >= 0 is the identity, so the neuron tensor is exact and the
     override (one rounding to dtype), pool_max and the counts must be bit-identical."""
     gen = torch.Generator().manual_seed(2)
-    B, T, M = 3, 21, 131  # 2 position chunks, 2 neuron blocks, both partial
+    B, T, M = shape
     up = randn(B, T, M, gen=gen).abs().to(dtype)
     override = verb_override(verb, M, gen)
     steer = bools(B, T, gen=gen, p=0.5)
-    pool = lengths_to_tokens([21, 7, 0], T)  # row 2 has no token
+    pool = lengths_to_tokens([T, 7, 0], T)  # row 2 has no token
     kwargs = dict(act="relu", override=override, steer_tokens=steer, pool_tokens=pool)
 
     h, pool_max, pool_sum = kernel(up, **kwargs)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import steer.generate as G
+import steer.generation as G
 from steer.adapters import NeuronSites
 from steer.experts import FORMAT_VERSION, ExpertSet
 from steer.intervention import Intervention, intervene

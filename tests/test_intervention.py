@@ -1,4 +1,5 @@
 """The reference intervention: the down projection receives exactly the forced values, nothing else."""
+import os
 import subprocess
 import sys
 
@@ -111,11 +112,13 @@ def test_bad_indices_and_shapes_are_clear_errors():
 def test_compiled_model_sees_hooks_added_after_compiling_and_on_another_copy():
     """torch 2.13 skips guards on module hooks by default: a graph compiled before the steering
     hooks existed (or for an unsteered copy of the same class) would run without them, silently.
-    steer turns those guards on when imported (`guard_hooks`), so hooks added or removed after
-    compiling count. backend="eager": the guards are dynamo's, no need to generate code."""
+    steer turns those guards on when it first adds hooks, dropping graphs compiled without them
+    (`guard_hooks`), so hooks added or removed after compiling count. The flag starts as torch
+    leaves it in a fresh process. backend="eager": the guards are dynamo's, no code generated."""
     import copy
 
     torch._dynamo.reset()
+    torch._dynamo.config.skip_nnmodule_hook_guards = True  # torch's default: as in a fresh process
     model = tiny_model("llama")
     ids, mask = batch([5, 3])
     iv = Intervention.for_model(model).set(0, [0, 1, 2], 5.0)
@@ -133,7 +136,16 @@ def test_compiled_model_sees_hooks_added_after_compiling_and_on_another_copy():
     torch._dynamo.reset()
 
 
-def test_importing_steer_turns_on_hook_guards():
-    code = ("import torch; assert torch._dynamo.config.skip_nnmodule_hook_guards\n"
-            "import steer; assert not torch._dynamo.config.skip_nnmodule_hook_guards")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_importing_steer_changes_no_process_state():
+    """No environment variable, matplotlib backend, logging set-up or torch setting changes on
+    import (nor does Triton or dynamo get imported, which would set TORCHINDUCTOR_CACHE_DIR)."""
+    code = ("import logging, os, sys, matplotlib, torch\n"
+            "env, backend, threads = dict(os.environ), matplotlib.get_backend(), torch.get_num_threads()\n"
+            "handlers = list(logging.getLogger().handlers)\n"
+            "import steer\n"
+            "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())\n"
+            "assert matplotlib.get_backend() == backend and torch.get_num_threads() == threads\n"
+            "assert logging.getLogger().handlers == handlers and not logging.getLogger('steer').handlers\n"
+            "assert 'triton' not in sys.modules and 'torch._dynamo' not in sys.modules\n")
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, env={k: v for k, v in os.environ.items()
+                                                                       if k != "TORCHINDUCTOR_CACHE_DIR"})

