@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment("float32")
-    model, tok = load_model("gemma-3-270m", dtype="float32")
+    model, tok = load_model("gemma-3-270m", dtype="float32", device="cpu")
     corpus = bible_corpus(LANGUAGES, split="discovery", n_per_language=args.n)
     plan = sorted_plan(tok, corpus, 16, MAX_TOKENS)
     tokens = sum(len(ids) for batch in plan for ids in batch)

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=200, help="Bible test verses")
     args = p.parse_args(argv)
     env = environment("float32")
-    model, tok = load_model("gemma-3-270m", dtype="float32")
+    model, tok = load_model("gemma-3-270m", dtype="float32", device="cpu")
     bible, _ = table("Bible test split", bible_parallel(BIBLE, split="test", n=args.n).texts, model, tok)
     udhr, _ = table("UDHR", udhr_parallel(UDHR).texts, model, tok)
     write_results("retrieval_baseline", finish(env), [bible, udhr],

@@ -55,7 +55,7 @@ def load():
     from steer.models import load_model
 
     t0 = time.perf_counter()
-    model, tok = load_model(MODEL, dtype=torch.float32)
+    model, tok = load_model(MODEL, dtype=torch.float32, device="cpu")
     log(f"loaded {MODEL} in {time.perf_counter() - t0:.1f} s (padding side {tok.padding_side})")
     return model, tok
 

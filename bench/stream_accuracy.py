@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--calibration", type=int, default=1000)
     args = p.parse_args(argv)
     env = environment("float32")
-    model, tok = load_model("gemma-3-270m", dtype="float32")
+    model, tok = load_model("gemma-3-270m", dtype="float32", device="cpu")
     corpus = bible_corpus(LANGUAGES, split="discovery", n_per_language=args.n)
     responses = collect(model, tok, corpus)
     flat = responses.values.flatten(1)  # [N, L*M]

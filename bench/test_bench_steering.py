@@ -7,7 +7,8 @@ import torch
 
 import todays_way
 from steer.adapters import NeuronSites, base_inputs
-from steer.intervention import Intervention, intervene
+from steer.backends import intervene
+from steer.intervention import Intervention
 from tiny import batch, tiny_model
 
 UNITS = torch.arange(0, 48, 4)  # 12 of the 48 neurons of every layer

@@ -7,7 +7,8 @@ Each op has three files: `<op>_ref.py` (the semantics in plain torch: the CPU pa
 reference), `<op>_triton.py` (the Triton kernel, registered as `torch.ops.steer.<op>`) and
 `<op>.py` (the dispatcher). Triton is imported only when a Triton path runs (`triton_module`):
 importing steer imports neither Triton nor Inductor, and works where Triton does not install.
-`use_triton` is the one backend rule every dispatcher follows.
+`use_triton` is the one backend rule every dispatcher follows. The histogram update has a
+fourth, `histogram_cpu.py`: a compiled CPU loop that "auto" takes on CPU (equal counts).
 """
 import importlib
 
@@ -22,11 +23,18 @@ def use_triton(backend: str, tensor) -> bool:
     return backend == "triton" or (backend == "auto" and tensor.is_cuda)
 
 
+_LOADED: dict = {}  # name -> module: after the first import a plain dict look-up, which
+# torch.compile traces (it refuses importlib inside a graph)
+
+
 def triton_module(name: str):
     """`steer.kernels.<name>` (a Triton module), imported on first use; a clear ImportError where
     Triton does not import (macOS, Windows: use backend "auto" or "torch" there)."""
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ImportError as e:
-        raise ImportError(f"the Triton path needs Triton, which does not import here ({e}); "
-                          "use backend='auto' or 'torch'") from e
+    module = _LOADED.get(name)
+    if module is None:
+        try:
+            module = _LOADED[name] = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as e:
+            raise ImportError(f"the Triton path needs Triton, which does not import here ({e}); "
+                              "use backend='auto' or 'torch'") from e
+    return module

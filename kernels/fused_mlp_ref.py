@@ -11,7 +11,9 @@ It spells out, one readable step at a time, what `steer.kernels.fused_mlp` compu
    (`pool_tokens`): padding never counts, so results do not depend on padding side or batch.
 
 Only traceable tensor ops, no Python branching on tensor values: `torch.compile(fullgraph=True)`
-turns it into one fused loop on CPU.
+turns it into one fused loop on CPU. The override and the pooling are functions of their own
+(`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`): the hooks backend, collection
+and embeddings use the same ones, so each semantic is written once.
 """
 import torch
 import torch.nn.functional as F
@@ -49,16 +51,43 @@ def fused_mlp_ref(
         value = fn(gate.float()) * up.float()  # [B, T, M]
 
     if override is not None:
-        mask, mul, add = override  # [M] each
-        steered = mask if steer_tokens is None else steer_tokens[..., None] & mask  # [B, T, M]
-        value = torch.where(steered, value * mul.float() + add.float(), value)
+        value = apply_override(value, *override, steer_tokens)
 
     h = value.to(up.dtype).contiguous()  # [B, T, M]
     if pool_tokens is None:
         return h, None, None
+    return h, pool_max(h, pool_tokens), pool_sum(h, pool_tokens)
 
-    keep = pool_tokens[..., None]  # [B, T, 1]
-    written = h.float()  # [B, T, M]
-    pool_max = written.masked_fill(~keep, float("-inf")).amax(dim=1)  # [B, M]
-    pool_sum = written.masked_fill(~keep, 0.0).sum(dim=1)  # [B, M]
-    return h, pool_max, pool_sum
+
+# The semantics every path shares: the reference hooks (steer.backends), this op and its
+# Triton kernel, collection and embeddings. Each is written once, here.
+
+def apply_override(value: torch.Tensor, mask: torch.Tensor, mul: torch.Tensor, add: torch.Tensor,
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """value [B, T, M] with `value * mul + add` (computed in fp32, cast back to value's dtype) where
+    `mask` [M] and `tokens` [B, T] (None: every position) are both true; every other element
+    bit-identical."""
+    sel = mask if tokens is None else tokens[..., None] & mask  # [B, T, M] or [M]
+    return torch.where(sel, (value.float() * mul.float() + add.float()).to(value.dtype), value)
+
+
+def pool_max(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Max of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32 (-inf
+    for a row without tokens)."""
+    return h.float().masked_fill(~tokens[..., None], float("-inf")).amax(dim=1)
+
+
+def pool_sum(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Sum of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32. Masked,
+    not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN."""
+    return h.float().masked_fill(~tokens[..., None], 0.0).sum(dim=1)
+
+
+def pool_mean(pooled_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A `pool_sum` [B, M] divided by each row's token count."""
+    return pooled_sum / tokens.sum(1, keepdim=True)
+
+
+def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """Max or mean of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32."""
+    return pool_max(h, tokens) if how == "max" else pool_mean(pool_sum(h, tokens), tokens)

@@ -10,7 +10,8 @@ from .embed import embed
 from .experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from .find import FindConfig, find_experts
 from .generation import generate, perplexity
-from .intervention import Intervention, intervene
+from .backends import intervene
+from .intervention import Intervention
 from .metrics import auroc, average_precision, score_splits
 from .models import load_model
 from .runtime import native_dtype

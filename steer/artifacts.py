@@ -181,14 +181,13 @@ def _remove_stale(path: Path, suffixes: tuple[str, ...]) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`, atomically: a temporary file in the target's directory,
-    fsync, then rename over the target (and fsync of the directory), so a reader or a crash sees
-    either the previous file or the new one, never a mix."""
+def _atomic_replace(path, write) -> Path:
+    """`write(tmp)` to a temporary file in `path`'s directory, fsync it, rename it over `path`, fsync
+    the directory: a reader or a crash sees the previous file or the new one, never a mix."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -197,24 +196,17 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | No
             tmp.unlink()
     _fsync_dir(path.parent)
     _remove_stale(path, ("tmp",))
+    return path
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, atomically (`_atomic_replace`)."""
+    _atomic_replace(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
 
 def atomic_write_text(path, text: str) -> Path:
-    """A text file (JSON, CSV, a summary) written as `atomic_save_file` writes tensors: temporary
-    file, fsync, rename; a crash leaves the previous file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    """A text file (JSON, CSV, a summary), atomically (`_atomic_replace`)."""
+    return _atomic_replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _exchange(a: Path, b: Path) -> bool:

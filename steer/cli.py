@@ -1,4 +1,4 @@
-"""The `steer` command line: `steer find-experts`, `steer score`, `steer info`.
+"""The `steer` command line: `steer find-experts`, `score`, `generate`, `study`, `info`.
 
 Each subcommand is a thin shell over the Python API: it parses options, calls the library, and
 writes files other tools can read (safetensors, JSON, CSV) plus a readable summary.
@@ -136,6 +136,7 @@ def cmd_find_experts(args) -> None:
     from .find import choose_mode, find_experts, splits_for
     from .models import load_model
 
+    device, dtype = runtime.apply(args)
     out = writable_dir(args.out)
     ckpt = out / "checkpoint.safetensors"
     if args.resume and not ckpt.exists():
@@ -159,7 +160,6 @@ def cmd_find_experts(args) -> None:
     group = init_from_env()  # torchrun: WORLD_SIZE > 1
     try:
         start = time.perf_counter()
-        device, dtype = runtime.apply(args)
         model, tok = load_model(args.model, device=device, dtype=dtype)
         from .adapters import NeuronSites
 
@@ -278,8 +278,8 @@ def parser() -> argparse.ArgumentParser:
     _add_selection(s)
     s.set_defaults(func=cmd_score)
 
-    from .generation import add_parser as add_generate
-    from .study import add_parser as add_study
+    from .experiments.generate_cli import add_parser as add_generate
+    from .experiments.study.cli import add_parser as add_study
 
     add_generate(sub)
     add_study(sub)
@@ -305,6 +305,7 @@ def _show_logs() -> None:
     if not any(isinstance(h, _Print) for h in logger.handlers):
         logger.addHandler(_Print())
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, even where the caller configured the root logger
 
 
 #: errors in what the user asked for (exit code 2); anything else is a failure (exit code 1)

@@ -52,7 +52,7 @@ from . import artifacts
 from .adapters import NeuronSites, base_inputs, check_eval
 from .corpus import Corpus, Record, check_labels
 from .distributed import Group, current
-from .intervention import guard_hooks
+from . import backends
 from .metrics import check_k, score_splits
 from .stream import StreamState, calibrate_edges, shortlist
 
@@ -67,15 +67,6 @@ MAX_TOKENS = 8192
 CHECKPOINT_VERSION = 1  # a checkpoint: a steer.stream file whose extra metadata has this format
 CHECKPOINT_FORMAT = f"steer.checkpoint/{CHECKPOINT_VERSION}"
 RESPONSES_VERSION = 1  # steer.responses files (artifacts.py); unversioned older ones are read
-
-
-def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
-    """Pool h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32."""
-    h = h.float()
-    if how == "max":
-        return h.masked_fill(~tokens[:, :, None], float("-inf")).amax(1)
-    # masked, not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN
-    return h.masked_fill(~tokens[:, :, None], 0.0).sum(1) / tokens.sum(1, keepdim=True)
 
 
 def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, limit: int | None = None,
@@ -132,55 +123,6 @@ def pad(rows: list[list], value, side: str = "right") -> torch.Tensor:
     width = max(len(r) for r in rows)
     fill = [[value] * (width - len(r)) for r in rows]
     return torch.tensor([r + f if side == "right" else f + r for r, f in zip(rows, fill)])
-
-
-class Pooler:
-    """Pre-hooks that pool each layer's neuron tensor of the current batch into `pooled` [B, L, M].
-
-    The fused path (`steer.patch`) has the same three attributes and does this inside its op.
-    """
-
-    def __init__(self, sites: NeuronSites, pooling: str):
-        guard_hooks()
-        self.sites, self.pooling = sites, pooling
-        self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, set before each forward
-        self.pooled: torch.Tensor | None = None
-        self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(sites.modules)]
-
-    def _hook(self, layer: int):
-        def pre_hook(module, args):
-            h = self.sites.view(args[0], self.pool_tokens.shape[0])  # [B, T, M]
-            self.pooled[:, layer] = pool(h, self.pool_tokens, self.pooling)
-
-        return pre_hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _pooler(model: nn.Module, sites: NeuronSites, pooling: str, backend: str):
-    """(pooler, undo) for a backend: reference hooks, or the fused op (patched here if need be)."""
-    if backend == "hooks":
-        p = Pooler(sites, pooling)
-        return p, p.remove
-    if backend != "fused":
-        raise ValueError(f"backend={backend!r}; choose 'hooks' or 'fused'")
-    from .patch import patch
-
-    if any(m._forward_pre_hooks for m in sites.modules):
-        raise RuntimeError("hooks are active on the down projections (a hook-based intervene?); "
-                           "with backend='fused', patch the model first and intervene after")
-    existing = getattr(model, "_steer_patch", None)
-    p = existing or patch(model)
-    p.pooling = pooling
-
-    def undo():
-        p.pool_tokens = p.pooled = None
-        if existing is None:
-            p.revert()
-
-    return p, undo
 
 
 def _nonfinite_info(counts: torch.Tensor, width: int, top: int = 10) -> dict:
@@ -362,7 +304,7 @@ def token_limit(model: nn.Module, max_length: int | None) -> int | None:
     return max_length
 
 
-def _check(pooling: str, too_long: str, batch_size: int, window: int = WINDOW,
+def check_batching(pooling: str, too_long: str, batch_size: int, window: int = WINDOW,
            max_tokens: int | None = None) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
@@ -372,6 +314,15 @@ def _check(pooling: str, too_long: str, batch_size: int, window: int = WINDOW,
         raise ValueError(f"batch_size ({batch_size}) and window ({window}) must be >= 1")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens ({max_tokens!r}) must be an int >= 1, or None (no token budget)")
+
+
+def check_stream(bins: int, calibration: int, checkpoint, checkpoint_every: int, resume: bool) -> None:
+    """The streaming options `collect_stream` takes besides the batching ones (`_check`)."""
+    if checkpoint is None and (checkpoint_every or resume):
+        raise ValueError("checkpoint_every / resume need a checkpoint path")
+    if calibration < 1 or bins < 4 or checkpoint_every < 0:
+        raise ValueError(f"calibration ({calibration}) must be >= 1, bins ({bins}) >= 4 and "
+                         f"checkpoint_every ({checkpoint_every}) >= 0")
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -385,31 +336,36 @@ def _input_device(model: nn.Module) -> torch.device:
 class _Forward:
     """The base model over padded batches, returning pooled responses [B, L, M] fp32.
 
-    A context manager: entering installs the pooler (hooks or the fused op), leaving removes it.
+    A context manager: entering finds the model's backend (`steer.backends.use`: the attached one,
+    or hooks / the fused patch added for the duration), leaving removes what it added.
     """
 
     def __init__(self, model: nn.Module, tokenizer, sites: NeuronSites, pooling: str, backend: str):
         self.model, self.tokenizer, self.sites = model, tokenizer, sites
-        self.pooling, self.backend = pooling, backend
+        self.pooling, self.kind = pooling, backend
         self.device = _input_device(model)
-        self.pooler = self._undo = None
+        self.backend, self.owned = None, False
 
     def __enter__(self) -> "_Forward":
-        self.pooler, self._undo = _pooler(self.model, self.sites, self.pooling, self.backend)
+        self.backend, self.owned = backends.use(self.model, self.kind)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._undo()
+        self.backend.stop_pooling()
+        if self.owned:
+            self.backend.remove()
 
     def __call__(self, ids: list[list[int]], pooled: list[list[bool]]) -> torch.Tensor:
         side, dev = self.tokenizer.padding_side, self.device
         input_ids = pad(ids, self.tokenizer.pad_token_id or 0, side).to(dev)  # [B, T]
         mask = pad([[1] * len(t) for t in ids], 0, side).to(dev)  # [B, T]
-        self.pooler.pool_tokens = pad(pooled, False, side).to(dev)  # [B, T]
-        self.pooler.pooled = torch.empty(len(ids), self.sites.n_layers, self.sites.width, device=dev)
-        with torch.inference_mode():
-            self.model.base_model(**base_inputs(self.model, input_ids, mask))
-        return self.pooler.pooled  # [B, L, M]
+        out = self.backend.start_pooling(pad(pooled, False, side).to(dev), self.pooling)  # [B, L, M]
+        try:
+            with torch.inference_mode():
+                self.model.base_model(**base_inputs(self.model, input_ids, mask))
+        finally:
+            self.backend.stop_pooling()
+        return out
 
 
 def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str], sites: NeuronSites, *,
@@ -420,7 +376,7 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
     """Yield (rows, pooled [B, L, M] fp32 on the model's device) for the batches of `texts` planned
     by `batches` (at most batch_size sentences and max_tokens padded tokens, longest first; all
     of them tokenized up front: the exact mode's in-memory path)."""
-    _check(pooling, too_long, batch_size, max_tokens=max_tokens)
+    check_batching(pooling, too_long, batch_size, max_tokens=max_tokens)
     if not texts:
         return
     run = run if run is not None else Run()
@@ -512,7 +468,8 @@ def plan_batches(records, tokenizer, *, batch_size: int, max_tokens: int | None 
 def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **options) -> dict:
     settings = {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
-        "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width, **options,
+        "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
+        "dtype": str(sites.modules[0].weight.dtype).removeprefix("torch."), **options,
         "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
     }
     if run is not None:
@@ -676,12 +633,8 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
         raise ValueError("the corpus is empty")
     check_eval(model)
     check_labels(corpus)
-    _check(pooling, too_long, batch_size, window, max_tokens)
-    if checkpoint is None and (checkpoint_every or resume):
-        raise ValueError("checkpoint_every / resume need a checkpoint path")
-    if calibration < 1 or bins < 4 or checkpoint_every < 0:
-        raise ValueError(f"calibration ({calibration}) must be >= 1, bins ({bins}) >= 4 and "
-                         f"checkpoint_every ({checkpoint_every}) >= 0")
+    check_batching(pooling, too_long, batch_size, window, max_tokens)
+    check_stream(bins, calibration, checkpoint, checkpoint_every, resume)
     sites = NeuronSites(model, neuron_module)
     device = sites.modules[0].weight.device
     limit = token_limit(model, max_length)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import base_inputs, check_eval
+from .kernels.fused_mlp_ref import pool
 from .collect import MAX_TOKENS, batches, pad
 
 
@@ -92,17 +93,14 @@ def embed(
                     if not -len(hidden) <= k < len(hidden):
                         raise IndexError(f"layer {k} out of range: {len(hidden)} hidden states")
                     out[k] = torch.empty(len(ids), hidden[k].shape[-1], dtype=torch.float32)
-            pool = mask.clone()  # [batch, pos]
+            tokens = mask.clone()  # [batch, pos]: the positions averaged
             for r, i in enumerate(rows):
                 if skip[i]:
-                    pool[r, int((mask[r] == 0).sum()) if left else 0] = 0
-            pool = pool.to(device).bool().unsqueeze(-1)  # [batch, pos, 1]
-            count = pool.sum(1).float()  # [batch, 1]
+                    tokens[r, int((mask[r] == 0).sum()) if left else 0] = 0
+            tokens = tokens.to(device).bool()  # [batch, pos]
             index = torch.tensor(rows)
             for k in out:
-                # where, not a product: padding positions may hold non-finite values
-                summed = torch.where(pool, hidden[k].float(), 0.0).sum(1)  # [batch, D]
-                out[k][index] = (summed / count).cpu()
+                out[k][index] = pool(hidden[k], tokens, "mean").cpu()  # [batch, D]
             bar.update(sum(len(ids[i]) for i in rows))
     return out[-1] if layers == "last" else out
 

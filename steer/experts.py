@@ -74,6 +74,11 @@ class ExpertSet:
             raise KeyError(f"no experts for {concept!r}; concepts: {self.concepts}")
         return self.experts[concept]
 
+    def check_k(self, concept: str, k: int, name: str = "k", *, allow_zero: bool = False) -> int:
+        """`k` as an int if `concept` holds that many experts (`metrics.check_k`), else ValueError."""
+        return check_k(k, name, allow_zero=allow_zero, available=len(self._get(concept)["layer"]),
+                       where=f"the set holds {{n}} experts for {concept!r}")
+
     def intervention(self, concept: str, model: nn.Module | None = None, *, k: int | None = None,
                      positions: str = "all", strength: float = 1.0) -> Intervention:
         """Force the first k experts of `concept` to `strength` x their value.
@@ -82,8 +87,7 @@ class ExpertSet:
         With `model`, its shapes are checked (error) and its fingerprint compared (warning).
         """
         e = self._get(concept)
-        n = len(e["layer"])
-        k = n if k is None else check_k(k, available=n, where=f"the set holds {{n}} experts for {concept!r}")
+        k = len(e["layer"]) if k is None else self.check_k(concept, k)
         if model is not None:
             self.check(model)
         iv = Intervention(*self.shape, positions=positions)

@@ -12,13 +12,15 @@ Every option is checked before the first forward pass.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from .adapters import NeuronSites, check_eval
-from .collect import MAX_TOKENS, WINDOW, Responses, Scores, Split, collect, collect_stream, refine
+from .backends import BACKENDS
+from .collect import (MAX_TOKENS, WINDOW, Responses, Scores, Split, check_batching, check_stream, collect,
+                      collect_stream, refine)
 from .corpus import check_labels
 from .distributed import Group, current
 from .experts import RECIPES, ExpertSet, check_k, select_experts
@@ -57,7 +59,6 @@ class FindConfig:
     checkpoint_every: int = 0
     resume: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # recorded with the scores' settings
 
     def selection(self) -> tuple[str, str, float | None]:
         """(by, value, min_auroc) after the recipe."""
@@ -75,11 +76,24 @@ class FindConfig:
         check_k(self.bottom_k, "bottom_k", allow_zero=True)
         if self.memory_budget_gib <= 0:
             raise ValueError(f"memory_budget_gib={self.memory_budget_gib}: must be positive")
-        if (self.checkpoint_every or self.resume) and self.checkpoint is None:
-            raise ValueError("checkpoint_every / resume need a checkpoint path")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}; choose one of {BACKENDS}")
+        check_batching(self.pooling, self.too_long, self.batch_size, self.window, self.max_tokens)
+        check_stream(self.bins, self.calibration, self.checkpoint, self.checkpoint_every, self.resume)
+        if self.mode == "exact" and (self.checkpoint_every or self.resume):
+            raise ValueError("checkpoints are a streaming feature: use mode stream (or auto)")
         return self
+
+    def check_model(self, sites: NeuronSites) -> None:
+        """The options that need the model: layers in range, k and bottom_k within its neurons."""
+        layers = self.layers if self.layers is not None else range(sites.n_layers)
+        bad = [l for l in layers if not 0 <= l < sites.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {sites.n_layers} layers")
+        n = len(set(layers)) * sites.width
+        where = "the model has {n} neurons" if self.layers is None else "the chosen layers hold {n} neurons"
+        check_k(self.k, "k", available=n, where=where)
+        check_k(self.bottom_k, "bottom_k", allow_zero=True, available=n, where=where)
 
 
 @dataclass
@@ -106,7 +120,11 @@ def splits_for(labels: list[str], targets: list[str] | None = None,
     targets = targets or labels
     if negatives is None:
         return [Split.one_vs_rest(t) for t in targets]
-    return [Split(t, (t,), tuple(n for n in negatives if n != t)) for t in targets]
+    splits = [Split(t, (t,), tuple(n for n in negatives if n != t)) for t in targets]
+    alone = [s.name for s in splits if not s.negative]
+    if alone:
+        raise ValueError(f"targets {alone} have no negative label (negatives: {negatives})")
+    return splits
 
 
 def choose_mode(config: FindConfig, n_sentences: int, n_neurons: int, group: Group | None = None) -> str:
@@ -117,8 +135,6 @@ def choose_mode(config: FindConfig, n_sentences: int, n_neurons: int, group: Gro
             raise ValueError("mode exact runs in one process; under torchrun use stream (or auto)")
         return "stream"
     if config.mode != "auto":
-        if config.mode == "exact" and (config.checkpoint_every or config.resume):
-            raise ValueError("checkpoints are a streaming feature: use mode stream (or auto)")
         return config.mode
     if config.checkpoint_every or config.resume:
         return "stream"
@@ -139,10 +155,9 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
     by, value, min_auroc = config.selection()
     labels = list(corpus.label_names)
     splits = splits_for(labels, config.targets, config.negatives)
-    n_neurons = NeuronSites(model).n_neurons
-    check_k(config.k, "k", available=n_neurons)
-    check_k(config.bottom_k, "bottom_k", allow_zero=True, available=n_neurons)
-    mode = choose_mode(config, len(corpus), n_neurons, group)
+    sites = NeuronSites(model)
+    config.check_model(sites)
+    mode = choose_mode(config, len(corpus), sites.n_neurons, group)
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,
                 skip_special=config.skip_special, max_length=config.max_length, backend=config.backend,
                 too_long=config.too_long, progress=config.progress)
@@ -163,7 +178,6 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
                         progress=config.progress)
     if not group.is_main:
         return None
-    scores.settings.update(config.extra)
     experts = select_experts(scores, config.k, by=by, value=value, bottom_k=config.bottom_k,
                              layers=config.layers, min_auroc=min_auroc)
     return Found(scores, experts, mode, responses, state)

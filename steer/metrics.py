@@ -131,7 +131,7 @@ def check_k(k, name: str = "k", *, allow_zero: bool = False, available: int | No
         raise ValueError(f"{name}={k}: must be an integer >= {low}"
                          + ("" if allow_zero else " (the number of experts)"))
     if available is not None and k > available:
-        raise ValueError(f"{name}={k} but " + where.format(n=f"{available:,}"))
+        raise ValueError(f"{name}={k} but " + where.replace("{n}", f"{available:,}"))
     return int(k)
 
 

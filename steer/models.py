@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import default_device, resolve_dtype
+from .runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
       cache, or read from it under `HF_HUB_OFFLINE=1`).
     dtype: "auto" (default: what the device computes natively, see `steer.runtime`), a name
       (`float32`, `bfloat16`, `float16`) or a torch dtype.
-    device: where the model goes (default: CUDA when available, else the CPU); ignored with
+    device: where the model goes (None or "auto": CUDA when available, else the CPU); ignored with
       `device_map` (e.g. "auto" to spread a large model over GPUs, via accelerate).
     revision, trust_remote_code: passed to `from_pretrained` (Hub models).
     The tokenizer keeps its own padding side (steer handles either) and always has a pad token.
@@ -109,7 +109,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
 
     source = resolve(name_or_path)
     if device_map is None:
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
     dtype = resolve_dtype(dtype, device if device_map is None else None)
     hub = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:

@@ -9,10 +9,11 @@ traces the whole forward (`fullgraph=True`), and the expert buffers are read at 
     gated families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3)  the MLP module -> `FusedGatedMLP`
     ungated families (GPT-2, BLOOM, XGLM, OPT)                  the activation -> `FusedActivation`
 
-The patch is driven by the same `Intervention` object as the reference hooks: `intervene(model,
-iv)` on a patched model attaches `iv`'s buffers to the patch (the patch reads them, so in-place
-changes take effect without recompiling). One pre-hook on the layer stack records each call's
-real-token mask and cache use, exactly as for the hooks (`intervention._CallInfo`).
+`FusedPatch` is one of the two backends of `steer.backends` (the other: `HookBackend`): driven by
+the same `Intervention` object, `intervene(model, iv)` on a patched model hands `iv`'s buffers to
+the patch (it reads them, so in-place changes take effect without recompiling), and collection
+asks it to pool. One pre-hook on the layer stack records each call's real-token mask and cache
+use, exactly as for the hooks (`backends.CallInfo`).
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ import functools
 import torch
 from torch import nn
 
-from .adapters import NeuronSites
+from .backends import Backend
 from .kernels import triton_module, use_triton
 from .kernels.fused_mlp import fused_mlp
-from .intervention import Intervention, _CallInfo, steered_tokens
+from .kernels.fused_mlp_ref import pool_mean
 
 #: activation module class name -> fused op activation
 ACTS = {
@@ -36,22 +37,17 @@ ACTS = {
 }
 
 
-class FusedPatch:
-    """State shared by the patched layers: expert buffers, steered/pooled tokens, pooled output."""
+class FusedPatch(Backend):
+    """The fused backend: the swapped layers call `neurons`, which runs the fused op with the
+    backend's intervention and pooling."""
+
+    kind = "fused"
 
     def __init__(self, model: nn.Module, backend: str = "auto"):
-        if getattr(model, "_steer_patch", None) is not None:
-            raise RuntimeError("this model is already patched; revert() the first patch")
-        self.sites = NeuronSites(model)
-        self.model = model
+        super().__init__(model)
         if use_triton(backend, self.sites.modules[0].weight):
             triton_module("fused_mlp_triton")  # import (and register the op) before any compile traces it
         self.op = functools.partial(fused_mlp, backend=backend)
-        self.intervention: Intervention | None = None
-        self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, set by collect
-        self.pooling = "max"
-        self.pooled: torch.Tensor | None = None  # [B, L, M] fp32, written by each layer
-        self.info = _CallInfo(self.sites.stack)
         self.swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original)
         self.acts: list[str] = []  # fused op activation of each layer
         try:
@@ -60,7 +56,6 @@ class FusedPatch:
         except Exception:
             self.revert()
             raise
-        model._steer_patch = self
 
     def _swap(self, layer: int) -> None:
         a, parts = self.sites.adapter, self.sites.layer_parts(layer)
@@ -87,30 +82,21 @@ class FusedPatch:
         gate = None if gate is None else self.sites.view(gate, batch)
         iv = self.intervention
         override = None if iv is None else (iv.mask[layer], iv.mul[layer], iv.add[layer])
-        tokens = None if iv is None else steered_tokens(iv.positions, self.info.attention_mask, self.info.extends_cache)
+        tokens = None if iv is None else self.info.steered(iv)
         h, pool_max, pool_sum = self.op(up, gate, act=self.acts[layer], override=override,
                                         steer_tokens=tokens, pool_tokens=self.pool_tokens)
         if self.pool_tokens is not None:
-            self.pooled[:, layer] = pool_max if self.pooling == "max" else pool_sum / self.pool_tokens.sum(1, keepdim=True)
+            self.pooled[:, layer] = pool_max if self.pooling == "max" else pool_mean(pool_sum, self.pool_tokens)
         return h.view(shape)
-
-    def attach(self, intervention: Intervention) -> None:
-        if intervention.shape != (self.sites.n_layers, self.sites.width):
-            raise ValueError(f"intervention is for {intervention.shape}; the model has "
-                             f"{(self.sites.n_layers, self.sites.width)}")
-        self.intervention = intervention
-
-    def detach(self) -> None:
-        self.intervention = None
 
     def revert(self) -> None:
         """Put the original modules back; the model is as before the patch."""
         for parent, name, original in reversed(self.swapped):
             setattr(parent, name, original)
         self.swapped = []
-        self.info.handle.remove()
-        if getattr(self.model, "_steer_patch", None) is self:
-            del self.model._steer_patch
+        super().remove()
+
+    remove = revert
 
     def __enter__(self) -> "FusedPatch":
         return self

@@ -28,6 +28,30 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from None / "auto" (`default_device`) or a name; ValueError for a name torch
+    does not know or a CUDA device this machine does not have."""
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {device}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads (None: leave torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads}: must be at least 1")
+        torch.set_num_threads(threads)
+
+
 def cpu_has_bf16_matmul() -> bool:
     """True when the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
     caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
@@ -36,9 +60,9 @@ def cpu_has_bf16_matmul() -> bool:
 
 def native_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """The dtype `device` computes natively: bf16 where supported in hardware, else fp32."""
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    device = resolve_device(device)
+    if device.type == "cuda":  # bf16 tensor cores from compute capability 8.0 (Ampere) on
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
     return torch.float32
@@ -99,19 +123,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply(args) -> tuple[torch.device, torch.dtype]:
-    """Set the threads of `args` and return the (device, dtype) they resolve to."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: must be at least 1")
-        torch.set_num_threads(args.threads)
-    device = default_device() if args.device == "auto" else torch.device(args.device)
+    """Set the threads of `args` and return the (device, dtype) they resolve to (call it before
+    any work: a bad value is a ValueError)."""
+    set_threads(args.threads)
+    device = resolve_device(args.device)
     return device, resolve_dtype(args.dtype, device)
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
-    """What `steer info` prints about the machine."""
-    why = ("native bf16 matrix units" if dtype == torch.bfloat16 and device.type == "cpu"
-           else "no native bf16 matrix units on this CPU" if device.type == "cpu" else "GPU")
-    return (f"device {device} ({cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}), "
-            f"dtype {dtype_name(dtype)} ({why}), threads {torch.get_num_threads()} "
-            f"(of {os.cpu_count()} CPUs)")
+    """What `steer info` prints about the machine: device, dtype (and what auto would choose,
+    and why), threads."""
+    if device.type == "cpu":
+        name = cpu_name()
+        why = "bf16 matrix units" if cpu_has_bf16_matmul() else "no bf16 matrix units (AMX/AVX512-BF16)"
+    else:
+        name = torch.cuda.get_device_name(device)
+        why = f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+    auto = dtype_name(native_dtype(device))
+    return (f"device {device} ({name}), dtype {dtype_name(dtype)} (auto: {auto}, {why}), "
+            f"threads {torch.get_num_threads()} (of {os.cpu_count()} CPUs)")

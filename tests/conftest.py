@@ -7,7 +7,8 @@ wins either way. Tests that hand CPU tensors to the Triton path (`INTERPRETER_ON
 sense under the interpreter: they are skipped when real Triton runs.
 
 Every test sees a CPU without bf16 matrix units (`cpu_bf16_off`), so `dtype="auto"` is float32 on
-every machine and no result depends on the CPU vendor; `tests/test_user_door.py` tests the choice
+every machine and no result depends on the CPU vendor, and "auto" devices stay on the CPU on a GPU
+machine (the device tests of test_gpu_script.py name CUDA themselves); `tests/test_user_door.py` tests the choice
 itself with the real detector (`REAL_CPU_BF16`).
 """
 import os
@@ -27,6 +28,7 @@ REAL_CPU_BF16 = runtime.cpu_has_bf16_matmul
 INTERPRETER_ONLY = {
     "test_stream.py::test_triton_kernel_equals_reference",
     "test_stream.py::test_state_update_triton_equals_torch",
+    "test_histogram_cpu.py::test_triton_kernel_equals_fast_path",
     "test_patch.py::test_triton_path_in_a_patched_model_under_the_interpreter",
 }
 
@@ -48,3 +50,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def cpu_bf16_off(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(runtime, "default_device", lambda: torch.device("cpu"))

@@ -23,7 +23,7 @@ from steer.collect import CHECKPOINT_FORMAT, Responses, _load_checkpoint
 from steer.experts import FILES, FORMAT_VERSION, ExpertSet
 from steer.stream import VERSION as STREAM_VERSION
 from steer.stream import StreamState, calibrate_edges
-from steer.study import CACHE_VERSION, load_embedding_cache, save_embedding_cache
+from steer.experiments.study.cache import CACHE_VERSION, load_embedding_cache, save_embedding_cache
 from tiny import tiny_model
 
 LAYERS, WIDTH = 2, 48  # tiny_model("llama")

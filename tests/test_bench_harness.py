@@ -20,7 +20,8 @@ import todays_way  # noqa: E402
 from steer.adapters import NeuronSites, base_inputs  # noqa: E402
 from steer.collect import collect  # noqa: E402
 from steer.corpus import Corpus  # noqa: E402
-from steer.intervention import Intervention, intervene  # noqa: E402
+from steer.backends import intervene  # noqa: E402
+from steer.intervention import Intervention  # noqa: E402
 from tiny import batch, tiny_model, tiny_tokenizer  # noqa: E402
 
 TEXTS = ["the cat sat on the mat today", "a dog", "le chat est là", "un", "das ist gut", "ein Hund bellt laut und lang",

@@ -13,7 +13,7 @@ from steer.collect import Responses, collect, collect_stream, refine
 from steer.corpus import Corpus, from_tsv, open_corpus
 from steer.embed import embed
 from steer.experts import check_k, select_experts
-from steer.generation import language_steering, random_intervention
+from steer.experiments.language_sweep import language_steering, random_intervention
 from steer.metrics import score_splits
 from tiny import tiny_model, tiny_tokenizer
 

@@ -57,7 +57,7 @@ def test_auto_mode_follows_the_memory_budget():
     assert choose_mode(config, n_sentences=2**20, n_neurons=1000) == "stream"  # 4 GiB of responses
     assert choose_mode(FindConfig(checkpoint="x", checkpoint_every=5), 10, 10) == "stream"
     with pytest.raises(ValueError, match="checkpoints are a streaming feature"):
-        choose_mode(FindConfig(mode="exact", checkpoint="x", resume=True), 10, 10)
+        FindConfig(mode="exact", checkpoint="x", resume=True).validate()
 
 
 def test_bad_options_fail_before_any_forward(setting):
@@ -67,7 +67,12 @@ def test_bad_options_fail_before_any_forward(setting):
     try:
         for bad, match in [(dict(k=-5), "k"), (dict(mode="fast"), "mode 'fast'"),
                            (dict(recipe="mine"), "recipe 'mine'"), (dict(targets=["xx"]), r"\['xx'\] are not in"),
-                           (dict(checkpoint_every=3), "need a checkpoint path")]:
+                           (dict(checkpoint_every=3), "need a checkpoint path"),
+                           (dict(layers=[5]), r"layers \[5\] out of range"),
+                           (dict(k=50, layers=[0]), "k=50 but the chosen layers hold 48 neurons"),
+                           (dict(targets=["en"], negatives=["en"]), "no negative label"),
+                           (dict(batch_size=0), "batch_size"), (dict(max_tokens=-1), "max_tokens"),
+                           (dict(bins=2, mode="stream"), "bins"), (dict(backend="cuda"), "backend='cuda'")]:
             with pytest.raises(ValueError, match=match):
                 find_experts(model, tok, corpus, progress=False, **bad)
     finally:

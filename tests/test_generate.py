@@ -8,9 +8,12 @@ import torch
 from transformers import DynamicCache
 
 import steer.generation as G
+import steer.experiments.language_sweep as LS
+from steer.cli import main as cli_main
 from steer.adapters import NeuronSites
 from steer.experts import FORMAT_VERSION, ExpertSet
-from steer.intervention import Intervention, intervene
+from steer.backends import attached, intervene
+from steer.intervention import Intervention
 from steer.patch import patch
 from tiny import tiny_model, tiny_tokenizer
 
@@ -262,14 +265,14 @@ def test_compiled_prefill_and_decode_fullgraph_same_tokens_new_experts_without_r
 def test_wilson_interval_matches_known_values():
     from scipy.stats import binomtest
 
-    lo, hi = G.wilson_interval(0, 10)
+    lo, hi = LS.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(3.8414588 / 13.8414588, abs=1e-6)  # z^2 / (n + z^2)
-    lo, hi = G.wilson_interval(50, 100)
+    lo, hi = LS.wilson_interval(50, 100)
     assert (lo, hi) == (pytest.approx(0.40383, abs=1e-5), pytest.approx(0.59617, abs=1e-5))
     for k, n in [(0, 100), (3, 100), (37, 100), (100, 100), (1, 7)]:
         ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert G.wilson_interval(k, n) == (pytest.approx(ci.low, abs=1e-9), pytest.approx(ci.high, abs=1e-9))
-    assert all(math.isnan(x) for x in G.wilson_interval(0, 0))
+        assert LS.wilson_interval(k, n) == (pytest.approx(ci.low, abs=1e-9), pytest.approx(ci.high, abs=1e-9))
+    assert all(math.isnan(x) for x in LS.wilson_interval(0, 0))
 
 
 def fake_langid(texts, languages):
@@ -284,12 +287,12 @@ def fake_langid(texts, languages):
 
 
 def test_language_steering_sweep_end_to_end(monkeypatch, tmp_path):
-    monkeypatch.setattr(G, "identify_languages", fake_langid)
+    monkeypatch.setattr(LS, "identify_languages", fake_langid)
     model = tiny_model("llama", torch.float32)
     tok = tiny_tokenizer()
     experts = tiny_experts(model)
     heldout = {"fr": ["le chat noir", "un chien"], "en": ["the cat", "a dog sat"]}
-    res = G.language_steering(model, tok, experts, ["fr", "en"], [8], n_samples=10, max_new_tokens=4,
+    res = LS.language_steering(model, tok, experts, ["fr", "en"], [8], n_samples=10, max_new_tokens=4,
                               heldout=heldout, random_seeds=(0, 1, 2), random_samples=4, batch_size=6, log=None)
     assert res["settings"]["ks"] == [0, 8] and res["settings"]["study_languages"] == ["en", "fr"]
     base = G.generate(model, tok, [""] * 10, do_sample=True, temperature=1.0, top_p=0.9, seed=0,
@@ -314,11 +317,11 @@ def test_language_steering_sweep_end_to_end(monkeypatch, tmp_path):
     assert res["results"]["fr"][1]["ppl"] != res["results"]["fr"][0]["ppl"]
     assert all(s["n"] == 4 for s in res["results"]["fr"][1]["random"]["seeds"])
     # the control: same values, same count, other neurons
-    riv = G.random_intervention(experts, "fr", 8, seed=0)
+    riv = LS.random_intervention(experts, "fr", 8, seed=0)
     eiv = experts.intervention("fr", k=8)
     assert len(riv) == 8 and not (riv.mask & eiv.mask).any()
     assert sorted(riv.add[riv.mask].tolist()) == sorted(eiv.add[eiv.mask].tolist())
-    png = G.plot_language_steering(res, tmp_path / "sweep.png")
+    png = LS.plot_language_steering(res, tmp_path / "sweep.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     json.dumps(res)  # serialisable
 
@@ -331,19 +334,19 @@ def test_cli_generate_jsonl_and_sweep(monkeypatch, tmp_path, capsys):
     tiny_experts(model).save(tmp_path / "experts")
     common = ["--model", str(tmp_path / "m"), "--max-new-tokens", "5"]
     out = tmp_path / "g.jsonl"
-    G.main([*common, "--prompt", "ab", "--prompt", "le", "--n", "2", "--sample", "--top-p", "0.9",
-            "--experts", str(tmp_path / "experts"), "--concept", "fr", "-k", "4", "--positions", "generated",
-            "--out", str(out)])
+    cli_main(["generate", *common, "--prompt", "ab", "--prompt", "le", "--n", "2", "--sample", "--top-p", "0.9",
+              "--experts", str(tmp_path / "experts"), "--concept", "fr", "-k", "4", "--positions", "generated",
+              "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["sample"]) for r in rows] == [("ab", 0), ("ab", 1), ("le", 0), ("le", 1)]
     assert rows[0]["k"] == 4 and rows[0]["positions"] == "generated"
-    G.main([*common, "--backend", "fused"])  # a BOS prompt, greedy, printed
+    cli_main(["generate", *common, "--backend", "fused"])  # a BOS prompt, greedy, printed
     assert "--- ''" in capsys.readouterr().out
 
-    monkeypatch.setattr(G, "identify_languages", fake_langid)
+    monkeypatch.setattr(LS, "identify_languages", fake_langid)
     sweep = tmp_path / "sweep" / "ls.json"
-    G.main([*common, "--sweep", "--experts", str(tmp_path / "experts"), "--languages", "fr", "--ks", "0,4",
-            "--n-samples", "4", "--random-seeds", "2", "--heldout-n", "0", "--out", str(sweep)])
+    cli_main(["generate", *common, "--sweep", "--experts", str(tmp_path / "experts"), "--languages", "fr",
+              "--ks", "0,4", "--n-samples", "4", "--random-seeds", "2", "--heldout-n", "0", "--out", str(sweep)])
     res = json.loads(sweep.read_text())
     assert [r["k"] for r in res["results"]["fr"]] == [0, 4] and sweep.with_suffix(".png").exists()
 
@@ -354,4 +357,4 @@ def test_generation_overhead_reports_every_configuration():
     assert set(res["by_batch"]) == {"1", "2"}
     for d in res["by_batch"].values():
         assert set(d) == {"hooks, off", "hooks, on", "fused, off", "fused, on"} and d["hooks, off"]["ratio"] == 1.0
-    assert not hasattr(model, "_steer_patch")
+    assert attached(model) is None

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from steer.adapters import NeuronSites, base_inputs
-from steer.intervention import Intervention, intervene
+from steer.backends import intervene
+from steer.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
 
 

@@ -13,6 +13,8 @@ def test_wheel_maps_kernels_into_steer(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "steer/kernels/__init__.py" in names
+    for package in ("steer/experiments", "steer/experiments/study"):  # subpackages listed in pyproject
+        assert f"{package}/__init__.py" in names, package
     assert not [n for n in names if n.startswith("kernels/")]
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"steer"}

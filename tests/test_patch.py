@@ -6,7 +6,9 @@ import torch
 from steer.adapters import base_inputs
 from steer.collect import collect
 from steer.corpus import Corpus
-from steer.intervention import Intervention, intervene
+from steer.adapters import NeuronSites
+from steer.backends import attached, intervene
+from steer.intervention import Intervention
 from steer.patch import FusedActivation, FusedGatedMLP, patch
 from tiny import FAMILIES, batch, tiny_model, tiny_tokenizer
 
@@ -34,7 +36,7 @@ def test_patched_equals_unpatched_and_reverts(family, dtype):
         assert set(swapped) <= {FusedGatedMLP, FusedActivation} and len(swapped) == 2
         torch.testing.assert_close(logits(model, ids, mask), ref, **TOL[dtype])
     assert not any(isinstance(m, (FusedGatedMLP, FusedActivation)) for m in model.modules())
-    assert not hasattr(model, "_steer_patch")
+    assert attached(model) is None
     assert torch.equal(logits(model, ids, mask), ref)
 
 
@@ -47,7 +49,8 @@ def test_fused_steering_matches_reference_hooks(family, positions):
         ref = logits(model, ids, mask)
     with patch(model):
         with intervene(model, experts(model, positions)) as s:
-            assert s.handles == []  # the patch reads the buffers, no hooks
+            assert s.backend.kind == "fused" and not s.owned  # the patch reads the buffers, no hooks
+            assert not any(m._forward_pre_hooks for m in NeuronSites(model).modules)
             got = logits(model, ids, mask)
         unsteered = logits(model, ids, mask)
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
@@ -66,7 +69,7 @@ def test_fused_collection_equals_exact_collection(family, pooling):
     ref = collect(model, tiny_tokenizer(), corpus, backend="hooks", **kw)
     got = collect(model, tiny_tokenizer(), corpus, backend="fused", **kw)
     torch.testing.assert_close(got.values, ref.values, rtol=1e-5, atol=1e-6)
-    assert not hasattr(model, "_steer_patch")  # patched for the call only
+    assert attached(model) is None  # patched for the call only
 
 
 def test_triton_path_in_a_patched_model_under_the_interpreter():

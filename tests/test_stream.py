@@ -406,3 +406,15 @@ def test_calibrate_edges():
     zero_bin = int(torch.searchsorted(edges[1], torch.tensor(0.0), right=True))
     assert int(state.counts[0, 1, zero_bin]) == int((relu == 0).sum())
     assert int(state.counts[0, 2].max()) == S
+
+
+def test_update_with_an_overflowing_sum_counts_nothing_as_nonfinite():
+    x = torch.tensor([[3e38, -1.0], [3e38, 2.0], [3e38, 4.0]])  # finite, but the sum is inf
+    assert not math.isfinite(float(x.sum()))
+    state = StreamState(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), ["a", "b"])
+    state.update(x, torch.tensor([0, 0, 1]))
+    assert state.nonfinite.tolist() == [0, 0]
+    assert state.lo.tolist() == [pytest.approx(3e38), -1.0]
+    assert state.hi.tolist() == [pytest.approx(3e38), 4.0]
+    assert state.sums[:, 1].tolist() == [1.0, 4.0] and state.sums[0, 0] == pytest.approx(6e38)
+    assert state.counts.sum().item() == 6

@@ -1,9 +1,9 @@
 """`steer study` end to end on a tiny random model and synthetic parallel text (seconds, offline).
 
-The corpus functions and the model loader of steer.study are monkeypatched: every language is a
-deterministic character transform of the same base sentences, so rows stay aligned and each
-split has its own sentences. A log records which split each corpus call asked for, and a spy on
-`study.choose` records what the selection saw, so the tests can check that k is chosen from dev
+The corpus functions and the model loader of the study's protocol are monkeypatched: every
+language is a deterministic character transform of the same base sentences, so rows stay aligned
+and each split has its own sentences. A log records which split each corpus call asked for, and a spy on
+`protocol.choose` records what the selection saw, so the tests can check that k is chosen from dev
 records only and before anything of the test split is loaded.
 """
 import argparse
@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from steer import study
+from steer.experiments.study import cli, config, control, protocol
+from steer.experiments.study.report import render_only
 from steer.corpus import Parallel
 from steer.experts import ExpertSet
 
@@ -80,12 +81,12 @@ class FakeData:
 @pytest.fixture
 def fake(monkeypatch):
     data = FakeData()
-    monkeypatch.setattr(study, "bible_parallel", data.parallel)
-    monkeypatch.setattr(study, "bible_corpus", data.corpus)
-    monkeypatch.setattr(study, "bible_paraphrases", data.paraphrases)
-    monkeypatch.setattr(study, "udhr_parallel", data.udhr)
+    monkeypatch.setattr(protocol, "bible_parallel", data.parallel)
+    monkeypatch.setattr(protocol, "bible_corpus", data.corpus)
+    monkeypatch.setattr(protocol, "bible_paraphrases", data.paraphrases)
+    monkeypatch.setattr(protocol, "udhr_parallel", data.udhr)
     model = tiny_model("gemma3")
-    monkeypatch.setattr(study, "load_model", lambda name, **kw: (model, tiny_tokenizer()))
+    monkeypatch.setattr(protocol, "load_model", lambda name, **kw: (model, tiny_tokenizer()))
     return data
 
 
@@ -100,18 +101,18 @@ def _config(tmp_path, **kw):
 @pytest.fixture
 def spy_choose(monkeypatch, fake):
     calls = []
-    real = study.choose
+    real = protocol.choose
 
     def spy(records, *args, **kw):
         calls.append({"records": [dict(r) for r in records], "log_len": len(fake.log), "log": list(fake.log)})
         return real(records, *args, **kw)
 
-    monkeypatch.setattr(study, "choose", spy)
+    monkeypatch.setattr(protocol, "choose", spy)
     return calls
 
 
 def test_pipeline_end_to_end(tmp_path, fake, spy_choose):
-    res = study.run_study(_config(tmp_path))
+    res = protocol.run_study(_config(tmp_path))
     out = tmp_path / "out"
     for name in ("report.md", "results.json", "retrieval_per_language.png", "retrieval_change_heatmap.png",
                  "k_sweep_dev.png", "layers_dev.png", "random_control.png", "projection_fr.png", "projection_de.png"):
@@ -144,7 +145,7 @@ def test_pipeline_end_to_end(tmp_path, fake, spy_choose):
 
 
 def test_k_chosen_on_dev_before_any_test_data(tmp_path, fake, spy_choose):
-    res = study.run_study(_config(tmp_path))
+    res = protocol.run_study(_config(tmp_path))
     assert len(spy_choose) == 1
     call = spy_choose[0]
     assert call["records"] and {r["split"] for r in call["records"]} == {"dev"}
@@ -153,16 +154,16 @@ def test_k_chosen_on_dev_before_any_test_data(tmp_path, fake, spy_choose):
     assert {split for _, split in call["log"]} == {"discovery", "dev"}
     assert any(split == "test" for _, split in fake.log[call["log_len"]:])
     # the reported choice is what the selection returned from those records
-    again = study.choose(call["records"], ["fr", "de"], "a", False, res["dev"]["readout_default"])
+    again = protocol.choose(call["records"], ["fr", "de"], "a", False, res["dev"]["readout_default"])
     assert again["k"] == res["dev"]["chosen"]["k"]
 
 
 def test_test_split_never_influences_a_choice(tmp_path, fake, monkeypatch):
-    first = study.run_study(_config(tmp_path / "one", layer_search=True))
+    first = protocol.run_study(_config(tmp_path / "one", layer_search=True))
     other = FakeData(test_salt="different test verses")
-    monkeypatch.setattr(study, "bible_parallel", other.parallel)
-    monkeypatch.setattr(study, "bible_paraphrases", other.paraphrases)
-    second = study.run_study(_config(tmp_path / "two", layer_search=True))
+    monkeypatch.setattr(protocol, "bible_parallel", other.parallel)
+    monkeypatch.setattr(protocol, "bible_paraphrases", other.paraphrases)
+    second = protocol.run_study(_config(tmp_path / "two", layer_search=True))
     assert first["dev"]["records"] == second["dev"]["records"]
     assert first["dev"]["chosen"] == second["dev"]["chosen"]
     assert first["corpora"]["test"]["hash"] != second["corpora"]["test"]["hash"]
@@ -172,11 +173,11 @@ def test_test_split_never_influences_a_choice(tmp_path, fake, monkeypatch):
 def test_choose_rejects_non_dev_records_and_breaks_ties():
     recs = [{"split": "dev", "target": "fr", "k": k, "layer": 2, "a": a, "b": 0.1}
             for k, a in ((0, 0.2), (10, 0.5), (25, 0.5), (50, 0.4))]
-    assert study.choose(recs, ["fr"], "a", False, 2)["k"] == {"fr": 10}
+    assert protocol.choose(recs, ["fr"], "a", False, 2)["k"] == {"fr": 10}
     recs_b = [dict(r, b=b) for r, b in zip(recs, (0.1, 0.1, 0.3, 0.9))]
-    assert study.choose(recs_b, ["fr"], "ab", False, 2)["k"] == {"fr": 50}
+    assert protocol.choose(recs_b, ["fr"], "ab", False, 2)["k"] == {"fr": 50}
     with pytest.raises(ValueError, match="dev records only"):
-        study.choose(recs + [dict(recs[1], split="test")], ["fr"], "a", False, 2)
+        protocol.choose(recs + [dict(recs[1], split="test")], ["fr"], "a", False, 2)
 
 
 def _expert_set():
@@ -195,14 +196,14 @@ def test_random_control_same_count_and_values(layers):
     expert_ids = set((e["layer"] * 48 + e["unit"]).tolist())
     seen = set()
     for seed in range(5):
-        iv, info = study.random_control(es, "fr", 4, seed, layers=layers)
+        iv, info = control.random_control(es, "fr", 4, seed, layers=layers)
         assert len(iv) == info["n_neurons"] == 4
         idx = iv.mask.nonzero()
         ids = set((idx[:, 0] * 48 + idx[:, 1]).tolist())
         assert not ids & expert_ids
         assert sorted(iv.add[iv.mask].tolist()) == sorted(e["value"][:4].tolist())
         assert (iv.mul[iv.mask] == 0).all()
-        assert info["values_sha"] == study._values_sha(e["value"][:4])
+        assert info["values_sha"] == control.values_sha(e["value"][:4])
         if layers == "matched":
             assert sorted(idx[:, 0].tolist()) == sorted(e["layer"][:4].tolist())
         seen.add(frozenset(ids))
@@ -210,7 +211,7 @@ def test_random_control_same_count_and_values(layers):
 
 
 def test_pipeline_control_matches_experts(tmp_path, fake):
-    res = study.run_study(_config(tmp_path, paraphrases=False, udhr=False))
+    res = protocol.run_study(_config(tmp_path, paraphrases=False, udhr=False))
     for t in ("fr", "de"):
         c = res["control"][t]
         assert len(c["seeds"]) == 5 and c["random"]["n_seeds"] == 5
@@ -222,7 +223,7 @@ def test_pipeline_control_matches_experts(tmp_path, fake):
 
 
 def test_one_side_variant_and_layer_search(tmp_path, fake):
-    res = study.run_study(_config(tmp_path, sides="target", layer_search=True, center=True, criterion="ab",
+    res = protocol.run_study(_config(tmp_path, sides="target", layer_search=True, center=True, criterion="ab",
                                   paraphrases=False, udhr=False, control_seeds=1))
     chosen = res["dev"]["chosen"]
     assert chosen["layer"] in (1, 2) and set(chosen["layer_scores"]) == {"1", "2"}
@@ -235,9 +236,9 @@ def test_one_side_variant_and_layer_search(tmp_path, fake):
 
 def test_cache_reuses_unsteered_embeddings(tmp_path, fake):
     cfg = _config(tmp_path, cache_dir=str(tmp_path / "cache"), paraphrases=False, udhr=False, control_seeds=1)
-    first = study.run_study(cfg)
+    first = protocol.run_study(cfg)
     assert any((tmp_path / "cache").glob("*-base.safetensors"))
-    second = study.run_study(cfg)
+    second = protocol.run_study(cfg)
     computed = {s["stage"]: s.get("computed_sentences") for s in second["stages"]}
     assert computed["dev sweep"] == 0 and computed["test"] == 0 and computed["random control"] == 0
     assert first["test"] == second["test"]
@@ -245,16 +246,16 @@ def test_cache_reuses_unsteered_embeddings(tmp_path, fake):
 
 def test_cli_parser_full_and_overrides():
     p = argparse.ArgumentParser()
-    study.add_parser(p.add_subparsers(dest="command"))
+    cli.add_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["study", "--full", "--k-grid", "5,10", "--no-cache", "--quiet"])
-    cfg = study.config_from_args(args)
+    cfg = cli.config_from_args(args)
     assert cfg.targets == ["en", "de", "fr", "es", "ja"] and len(cfg.languages) == 22
     assert cfg.k_grid == [5, 10] and cfg.cache_dir is None and cfg.progress is False and cfg.test_k_sweep
-    cfg = study.config_from_args(p.parse_args(["study", "--targets", "fr", "--layer", "11", "--center"]))
+    cfg = cli.config_from_args(p.parse_args(["study", "--targets", "fr", "--layer", "11", "--center"]))
     assert cfg.targets == ["fr"] and cfg.layer == 11 and cfg.center and cfg.cache_dir == "default"
-    assert cfg.languages == study.StudyConfig().languages and not cfg.full
+    assert cfg.languages == config.StudyConfig().languages and not cfg.full
     with pytest.raises(ValueError):
-        study._as_config({"targets": ["xx"]}).validate()
+        config.as_config({"targets": ["xx"]}).validate()
 
 
 def test_generation_section_and_render_only(tmp_path, fake):
@@ -262,15 +263,15 @@ def test_generation_section_and_render_only(tmp_path, fake):
     out.mkdir()
     (out / "generation.json").write_text(json.dumps(
         {"summary": "steering fr experts", "rows": [{"k": 10, "fraction_target": 0.4}, {"k": 50, "fraction_target": 0.9}]}))
-    study.run_study(_config(tmp_path, paraphrases=False, udhr=False, control_seeds=1))
+    protocol.run_study(_config(tmp_path, paraphrases=False, udhr=False, control_seeds=1))
     report = (out / "report.md").read_text()
     assert "## Language steering in generation" in report and "fraction_target" in report
     (out / "report.md").unlink()
-    study.render_only(out / "results.json")
+    render_only(out / "results.json")
     assert (out / "report.md").read_text() == report
     # a study in a sub-folder is listed as a variant of this one
     (out / "variant").mkdir()
     (out / "variant" / "results.json").write_text((out / "results.json").read_text())
-    study.render_only(out / "results.json")
+    render_only(out / "results.json")
     assert "## Variants of this run" in (out / "report.md").read_text()
     assert "(variant/report.md)" in (out / "report.md").read_text()

@@ -1,0 +1,223 @@
+"""How steer reaches into a model's forward: one protocol, two implementations.
+
+A backend is attached to a model (at most one at a time; `attached(model)` finds it) and, in
+every forward of the model, does two things to each layer's neuron tensor (the input of the
+MLP's down projection):
+- steer: the override of an `Intervention` (`steer(iv)` / `unsteer()`), at the positions it
+  names, with the real-token mask and cache use of the call (`CallInfo`);
+- pool: each sentence's max or mean over chosen tokens into `pooled` [B, L, M] fp32
+  (`start_pooling(tokens, how)` before a forward, `stop_pooling()` after).
+Implementations:
+- `HookBackend`: one forward pre-hook per down projection (plus one on the layer stack). The
+  simplest correct means: the reference, and the tests' oracle for the fused path.
+- `FusedPatch` (`steer.patch`): each MLP swapped for a module whose neuron tensor comes from one
+  fused op that applies the override and pools in the same pass.
+The semantics (override, pooling) are the kernels' reference functions (`kernels/fused_mlp_ref.py`):
+written once, used by both. `intervene(model, iv)` steers through the attached backend, or
+attaches hooks for the duration of its `with` block; collection pools the same way.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+from torch import nn
+
+from .adapters import NeuronSites
+from .intervention import Intervention, steered_tokens
+from .kernels.fused_mlp_ref import apply_override, pool
+
+log = logging.getLogger(__name__)
+BACKENDS = ("hooks", "fused")
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Backend]" = weakref.WeakKeyDictionary()
+
+
+def attached(model: nn.Module) -> "Backend | None":
+    """The backend attached to `model`, if any."""
+    return _ATTACHED.get(model)
+
+
+def guard_hooks() -> None:
+    """Make `torch.compile` guard on module hooks before steer adds any (called whenever it does).
+
+    torch 2.13 skips those guards by default (`torch._dynamo.config.skip_nnmodule_hook_guards`),
+    so a graph compiled before steer's hooks existed, or compiled for another copy of the same
+    model class, silently runs WITHOUT them: steering or pooling would be ignored and nothing
+    would say so. steer turns the guards on the first time it adds hooks, and if dynamo may
+    already hold graphs compiled without them it drops those graphs once (`torch._dynamo.reset()`,
+    logged): they recompile on their next call, with the guards. From then on adding or removing
+    a hook recompiles (tests/test_intervention.py). Importing steer changes nothing.
+    """
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+        log.info("torch.compile now guards module hooks (steer adds hooks); compiled graphs recompile once")
+
+
+class CallInfo:
+    """Pre-hook on the layer stack that records each forward call's real-token mask and cache use."""
+
+    def __init__(self, stack: nn.Module):
+        guard_hooks()
+        self.attention_mask: torch.Tensor | None = None  # [B, T] of the current call
+        self.extends_cache = False
+        self.handle = stack.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs["inputs_embeds"]
+        batch, length = x.shape[0], x.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
+        self.attention_mask = mask[:, -length:]  # a cache-extending call passes past + new columns
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes `cache=`
+        self.extends_cache = cache is not None and cache.get_seq_length() > 0
+        return None
+
+    def steered(self, iv: Intervention) -> torch.Tensor | None:
+        """[B, T] bool of the current call's positions that `iv` steers (None: all of them)."""
+        return steered_tokens(iv.positions, self.attention_mask, self.extends_cache)
+
+
+class Backend:
+    """The state both implementations share: the sites, the call info, the intervention being
+    applied and the pooling requested for the next forward."""
+
+    kind = ""
+
+    def __init__(self, model: nn.Module, neuron_module: str | None = None):
+        existing = attached(model)
+        if existing is not None:
+            raise RuntimeError("this model is already patched; revert() the first patch" if existing.kind == "fused"
+                               else "hooks are active on this model (an intervene or a collection); remove them first")
+        self.model = model
+        self.sites = NeuronSites(model, neuron_module)
+        self.info = CallInfo(self.sites.stack)
+        self.intervention: Intervention | None = None
+        self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, for the next forward
+        self.pooling = "max"
+        self.pooled: torch.Tensor | None = None  # [B, L, M] fp32, written layer by layer
+        _ATTACHED[model] = self
+
+    def steer(self, intervention: Intervention) -> None:
+        if intervention.shape != (self.sites.n_layers, self.sites.width):
+            raise ValueError(
+                f"intervention is for {intervention.shape[0]} layers x {intervention.shape[1]} neurons; "
+                f"the model has {self.sites.n_layers} x {self.sites.width}")
+        self.intervention = intervention
+
+    def unsteer(self) -> None:
+        self.intervention = None
+
+    def start_pooling(self, tokens: torch.Tensor, how: str) -> torch.Tensor:
+        """Pool the next forward over `tokens` [B, T]; returns the [B, L, M] buffer it fills."""
+        self.pool_tokens, self.pooling = tokens, how
+        self.pooled = torch.empty(tokens.shape[0], self.sites.n_layers, self.sites.width, device=tokens.device)
+        return self.pooled
+
+    def stop_pooling(self) -> None:
+        self.pool_tokens = self.pooled = None
+
+    @property
+    def idle(self) -> bool:
+        return self.intervention is None and self.pool_tokens is None
+
+    def remove(self) -> None:
+        """Detach from the model; it runs as if steer had never touched it."""
+        self.info.handle.remove()
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+
+class HookBackend(Backend):
+    """Forward pre-hooks on every down projection: override, then pool, the neuron tensor."""
+
+    kind = "hooks"
+
+    def __init__(self, model: nn.Module, neuron_module: str | None = None):
+        super().__init__(model, neuron_module)
+        self.handles = [m.register_forward_pre_hook(self._hook(layer)) for layer, m in enumerate(self.sites.modules)]
+
+    def _hook(self, layer: int):
+        def pre_hook(module, args):
+            iv, tokens = self.intervention, self.pool_tokens
+            if tokens is None and (iv is None or not iv.mask[layer].any()):
+                return None
+            h = self.sites.view(args[0], self.info.attention_mask.shape[0])  # [B, T, M]
+            if iv is not None and iv.mask[layer].any():
+                h = apply_override(h, iv.mask[layer], iv.mul[layer], iv.add[layer], self.info.steered(iv))
+                args = (h.view(args[0].shape),) + tuple(args[1:])
+            if tokens is not None:
+                self.pooled[:, layer] = pool(h, tokens, self.pooling)
+            return args
+
+        return pre_hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        super().remove()
+
+
+def use(model: nn.Module, kind: str = "hooks", neuron_module: str | None = None) -> tuple[Backend, bool]:
+    """(backend, owned): the backend attached to `model`, or a new one of `kind` that the caller
+    owns and removes when done. A hooks backend attached by `intervene` cannot serve kind="fused"
+    (patch the model first, then intervene)."""
+    if kind not in BACKENDS:
+        raise ValueError(f"backend={kind!r}; choose one of {BACKENDS}")
+    existing = attached(model)
+    if existing is not None:
+        if kind == "fused" and existing.kind != "fused":
+            raise RuntimeError("hooks are active on this model (a hook-based intervene?); with backend='fused', "
+                               "patch the model first and intervene after")
+        return existing, False
+    if kind == "fused":
+        from .patch import FusedPatch
+
+        return FusedPatch(model), True
+    return HookBackend(model, neuron_module), True
+
+
+class Steering:
+    """An intervention applied to a model; `remove()` or leave the `with` block to undo."""
+
+    def __init__(self, model: nn.Module, intervention: Intervention, neuron_module: str | None = None):
+        self.backend, self.owned = use(model, "hooks", neuron_module)
+        self.previous = self.backend.intervention
+        try:
+            self.backend.steer(intervention)
+        except Exception:
+            if self.owned:
+                self.backend.remove()
+            raise
+        self.intervention = intervention
+
+    def remove(self) -> None:
+        if self.backend is None:
+            return
+        if self.backend.intervention is self.intervention:
+            if self.previous is None:
+                self.backend.unsteer()
+            else:
+                self.backend.steer(self.previous)
+        if self.owned and self.backend.idle:
+            self.backend.remove()
+        self.backend = None
+
+    def __enter__(self) -> "Steering":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def intervene(model: nn.Module, intervention: Intervention, neuron_module: str | None = None) -> Steering:
+    """Apply `intervention` to `model` until `.remove()` (or use it as a context manager): through
+    the model's backend (e.g. a `steer.patch`), or forward pre-hooks added for the duration."""
+    return Steering(model, intervention, neuron_module)
