@@ -14,11 +14,13 @@ atomics land: the kernel equals the reference exactly.
 
 The kernel (`histogram_triton.py`) is exposed as `torch.ops.steer.histogram_update` via
 `torch.library.triton_op` + `wrap_triton` (Inductor can trace into it on CUDA);
-`histogram_update` here dispatches by `steer.kernels.use_triton`.
+`histogram_update` here dispatches by `steer.kernels.use_triton`; CPU tensors under backend
+"auto" take the compiled CPU loop of `histogram_cpu.py` (same counts as the reference).
 """
 import torch
 
 from . import triton_module, use_triton
+from .histogram_cpu import histogram_update_cpu
 from .histogram_ref import check_update, histogram_update_ref
 
 
@@ -34,12 +36,15 @@ def histogram_update(
     Semantics: `histogram_update_ref`. Label ids are checked (out-of-range ids would write out of
     bounds in the kernel; on CUDA the check costs one synchronisation).
 
-    backend: "auto" (CUDA tensors -> Triton op, others -> reference), "torch" (reference),
+    backend: "auto" (CUDA tensors -> Triton op, CPU tensors -> `histogram_update_cpu`, others
+    -> reference), "torch" (reference),
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).
     """
     triton = use_triton(backend, x)
     x, label_ids, edges = check_update(counts, x, label_ids, edges)
     if triton:
         triton_module("histogram_triton").histogram_update_op(counts, x, label_ids, edges)
+    elif backend == "auto" and x.device.type == "cpu":
+        histogram_update_cpu(counts, x, label_ids, edges)
     else:
         histogram_update_ref(counts, x, label_ids, edges)

@@ -1,4 +1,4 @@
-"""Reference of the streaming histogram update, in plain torch (also the CPU path).
+"""Reference of the streaming histogram update, in plain torch (the oracle; CPU: histogram_cpu.py).
 
 `counts[label, neuron, bin] += 1` for every finite response of a tile. The bin of a response x
 of neuron m is the number of m's inner edges that are <= x, so with NB bins and NB - 1 inner
