@@ -19,6 +19,7 @@ attaches hooks for the duration of its `with` block; collection pools the same w
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 
 import torch
@@ -46,16 +47,18 @@ def guard_hooks() -> None:
     so a graph compiled before steer's hooks existed, or compiled for another copy of the same
     model class, silently runs WITHOUT them: steering or pooling would be ignored and nothing
     would say so. steer turns the guards on the first time it adds hooks, and if dynamo may
-    already hold graphs compiled without them it drops those graphs once (`torch._dynamo.reset()`,
-    logged): they recompile on their next call, with the guards. From then on adding or removing
+    already hold graphs compiled without them (dynamo was loaded) it drops those graphs once
+    (`torch._dynamo.reset()`, a debug log): they recompile on their next call, with the guards. From then on adding or removing
     a hook recompiles (tests/test_intervention.py). Importing steer changes nothing.
     """
+    compiled_before = "torch._dynamo" in sys.modules  # not loaded: nothing can have been compiled
     import torch._dynamo
 
     if torch._dynamo.config.skip_nnmodule_hook_guards:
         torch._dynamo.config.skip_nnmodule_hook_guards = False
-        torch._dynamo.reset()
-        log.info("torch.compile now guards module hooks (steer adds hooks); compiled graphs recompile once")
+        if compiled_before:
+            torch._dynamo.reset()
+            log.debug("torch.compile now guards module hooks (steer adds hooks); compiled graphs recompile once")
 
 
 class CallInfo:
