@@ -26,7 +26,8 @@ removed. Where the exchange is unavailable, the old directory is renamed aside t
 `.<name>.<pid>.old`, the new one renamed in, the old removed: a crash between those two renames
 leaves no target but the previous set complete at `.<name>.<pid>.old` (`moved_aside` finds it;
 ExpertSet.load names it). A killed save leaves at most a hidden temporary sibling; the next
-save of the same target removes those of processes no longer running.
+save of the same target removes those of processes no longer running. `writable_dir` checks an
+output folder before any compute (a file in the way, no write permission), creating nothing.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -272,3 +274,21 @@ def atomic_directory(path, owned: tuple[str, ...]) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _remove_stale(path, ("new", "old"))
+
+
+def writable_dir(path: str | Path, what: str = "--out") -> Path:
+    """Check, before any compute, that `path` is (or can become) a writable directory; creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} exists and is not a directory")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {ancestor} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{what} {path} is not writable ({e.strerror or e})") from None
+    return path

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import runtime
+from .artifacts import writable_dir
 from .collect import MAX_TOKENS
 
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
@@ -105,26 +106,6 @@ def _write_outputs(out: Path, experts, scores, settings: dict) -> None:
     if note:
         print(note)
     print(f"\nwrote {out}/experts (expert set), statistics.csv (every neuron), summary.txt, run.json")
-
-
-def writable_dir(path: str | Path, what: str = "--out") -> Path:
-    """Check, before any compute, that `path` is (or can become) a writable directory; creates nothing."""
-    import tempfile
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{what} {path} exists and is not a directory")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(f"{what} {path}: {ancestor} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as e:
-        raise PermissionError(f"{what} {path} is not writable ({e.strerror or e})") from None
-    return path
 
 
 def cmd_find_experts(args) -> None:

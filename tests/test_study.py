@@ -6,7 +6,6 @@ and each split has its own sentences. A log records which split each corpus call
 `protocol.choose` records what the selection saw, so the tests can check that k is chosen from dev
 records only and before anything of the test split is loaded.
 """
-import argparse
 import json
 import random
 
@@ -245,9 +244,10 @@ def test_cache_reuses_unsteered_embeddings(tmp_path, fake):
 
 
 def test_cli_parser_full_and_overrides():
-    p = argparse.ArgumentParser()
-    cli.add_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["study", "--full", "--k-grid", "5,10", "--no-cache", "--quiet"])
+    from steer.cli import parser
+
+    p = parser()  # the real `steer` parser: every option it adds (--debug, --device, ...) is handled
+    args = p.parse_args(["study", "--full", "--k-grid", "5,10", "--no-cache", "--quiet", "--debug"])
     cfg = cli.config_from_args(args)
     assert cfg.targets == ["en", "de", "fr", "es", "ja"] and len(cfg.languages) == 22
     assert cfg.k_grid == [5, 10] and cfg.cache_dir is None and cfg.progress is False and cfg.test_k_sweep

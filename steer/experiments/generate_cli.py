@@ -100,7 +100,7 @@ def cmd_generate(args) -> None:
 
 def _check_args(args):
     """The expert set (or None) and the output file (or None), every option checked."""
-    from ..cli import writable_dir
+    from ..artifacts import writable_dir
     from ..experts import ExpertSet, check_k
 
     if (args.sweep or args.overhead) and not args.experts:
