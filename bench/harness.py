@@ -36,16 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------
 # Environment
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(module: str) -> str:
     try:
         return __import__(module).__version__
@@ -76,6 +66,8 @@ def environment(dtype: str = "float32") -> dict:
     """What a timing depends on. Call `finish(env)` at the end to add the closing load average."""
     import torch
 
+    from steer.runtime import cpu_name
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     try:
         cores = len(os.sched_getaffinity(0))
@@ -90,7 +82,7 @@ def environment(dtype: str = "float32") -> dict:
         pass
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cores": cores,
         "memory": mem,
         "gpu": gpu,

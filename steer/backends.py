@@ -149,10 +149,11 @@ class HookBackend(Backend):
     def _hook(self, layer: int):
         def pre_hook(module, args):
             iv, tokens = self.intervention, self.pool_tokens
-            if tokens is None and (iv is None or not iv.mask[layer].any()):
+            steered = iv is not None and bool(iv.mask[layer].any())
+            if tokens is None and not steered:
                 return None
             h = self.sites.view(args[0], self.info.attention_mask.shape[0])  # [B, T, M]
-            if iv is not None and iv.mask[layer].any():
+            if steered:
                 h = apply_override(h, iv.mask[layer], iv.mul[layer], iv.add[layer], self.info.steered(iv))
                 args = (h.view(args[0].shape),) + tuple(args[1:])
             if tokens is not None:

@@ -112,6 +112,7 @@ def cmd_find_experts(args) -> None:
     """Check every option, collect, score, select, and only then write the outputs, so a run that
     fails (bad input, a crash) leaves the earlier outputs of --out as they were; checkpoints and
     states are written atomically. Under torchrun rank 0 writes everything."""
+    from .adapters import NeuronSites
     from .corpus import bible_corpus, check_labels, open_corpus
     from .distributed import init_from_env, shutdown
     from .find import choose_mode, find_experts, splits_for
@@ -142,8 +143,6 @@ def cmd_find_experts(args) -> None:
     try:
         start = time.perf_counter()
         model, tok = load_model(args.model, device=device, dtype=dtype)
-        from .adapters import NeuronSites
-
         mode = choose_mode(config, len(corpus), NeuronSites(model).n_neurons, group)
         say = print if group.is_main else (lambda *a, **k: None)
         ranks = f" on {group.world} ranks" if group.active else ""

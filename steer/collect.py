@@ -2,18 +2,19 @@
 
 Exact mode (`collect`) keeps the full table of responses ([sentences, layers, width], fp32) so
 that any positive/negative split can be scored afterwards without another forward pass.
-Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/stream.py); `refine` then rescores exactly, in a second pass, the short-list of neurons that
-could still enter the exact top-k, so the experts and their values equal exact mode's.
+Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/stream.py);
+`refine` then rescores exactly, in a second pass, the short-list of neurons that could still
+enter the exact top-k, so the experts and their values equal exact mode's.
 
 How a batch is run: sentences are tokenized, sorted by length, longest first (stable, so batches
 depend only on the corpus, not on its order), cut into batches of at most `batch_size` sentences
 and `max_tokens` padded tokens (`batches`; a sentence over the budget runs alone, and the
 longest sentences run first, so a memory problem shows at once) and padded on the tokenizer's
 side; progress bars count tokens. Position ids count real tokens only, so padding on either side
-changes nothing. Only the base model runs (no LM head). A
-pre-hook on every down projection pools the neuron tensor over each sentence's real tokens
-(`pool`, below): padding never counts, and BOS/special tokens are skipped unless asked not to.
-Hooks registered earlier (an active `intervene`) run first, so responses are what the down
+changes nothing. Only the base model runs (no LM head). The model's backend (`steer.backends`:
+hooks or the fused patch) pools each layer's neuron tensor over each sentence's real tokens
+(`kernels/fused_mlp_ref.py::pool`): padding never counts, and BOS/special tokens are skipped
+unless asked not to. An active `intervene` overrides first, so responses are what the down
 projection receives.
 
 Scale (stream mode and refine). Sentences come from `corpus.records()`, an iterator (a
@@ -48,12 +49,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, backends
 from .adapters import NeuronSites, base_inputs, check_eval
 from .corpus import Corpus, Record, check_labels
 from .distributed import Group, current
-from . import backends
 from .metrics import check_k, score_splits
+from .runtime import dtype_name
 from .stream import StreamState, calibrate_edges, shortlist
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,8 @@ def token_limit(model: nn.Module, max_length: int | None) -> int | None:
 
 
 def check_batching(pooling: str, too_long: str, batch_size: int, window: int = WINDOW,
-           max_tokens: int | None = None) -> None:
+                   max_tokens: int | None = None) -> None:
+    """The batching options of every collection pass."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
     if too_long not in TOO_LONG:
@@ -317,7 +319,7 @@ def check_batching(pooling: str, too_long: str, batch_size: int, window: int = W
 
 
 def check_stream(bins: int, calibration: int, checkpoint, checkpoint_every: int, resume: bool) -> None:
-    """The streaming options `collect_stream` takes besides the batching ones (`_check`)."""
+    """The streaming options `collect_stream` takes besides the batching ones (`check_batching`)."""
     if checkpoint is None and (checkpoint_every or resume):
         raise ValueError("checkpoint_every / resume need a checkpoint path")
     if calibration < 1 or bins < 4 or checkpoint_every < 0:
@@ -350,8 +352,7 @@ class _Forward:
         self.backend, self.owned = backends.use(self.model, self.kind)
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.backend.stop_pooling()
+    def __exit__(self, *exc) -> None:  # each call stops its own pooling
         if self.owned:
             self.backend.remove()
 
@@ -469,7 +470,7 @@ def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **optio
     settings = {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
         "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
-        "dtype": str(sites.modules[0].weight.dtype).removeprefix("torch."), **options,
+        "dtype": dtype_name(sites.modules[0].weight.dtype), **options,
         "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
     }
     if run is not None:
