@@ -5,15 +5,16 @@ collection sits on. It runs over the very batches of the collection it is compar
 `sorted_plan` for `steer.collect` (length-sorted), `stream_plan` for `steer.collect_stream`
 (its calibration sample first, then the rest in windows), both planned by steer's own
 `batches` with the same sentence cap and token budget (`max_tokens`, default
-`steer.collect.MAX_TOKENS`), so that a ratio measures the collection's own work, not a
+`steer.engine.batching.MAX_TOKENS`), so that a ratio measures the collection's own work, not a
 different padding.
 """
 from __future__ import annotations
 
 import torch
 
-from steer.adapters import base_inputs
-from steer.collect import MAX_TOKENS, batches, calibration_sample, pad, plan_batches, tokenize
+from steer.core.adapters import base_inputs
+from steer.engine.batching import MAX_TOKENS, batches, pad, plan_batches, tokenize
+from steer.engine.collect import calibration_sample
 
 
 def sorted_plan(tokenizer, corpus, batch_size: int = 16,

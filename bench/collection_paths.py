@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, compare, environment, finish, write_results  # noqa: E402
 
-from steer import NeuronSites, bible_corpus, collect, collect_stream, load_model  # noqa: E402
-from steer.collect import MAX_TOKENS  # noqa: E402
+from steer import NeuronSites, bible_corpus, collect_stream, load_model
+from steer import collect  # noqa: E402
+from steer.engine.batching import MAX_TOKENS  # noqa: E402
 from steer.kernels import histogram_cpu  # noqa: E402
 from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
 

@@ -74,7 +74,8 @@ from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
 from harness import RESULTS, Table, compare, environment, finish, write_results  # noqa: E402
 from tiny import tiny_tokenizer  # noqa: E402
 
-from steer import Corpus, Intervention, collect, collect_stream, intervene, load_model, patch  # noqa: E402
+from steer import Corpus, Intervention, collect_stream, intervene, load_model
+from steer import collect, patch  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 CONFIGS = HERE / "configs"
@@ -543,8 +544,8 @@ def stage_scoring(args, device, dtype, dl) -> list[Table]:
     from run import extrapolate, histogram_state, subset, synthetic
 
     from steer import score_state
-    from steer.collect import shortlist_scores
-    from steer.metrics import score_splits
+    from steer.core.scores import shortlist_scores
+    from steer.core.metrics import score_splits
 
     tables = Tables()
     on_gpu = device.type == "cuda"

@@ -66,7 +66,7 @@ def environment(dtype: str = "float32") -> dict:
     """What a timing depends on. Call `finish(env)` at the end to add the closing load average."""
     import torch
 
-    from steer.runtime import cpu_name
+    from steer.core.runtime import cpu_name
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     try:

@@ -28,7 +28,7 @@ from harness import Table, compare, environment, finish, write_results  # noqa: 
 
 from steer.kernels import histogram_cpu  # noqa: E402
 from steer.kernels.histogram_ref import histogram_update_ref  # noqa: E402
-from steer.stream import StreamState, calibrate_edges  # noqa: E402
+from steer.core.stream import StreamState, calibrate_edges  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from harness import Table, environment, finish, write_results  # noqa: E402
-from steer.collect import MAX_TOKENS, batches  # noqa: E402
+from steer.engine.batching import MAX_TOKENS, batches  # noqa: E402
 
 PLANS = {  # name: (batch_size, max_tokens)
     "budget off, 16 a batch (before)": (16, None),
@@ -67,8 +67,8 @@ def model(layers: int):
 
 def child(args) -> None:
     """Run one plan; print a JSON line per batch (tokens done) and one at the end."""
-    from steer.adapters import NeuronSites
-    from steer.collect import pooled_batches
+    from steer.core.adapters import NeuronSites
+    from steer.engine.collect import pooled_batches
     from tiny import tiny_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -16,8 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, environment, finish, write_results  # noqa: E402
 
-from steer import bible_parallel, embed, load_model, udhr_parallel  # noqa: E402
-from steer.analysis import center, retrieval  # noqa: E402
+from steer import bible_parallel, load_model, udhr_parallel
+from steer import embed  # noqa: E402
+from steer.experiments.analysis import center, retrieval  # noqa: E402
 
 BIBLE = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 UDHR = ["en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "ar", "hi", "tr", "vi"]

@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 # Shared pieces
 
 def load():
-    from steer.models import load_model
+    from steer.engine.models import load_model
 
     t0 = time.perf_counter()
     model, tok = load_model(MODEL, dtype=torch.float32, device="cpu")
@@ -61,14 +61,14 @@ def load():
 
 
 def corpus(n: int):
-    from steer.corpus import bible_corpus
+    from steer.core.corpus import bible_corpus
 
     return bible_corpus(LANGS, split="discovery", n_per_language=max(1, n // len(LANGS)))
 
 
 def warm_up(model, tok) -> None:
     """One small pass of every path, so that no timed variant pays first-call costs."""
-    from steer.collect import collect
+    from steer.engine.collect import collect
 
     small = corpus(16)
     bare_forward(model, tok, small.texts, small.keys)
@@ -78,8 +78,8 @@ def warm_up(model, tok) -> None:
 
 def bare_forward(model, tok, texts, keys) -> dict:
     """The base model over steer's length-sorted batches, no hooks: the floor collection sits on."""
-    from steer.adapters import base_inputs
-    from steer.collect import batches, pad, tokenize
+    from steer.core.adapters import base_inputs
+    from steer.engine.batching import batches, pad, tokenize
 
     ids, _ = tokenize(tok, texts, keys, True, None)
     with torch.inference_mode():
@@ -132,7 +132,8 @@ ENV_NOTE = ("Timed on a shared machine: compare ratios within a table, not secon
 # Cases
 
 def case_collection(model, tok, cfg) -> None:
-    from steer.collect import batches, collect, tokenize
+    from steer.engine.batching import batches, tokenize
+    from steer.engine.collect import collect
 
     env = environment("float32")
     c = corpus(cfg["collect_n"])
@@ -170,8 +171,8 @@ def case_collection(model, tok, cfg) -> None:
 
 
 def case_e2e(model, tok, cfg, sizes=None) -> None:
-    from steer.adapters import NeuronSites
-    from steer.collect import collect
+    from steer.core.adapters import NeuronSites
+    from steer.engine.collect import collect
 
     env = environment("float32")
     n_neurons = NeuronSites(model).n_neurons
@@ -254,7 +255,7 @@ def histogram_state(x, label_ids, names, layers: int, width: int):
     """The streaming state of responses x [N, L*M]: edges from the first 1,000 sentences, then
     every sentence counted in batches of 16, as collect_stream does (not timed: it runs during
     the collection pass)."""
-    from steer.stream import StreamState, calibrate_edges
+    from steer.core.stream import StreamState, calibrate_edges
 
     state = StreamState(calibrate_edges(x[:1000]), names, {"layers": layers, "width": width})
     for i in range(0, len(x), BATCH):
@@ -264,8 +265,8 @@ def histogram_state(x, label_ids, names, layers: int, width: int):
 
 def case_scoring(cfg) -> None:
     from steer import score_state
-    from steer.collect import shortlist_scores
-    from steer.metrics import score_splits
+    from steer.core.scores import shortlist_scores
+    from steer.core.metrics import score_splits
 
     env = environment("float32")
     rows = []
@@ -325,8 +326,8 @@ def _memory_child(method: str, n: int) -> None:
     """Run in a fresh process: load, collect N sentences, print the memory figures as JSON."""
     import psutil
 
-    from steer.adapters import NeuronSites
-    from steer.collect import collect
+    from steer.core.adapters import NeuronSites
+    from steer.engine.collect import collect
 
     model, tok = load()
     c = corpus(n)

@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, environment, finish, write_results  # noqa: E402
 
-from steer import bible_corpus, collect, load_model  # noqa: E402
-from steer.metrics import score_splits  # noqa: E402
-from steer.stream import StreamState, calibrate_edges, shortlist  # noqa: E402
+from steer import bible_corpus, load_model
+from steer import collect  # noqa: E402
+from steer.core.metrics import score_splits  # noqa: E402
+from steer.core.stream import StreamState, calibrate_edges, shortlist  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 

@@ -94,8 +94,8 @@ def child(variant: str, path: str) -> dict:
     import psutil
     import torch
 
-    from steer.collect import collect_stream
-    from steer.corpus import load_corpus, open_corpus
+    from steer.engine.collect import collect_stream
+    from steer.core.corpus import load_corpus, open_corpus
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model, tok = model_and_tokenizer() if variant == "collect_stream" else (None, None)

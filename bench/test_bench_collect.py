@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import todays_way
-from steer.adapters import base_inputs
-from steer.collect import batches, collect, pad, tokenize
-from steer.corpus import Corpus
+from steer.core.adapters import base_inputs
+from steer.engine.batching import batches, pad, tokenize
+from steer.engine.collect import collect
+from steer.core.corpus import Corpus
 from tiny import tiny_model, tiny_tokenizer
 
 BATCH = 16

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import todays_way
-from steer.metrics import score_splits
+from steer.core.metrics import score_splits
 
 N, LAYERS, WIDTH, LABELS = 400, 2, 1024, 8
 SUBSET = 32  # neurons scikit-learn scores (compare per neuron: divide by SUBSET vs LAYERS * WIDTH)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import todays_way
-from steer.adapters import NeuronSites, base_inputs
-from steer.backends import intervene
-from steer.intervention import Intervention
+from steer.core.adapters import NeuronSites, base_inputs
+from steer.engine.backends import intervene
+from steer.core.intervention import Intervention
 from tiny import batch, tiny_model
 
 UNITS = torch.arange(0, 48, 4)  # 12 of the 48 neurons of every layer

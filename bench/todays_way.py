@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer.adapters import NeuronSites, base_inputs
+from steer.core.adapters import NeuronSites, base_inputs
 
 
 class _Recorder:

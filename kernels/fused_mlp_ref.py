@@ -59,7 +59,7 @@ def fused_mlp_ref(
     return h, pool_max(h, pool_tokens), pool_sum(h, pool_tokens)
 
 
-# The semantics every path shares: the reference hooks (steer.backends), this op and its
+# The semantics every path shares: the reference hooks (steer.engine.backends), this op and its
 # Triton kernel, collection and embeddings. Each is written once, here.
 
 def apply_override(value: torch.Tensor, mask: torch.Tensor, mul: torch.Tensor, add: torch.Tensor,

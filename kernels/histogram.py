@@ -1,7 +1,7 @@
 """Streaming histogram update of pooled neuron responses (Triton).
 
 `counts[label, neuron, bin] += 1` for a tile x [B, M] of pooled responses, with per-neuron fixed
-edges: the fixed-size state of `steer.stream` (labels x neurons x bins int32 counts, merged by
+edges: the fixed-size state of `steer.core.stream` (labels x neurons x bins int32 counts, merged by
 addition). Semantics, spelled out in plain torch: `histogram_ref.histogram_update_ref`.
 
 Layout: one program per (block of BLOCK_M neurons, block of BLOCK_B sentences). A program loads

@@ -2,21 +2,32 @@
 
 The public API is re-exported here; each name lives in the module named in the README's table.
 """
-from .adapters import NeuronSites
-from .analysis import distance_report, retrieval, retrieval_matrix
-from .collect import Responses, Scores, Split, collect, collect_stream, refine, score_state
-from .corpus import Corpus, CorpusFile, Parallel, bible_corpus, bible_parallel, bible_paraphrases, load_corpus, open_corpus, udhr_parallel
-from .embed import embed
-from .experts import ExpertSet, export_selfcond, export_statistics, select_experts
-from .find import FindConfig, find_experts
-from .generation import generate, perplexity
-from .backends import intervene
-from .intervention import Intervention
-from .metrics import auroc, average_precision, score_splits
-from .models import load_model
-from .runtime import native_dtype
-from .patch import patch
-from .stream import StreamState
+from steer.core.adapters import NeuronSites
+from steer.core.corpus import (
+    Corpus,
+    CorpusFile,
+    Parallel,
+    bible_corpus,
+    bible_parallel,
+    bible_paraphrases,
+    load_corpus,
+    open_corpus,
+    udhr_parallel,
+)
+from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
+from steer.core.intervention import Intervention
+from steer.core.metrics import auroc, average_precision, score_splits
+from steer.core.runtime import native_dtype
+from steer.core.scores import Responses, Scores, Split, score_state
+from steer.core.stream import StreamState
+from steer.engine.backends import intervene
+from steer.engine.collect import collect, collect_stream, refine
+from steer.engine.embed import embed
+from steer.engine.generation import generate, perplexity
+from steer.engine.models import load_model
+from steer.engine.patch import patch
+from steer.experiments.analysis import distance_report, retrieval, retrieval_matrix
+from steer.find import FindConfig, find_experts
 
 __all__ = [
     "NeuronSites", "distance_report", "retrieval", "retrieval_matrix", "Responses", "Scores", "Split",

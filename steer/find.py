@@ -17,14 +17,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapters import NeuronSites, check_eval
-from .backends import BACKENDS
-from .collect import (MAX_TOKENS, WINDOW, Responses, Scores, Split, check_batching, check_stream, collect,
-                      collect_stream, refine)
-from .corpus import check_labels
-from .distributed import Group, current
-from .experts import RECIPES, ExpertSet, check_k, select_experts
-from .stream import StreamState
+from steer.core.adapters import NeuronSites, check_eval
+from steer.core.corpus import check_labels
+from steer.core.experts import RECIPES, ExpertSet, check_k, select_experts
+from steer.core.scores import Responses, Scores, Split
+from steer.core.stream import StreamState
+from steer.engine.backends import BACKENDS
+from steer.engine.batching import MAX_TOKENS, WINDOW, check_batching
+from steer.engine.collect import check_stream, collect, collect_stream, refine
+from steer.engine.distributed import Group, current
 
 MODES = ("auto", "exact", "stream")
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from steer import runtime  # noqa: E402  (after TRITON_INTERPRET: kernels read it when imported)
+from steer.core import runtime  # noqa: E402  (after TRITON_INTERPRET: kernels read it when imported)
 
 REAL_CPU_BF16 = runtime.cpu_has_bf16_matmul
 

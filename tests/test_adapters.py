@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steer.adapters import ADAPTERS, NeuronSites, base_inputs
+from steer.core.adapters import ADAPTERS, NeuronSites, base_inputs
 from tiny import ACT, FAMILIES, batch, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""Tests of steer.embed (tiny random models built offline) and steer.analysis (known answers)."""
+"""Tests of steer.embed (tiny random models built offline) and steer.experiments.analysis (known answers)."""
 import math
 import random
 
@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-from steer import analysis as A
-from steer.embed import embed
+from steer.experiments import analysis as A
+from steer.engine.embed import embed
 
 WORDS = "the cat dog sat on a mat red blue green fast slow".split()
 

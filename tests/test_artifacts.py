@@ -1,4 +1,4 @@
-"""Artifacts (steer/artifacts.py): every kind of file steer writes (expert set, responses, stream
+"""Artifacts (steer/core/artifacts.py): every kind of file steer writes (expert set, responses, stream
 state, checkpoint, study embedding cache) round-trips; refuses a corrupt, truncated, newer-format
 or other-shape file with a ValueError naming the file; and a SIGKILL during a save leaves the
 previous file or directory intact.
@@ -18,11 +18,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from steer import artifacts
-from steer.collect import CHECKPOINT_FORMAT, Responses, _load_checkpoint
-from steer.experts import FILES, FORMAT_VERSION, ExpertSet
-from steer.stream import VERSION as STREAM_VERSION
-from steer.stream import StreamState, calibrate_edges
+from steer.core import artifacts
+from steer.engine.collect import CHECKPOINT_FORMAT, _load_checkpoint
+from steer.core.scores import Responses
+from steer.core.experts import FILES, FORMAT_VERSION, ExpertSet
+from steer.core.stream import VERSION as STREAM_VERSION
+from steer.core.stream import StreamState, calibrate_edges
 from steer.experiments.study.cache import CACHE_VERSION, load_embedding_cache, save_embedding_cache
 from tiny import tiny_model
 

@@ -1,11 +1,11 @@
-"""The one backend protocol (`steer.backends`): hooks and the fused patch, driven the same way,
+"""The one backend protocol (`steer.engine.backends`): hooks and the fused patch, driven the same way,
 give the neuron tensor, pooled responses and logits of the tests' own oracle in every family."""
 import pytest
 import torch
 
-from steer import backends
-from steer.adapters import NeuronSites, base_inputs
-from steer.intervention import Intervention
+from steer.engine import backends
+from steer.core.adapters import NeuronSites, base_inputs
+from steer.core.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
 
 

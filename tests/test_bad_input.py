@@ -9,11 +9,11 @@ import torch
 import transformers as T
 
 from steer.cli import main
-from steer.collect import collect_stream
-from steer.corpus import open_corpus
-from steer.experts import ExpertSet
-from steer.models import load_model
-from steer.stream import StreamState
+from steer.engine.collect import collect_stream
+from steer.core.corpus import open_corpus
+from steer.core.experts import ExpertSet
+from steer.engine.models import load_model
+from steer.core.stream import StreamState
 from tiny import tiny_model, tiny_tokenizer
 
 LINES = ["en\tthe cat sat", "en\ta dog", "en\tthe end", "fr\tle chat", "fr\tun chien", "fr\tla fin",

@@ -1,4 +1,4 @@
-"""Batches bounded by tokens (issue 17): one plan (`steer.collect.batches`) for every batching.
+"""Batches bounded by tokens (issue 17): one plan (`steer.engine.batching.batches`) for every batching.
 
 A batch holds at most `batch_size` sentences and `max_tokens` padded tokens (sentences x the
 longest one's length), longest first; a sentence over the budget runs alone. Results do not
@@ -10,9 +10,10 @@ import random
 import pytest
 import torch
 
-from steer.collect import MAX_TOKENS, _Progress, batches, collect, collect_stream, plan_batches, refine
-from steer.corpus import Corpus
-from steer.embed import embed
+from steer.engine.batching import MAX_TOKENS, batches, plan_batches
+from steer.engine.collect import _Progress, collect, collect_stream, refine
+from steer.core.corpus import Corpus
+from steer.engine.embed import embed
 from tiny import tiny_model, tiny_tokenizer
 
 LONG = 20_000
@@ -175,7 +176,7 @@ def _stream_resume(model, tok, corpus, kw, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         collect_stream(model, tok, corpus, checkpoint=ckpt, checkpoint_every=2, **kw)
     handle.remove()
-    from steer.stream import StreamState
+    from steer.core.stream import StreamState
 
     _, extra = StreamState.load(ckpt, with_extra=True)
     assert extra["plan"]["max_tokens"] == 120 and extra["position"] == 10 and extra["windows"][:2] == [8, 6]

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import harness  # noqa: E402
 import todays_way  # noqa: E402
-from steer.adapters import NeuronSites, base_inputs  # noqa: E402
-from steer.collect import collect  # noqa: E402
-from steer.corpus import Corpus  # noqa: E402
-from steer.backends import intervene  # noqa: E402
-from steer.intervention import Intervention  # noqa: E402
+from steer.core.adapters import NeuronSites, base_inputs  # noqa: E402
+from steer.engine.collect import collect  # noqa: E402
+from steer.core.corpus import Corpus  # noqa: E402
+from steer.engine.backends import intervene  # noqa: E402
+from steer.core.intervention import Intervention  # noqa: E402
 from tiny import batch, tiny_model, tiny_tokenizer  # noqa: E402
 
 TEXTS = ["the cat sat on the mat today", "a dog", "le chat est là", "un", "das ist gut", "ein Hund bellt laut und lang",

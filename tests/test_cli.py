@@ -4,7 +4,7 @@ import json
 import pytest
 
 from steer.cli import main
-from steer.experts import ExpertSet
+from steer.core.experts import ExpertSet
 from tiny import tiny_model, tiny_tokenizer
 
 LINES = ["en\tthe cat sat", "en\ta dog", "en\tthe end", "fr\tle chat", "fr\tun chien", "fr\tla fin",

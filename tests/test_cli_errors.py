@@ -38,9 +38,9 @@ def fails(argv, capsys, match, code=2):
 
 
 def test_bad_k_is_refused_before_the_model_loads(run, capsys, tmp_path, monkeypatch):
-    import steer.models
+    import steer.engine.models
 
-    monkeypatch.setattr(steer.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(steer.engine.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     find = ["find-experts", "--model", str(run / "ckpt"), "--corpus", str(run / "corpus.tsv")]
     fails([*find, "-k", "-5", "--out", str(tmp_path / "a")], capsys, "k=-5")
     fails([*find, "--bottom-k", "-1", "--out", str(tmp_path / "a")], capsys, "bottom_k=-1")

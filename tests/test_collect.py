@@ -4,9 +4,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer.adapters import NeuronSites
-from steer.collect import Responses, Split, collect
-from steer.corpus import Corpus
+from steer.core.adapters import NeuronSites
+from steer.core.scores import Responses, Split
+from steer.engine.collect import collect
+from steer.core.corpus import Corpus
 from tiny import tiny_model, tiny_tokenizer
 
 TEXTS = ["the cat sat", "a dog", "le chat est là", "un chien", "das ist gut", "ein Hund bellt laut",

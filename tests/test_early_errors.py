@@ -9,12 +9,13 @@ import warnings
 import pytest
 import torch
 
-from steer.collect import Responses, collect, collect_stream, refine
-from steer.corpus import Corpus, from_tsv, open_corpus
-from steer.embed import embed
-from steer.experts import check_k, select_experts
+from steer.core.scores import Responses
+from steer.engine.collect import collect, collect_stream, refine
+from steer.core.corpus import Corpus, from_tsv, open_corpus
+from steer.engine.embed import embed
+from steer.core.experts import check_k, select_experts
 from steer.experiments.language_sweep import language_steering, random_intervention
-from steer.metrics import score_splits
+from steer.core.metrics import score_splits
 from tiny import tiny_model, tiny_tokenizer
 
 TRAINING = r"model is in training mode \(dropout is active\): call model\.eval\(\) first"

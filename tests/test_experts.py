@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from steer.collect import Scores, Split, collect
-from steer.corpus import Corpus
-from steer.experts import ExpertSet, export_selfcond, export_statistics, select_experts
+from steer.core.scores import Scores, Split
+from steer.engine.collect import collect
+from steer.core.corpus import Corpus
+from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from tiny import tiny_model, tiny_tokenizer
 
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from steer import Corpus, collect, find_experts, select_experts
-from steer.collect import Split
+from steer import Corpus, find_experts, select_experts
+from steer import collect
+from steer.core.scores import Split
 from steer.find import FindConfig, choose_mode
 from tiny import tiny_model, tiny_tokenizer
 

@@ -7,14 +7,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import steer.generation as G
+import steer.engine.generation as G
 import steer.experiments.language_sweep as LS
 from steer.cli import main as cli_main
-from steer.adapters import NeuronSites
-from steer.experts import FORMAT_VERSION, ExpertSet
-from steer.backends import attached, intervene
-from steer.intervention import Intervention
-from steer.patch import patch
+from steer.core.adapters import NeuronSites
+from steer.core.experts import FORMAT_VERSION, ExpertSet
+from steer.engine.backends import attached, intervene
+from steer.core.intervention import Intervention
+from steer.engine.batching import pad_batch
+from steer.engine.patch import patch
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello there", "", "le chat noir est sur", "ab"]
@@ -243,7 +244,7 @@ def test_compiled_prefill_and_decode_fullgraph_same_tokens_new_experts_without_r
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                      use_cache=True).logits
 
-    ids, mask = G.left_pad(G.encode_prompts(tok, prompts), tok.pad_token_id)
+    ids, mask = pad_batch(G.encode_prompts(tok, prompts), tok.pad_token_id, "left")
     with patch(model), torch.no_grad():
         eager = G.generate_ids(model, tok, prompts, intervention=iv, max_new_tokens=n, min_new_tokens=n)
         eager_other = G.generate_ids(model, tok, prompts, intervention=other, max_new_tokens=n, min_new_tokens=n)

@@ -121,7 +121,7 @@ def test_device_histogram_update_equals_cpu_reference(C, M, B, NB, seed):
 
 @device
 def test_device_stream_state_equals_cpu_state():
-    from steer.stream import StreamState, calibrate_edges
+    from steer.core.stream import StreamState, calibrate_edges
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(50, 300, generator=g)
@@ -137,13 +137,13 @@ def test_device_stream_state_equals_cpu_state():
 
 
 def _experts(model):
-    from steer.intervention import Intervention
+    from steer.core.intervention import Intervention
 
     return Intervention.for_model(model).set(0, [1, 5, 9], torch.tensor([2.0, -1.0, 0.5])).scale(1, [3], 4.0).zero(1, [7])
 
 
 def _logits(model, ids, mask):
-    from steer.adapters import base_inputs
+    from steer.core.adapters import base_inputs
 
     with torch.no_grad():
         return model(**base_inputs(model, ids, mask)).logits.float().cpu()
@@ -157,8 +157,8 @@ def test_device_patched_model_matches_cpu_reference(family, dtype):
     with the reference hooks: on the CPU in fp32; in bf16 on the device, within bf16's tolerance."""
     import copy
 
-    from steer.backends import intervene
-    from steer.patch import patch
+    from steer.engine.backends import intervene
+    from steer.engine.patch import patch
     from tiny import batch, tiny_model
 
     cpu = tiny_model(family)
@@ -185,9 +185,9 @@ def test_device_patched_model_matches_cpu_reference(family, dtype):
 def test_device_fused_collection_equals_cpu_exact_collection(family):
     import copy
 
-    from steer.collect import collect
-    from steer.corpus import Corpus
-    from steer.patch import patch
+    from steer.engine.collect import collect
+    from steer.core.corpus import Corpus
+    from steer.engine.patch import patch
     from tiny import tiny_model, tiny_tokenizer
 
     texts = ["the cat sat", "a dog", "le chat est là", "un chien", "das ist gut", "ein Hund bellt laut"]

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from steer.adapters import NeuronSites, base_inputs
-from steer.backends import intervene
-from steer.intervention import Intervention
+from steer.core.adapters import NeuronSites, base_inputs
+from steer.engine.backends import intervene
+from steer.core.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
 
 

@@ -1,11 +1,11 @@
-"""steer.metrics against scikit-learn / numpy, per neuron, float64, tolerance 1e-12."""
+"""steer.core.metrics against scikit-learn / numpy, per neuron, float64, tolerance 1e-12."""
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer import metrics
-from steer.metrics import auroc, average_precision, rank_neurons, score_splits
+from steer.core import metrics
+from steer.core.metrics import auroc, average_precision, rank_neurons, score_splits
 
 TOL = 1e-12
 N, M, C = 150, 30, 6  # sentences, neurons, labels

@@ -1,5 +1,6 @@
 """The installed project never exposes a top-level `kernels` module (PyPI's `kernels`, which
 transformers imports when present, must not be shadowed); its kernels live in `steer.kernels`."""
+import importlib
 import subprocess
 import sys
 import zipfile
@@ -13,8 +14,11 @@ def test_wheel_maps_kernels_into_steer(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "steer/kernels/__init__.py" in names
-    for package in ("steer/experiments", "steer/experiments/study"):  # subpackages listed in pyproject
+    packages = sorted(str(p.parent.relative_to(ROOT)) for p in (ROOT / "steer").rglob("__init__.py"))
+    assert len(packages) >= 6  # steer, core, engine, cli, experiments, experiments/study
+    for package in packages:  # every subpackage is listed in pyproject, so the wheel has it
         assert f"{package}/__init__.py" in names, package
+        importlib.import_module(package.replace("/", "."))
     assert not [n for n in names if n.startswith("kernels/")]
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"steer"}
@@ -36,7 +40,7 @@ def test_steer_works_without_triton(tmp_path):
     code = (
         "import sys; sys.modules['triton'] = None  # any `import triton` now raises ImportError\n"
         "import pytest, torch, transformers as T, steer\n"
-        "from steer.stream import StreamState, calibrate_edges\n"
+        "from steer.core.stream import StreamState, calibrate_edges\n"
         "from steer.kernels.histogram_ref import histogram_update_ref\n"
         "x = torch.randn(12, 5); labels = torch.arange(12) % 3\n"
         "state = StreamState(calibrate_edges(x, 8), ['a', 'b', 'c'])\n"

@@ -3,13 +3,13 @@ hooks, same pooled responses as exact collection; reversible; compiles without g
 import pytest
 import torch
 
-from steer.adapters import base_inputs
-from steer.collect import collect
-from steer.corpus import Corpus
-from steer.adapters import NeuronSites
-from steer.backends import attached, intervene
-from steer.intervention import Intervention
-from steer.patch import FusedActivation, FusedGatedMLP, patch
+from steer.core.adapters import base_inputs
+from steer.engine.collect import collect
+from steer.core.corpus import Corpus
+from steer.core.adapters import NeuronSites
+from steer.engine.backends import attached, intervene
+from steer.core.intervention import Intervention
+from steer.engine.patch import FusedActivation, FusedGatedMLP, patch
 from tiny import FAMILIES, batch, tiny_model, tiny_tokenizer
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}

@@ -4,11 +4,11 @@ about 50 s for the one-time conversion."""
 import pytest
 import torch
 
-from steer.adapters import NeuronSites
-from steer.collect import collect, collect_stream, refine
-from steer.corpus import bible_corpus
-from steer.experts import select_experts
-from steer.models import load_model
+from steer.core.adapters import NeuronSites
+from steer.engine.collect import collect, collect_stream, refine
+from steer.core.corpus import bible_corpus
+from steer.core.experts import select_experts
+from steer.engine.models import load_model
 
 pytestmark = pytest.mark.real
 LANGUAGES = ["en", "fr", "de", "zh"]

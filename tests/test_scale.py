@@ -23,11 +23,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from steer.cli import main
-from steer.collect import collect_stream, plan_batches, refine
-from steer.corpus import load_corpus, open_corpus
-from steer.distributed import Group
-from steer.experts import ExpertSet
-from steer.stream import StreamState
+from steer.engine.collect import collect_stream, refine
+from steer.engine.batching import plan_batches
+from steer.core.corpus import load_corpus, open_corpus
+from steer.engine.distributed import Group
+from steer.core.experts import ExpertSet
+from steer.core.stream import StreamState
 from tiny import tiny_model, tiny_tokenizer
 
 TESTS = Path(__file__).parent
@@ -167,8 +168,8 @@ KILLED = textwrap.dedent("""
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")  # steer logs checkpoints
     sys.path.insert(0, {tests!r})
     from tiny import tiny_model, tiny_tokenizer
-    from steer.collect import collect_stream
-    from steer.corpus import open_corpus
+    from steer.engine.collect import collect_stream
+    from steer.core.corpus import open_corpus
     torch.set_num_threads(1)
     model = tiny_model("llama")
     model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.25))  # slow: killed mid-way
@@ -211,7 +212,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(files, tmp_path):
 def test_cli_resume_after_a_crash_and_refusals(files, tmp_path):
     """A run that dies after a checkpoint resumes through the CLI to the uninterrupted outputs; a
     checkpoint of another model, corpus or setting is refused naming the difference."""
-    from steer.models import load_model
+    from steer.engine.models import load_model
 
     ckpt_dir, corpus_path = files
     common = ["find-experts", "--model", str(ckpt_dir), "--corpus", str(corpus_path), *CLI_STREAM]

@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from steer.kernels.histogram import histogram_update
 from steer.kernels.histogram_ref import histogram_update_ref
-from steer.stream import StreamState, calibrate_edges, calibration_levels, shortlist
+from steer.core.stream import StreamState, calibrate_edges, calibration_levels, shortlist
 
 
 def _state(x, labels, edges, num_labels, settings=None):

@@ -4,10 +4,11 @@ import random
 import pytest
 import torch
 
-from steer.collect import Split, collect, collect_stream, refine, score_state
-from steer.corpus import Corpus
-from steer.experts import select_experts
-from steer.stream import StreamState
+from steer.core.scores import Split, score_state
+from steer.engine.collect import collect, collect_stream, refine
+from steer.core.corpus import Corpus
+from steer.core.experts import select_experts
+from steer.core.stream import StreamState
 from tiny import tiny_model, tiny_tokenizer
 
 

@@ -12,10 +12,11 @@ import random
 import pytest
 import torch
 
-from steer.experiments.study import cli, config, control, protocol
+from steer.cli import study as cli
+from steer.experiments.study import config, control, protocol
 from steer.experiments.study.report import render_only
-from steer.corpus import Parallel
-from steer.experts import ExpertSet
+from steer.core.corpus import Parallel
+from steer.core.experts import ExpertSet
 
 from tiny import tiny_model, tiny_tokenizer
 

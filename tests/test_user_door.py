@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import steer
-from steer import analysis as A
-from steer import runtime
+from steer.experiments import analysis as A
+from steer.core import runtime
 from steer.cli import main
 from conftest import REAL_CPU_BF16
 from tiny import tiny_model, tiny_tokenizer

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..artifacts import atomic_write_text
-from ..backends import attached
-from ..generation import generate, perplexity
-from ..intervention import POSITIONS, Intervention
-from ..metrics import check_k
+from steer.core.artifacts import atomic_write_text
+from steer.core.intervention import POSITIONS, Intervention
+from steer.core.metrics import check_k
+from steer.engine.backends import attached
+from steer.engine.generation import generate, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def random_intervention(experts, concept: str, k: int, seed: int, *, positions: 
 
 
 def _heldout(languages: Sequence[str], n: int, seed: int) -> tuple[dict[str, list[str]], dict]:
-    from ..corpus import bible_parallel
+    from steer.core.corpus import bible_parallel
 
     par = bible_parallel(list(languages), split="test", n=n, seed=seed)
     return {lang: list(par.texts[lang]) for lang in languages}, par.description

@@ -2,7 +2,7 @@
 
 Sundar et al. (ACL 2025), "Steering into New Embedding Spaces", force a language's expert
 neurons and measure how the model's embedding space moves. This package runs that protocol on
-the Bible splits of `steer.corpus` (verse-disjoint "discovery" / "dev" / "test") and the UDHR:
+the Bible splits of `steer.core.corpus` (verse-disjoint "discovery" / "dev" / "test") and the UDHR:
 
   1. discovery  collect pooled neuron responses once for the targets and the negative languages,
                 score once with the paper's splits (target vs the other targets + zh), select the
@@ -40,8 +40,8 @@ Modules: `config` (StudyConfig, --full), `cache` (the Embedder and its embedding
 `control` (the random-neuron control), `protocol` (the stages and `run_study`), `verdict`,
 `figures`, `report` (report.md, one function per section; `render_only`), `cli` (`steer study`).
 """
-from .config import StudyConfig
-from .protocol import run_study
-from .report import render_only
+from steer.experiments.study.config import StudyConfig
+from steer.experiments.study.protocol import run_study
+from steer.experiments.study.report import render_only
 
 __all__ = ["StudyConfig", "render_only", "run_study"]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...adapters import NeuronSites
-from ...embed import embed
-from ...backends import intervene
-from ...intervention import Intervention
+from steer.core.adapters import NeuronSites
+from steer.core.intervention import Intervention
+from steer.engine.backends import intervene
+from steer.engine.embed import embed
 
 
 def condition_key(iv: Intervention | None) -> str:
@@ -34,14 +34,14 @@ def condition_key(iv: Intervention | None) -> str:
     return h.hexdigest()[:20]
 
 
-CACHE_VERSION = 1  # steer.embeddings files (steer/artifacts.py)
+CACHE_VERSION = 1  # steer.embeddings files (steer/core/artifacts.py)
 
 
 def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict) -> None:
-    """{text: [n_layers, D]} as a steer.embeddings file, atomically (steer/artifacts.py): the
+    """{text: [n_layers, D]} as a steer.embeddings file, atomically (steer/core/artifacts.py): the
     texts as UTF-8 bytes + offsets tensors (no header size limit), `meta` (the model's
     fingerprint, skip_bos, layers) in the metadata."""
-    from ... import artifacts
+    from steer.core import artifacts
 
     raw = [t.encode("utf-8") for t in table]
     sizes = torch.tensor([len(b) for b in raw], dtype=torch.int64)
@@ -55,7 +55,7 @@ def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict)
 def load_embedding_cache(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The table written by `save_embedding_cache`; ValueError naming the file when it is
     corrupt, truncated, of a newer format, or for another model, skip_bos or layers than `meta`."""
-    from ... import artifacts
+    from steer.core import artifacts
 
     a = artifacts.load(path, kind="embeddings", version=CACHE_VERSION)
     want = json.loads(json.dumps(meta))

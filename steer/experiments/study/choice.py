@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...analysis import TIE_TOL
-from .measures import criterion_value
+from steer.experiments.analysis import TIE_TOL
+from steer.experiments.study.measures import criterion_value
 
 
 def choose(records: list[dict], targets: list[str], criterion: str, layer_search: bool,

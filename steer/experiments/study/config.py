@@ -5,9 +5,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from ...corpus import BIBLE_VERSIONS
-from ...experts import RECIPES
-from ...runtime import DTYPES
+from steer.core.corpus import BIBLE_VERSIONS
+from steer.core.experts import RECIPES
+from steer.core.runtime import DTYPES
 
 SCHEMA = "steer.study/1"
 CRITERIA = ("a", "ab")

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ...experts import ExpertSet
-from ...intervention import Intervention
-from .config import CONTROL_LAYERS
+from steer.core.experts import ExpertSet
+from steer.core.intervention import Intervention
+from steer.experiments.study.config import CONTROL_LAYERS
 
 
 def random_control(experts: ExpertSet, concept: str, k: int, seed: int, *, layers: str = "any",

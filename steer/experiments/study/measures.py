@@ -1,7 +1,7 @@
 """Retrieval, distance and correlation summaries of embeddings, pre and post (JSON-able dicts).
 
 Retrieval is top-1 cross-lingual retrieval of aligned sentences, on raw or per-language
-mean-centred embeddings; distances are cosine on raw embeddings (`steer.analysis`); CIs are
+mean-centred embeddings; distances are cosine on raw embeddings (`steer.experiments.analysis`); CIs are
 bootstrap over sentences (paired for pre/post) or over language pairs (correlations).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import torch
 
-from ... import analysis as A
-from .config import StudyConfig
+from steer.experiments import analysis as A
+from steer.experiments.study.config import StudyConfig
 
 
 def _key(a: str, b: str, sep: str = "->") -> str:

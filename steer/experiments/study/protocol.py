@@ -21,24 +21,39 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ... import analysis as A
-from ...adapters import NeuronSites
-from ...corpus import BIBLE_PARAPHRASES, bible_corpus, bible_paraphrases, bible_parallel, udhr_parallel
-from ...experts import RECIPES, ExpertSet, package_version
-from ...find import find_experts
-from ...intervention import Intervention
-from ...models import cache_dir as _steer_cache_dir
-from ...models import load_model
-from ...runtime import dtype_name, environment, set_threads
-from .cache import Embedder
-from .choice import choose
-from .config import SCHEMA, StudyConfig, as_config
-from .control import control_seed, random_control, values_sha
-from .figures import shrink_png
-from .measures import both, control_summary, correlation, distances, paraphrase_entry, pre_post, seed_stats, \
-    setting_scores, stringify
-from .report import write_outputs
-from .verdict import verdict
+from steer.core.adapters import NeuronSites
+from steer.core.corpus import (
+    BIBLE_PARAPHRASES,
+    bible_corpus,
+    bible_parallel,
+    bible_paraphrases,
+    udhr_parallel,
+)
+from steer.core.experts import RECIPES, ExpertSet, package_version
+from steer.core.intervention import Intervention
+from steer.core.runtime import dtype_name, environment, set_threads
+from steer.engine.models import cache_dir as _steer_cache_dir
+from steer.engine.models import load_model
+from steer.experiments import analysis as A
+from steer.experiments.study.cache import Embedder
+from steer.experiments.study.choice import choose
+from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
+from steer.experiments.study.control import control_seed, random_control, values_sha
+from steer.experiments.study.figures import shrink_png
+from steer.experiments.study.measures import (
+    both,
+    control_summary,
+    correlation,
+    distances,
+    paraphrase_entry,
+    pre_post,
+    seed_stats,
+    setting_scores,
+    stringify,
+)
+from steer.experiments.study.report import write_outputs
+from steer.experiments.study.verdict import verdict
+from steer.find import find_experts
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +366,7 @@ def _corpus_entry(obj) -> dict:
 
 
 def _subset(par, rows: list[int]):
-    from ...corpus import Parallel
+    from steer.core.corpus import Parallel
 
     return Parallel({c: [t[i] for i in rows] for c, t in par.texts.items()}, [par.keys[i] for i in rows],
                     {**par.description, "subset_rows": len(rows)})
@@ -371,7 +386,7 @@ def _experts_summary(experts: ExpertSet, scores, cfg: StudyConfig, splits) -> di
         sets[t] = {(r[0], r[1]) for r in rows}
         out["targets"][t] = {
             "n_selected": len(rows), "n_auroc_above_half": n_pass,
-            "n_pos": int(scores.stats["n_pos"][i]), "n_neg": int(scores.stats["n_neg"][i]),
+            "n_pos": int(scores.n_pos[i]), "n_neg": int(scores.n_neg[i]),
             "columns": ["layer", "unit", "value", "score", "other_score"], "neurons": rows,
             "layer_histogram": dict(sorted(Counter(r[0] for r in rows).items())),
         }

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...artifacts import atomic_write_text
-from .figures import make_figures
+from steer.core.artifacts import atomic_write_text
+from steer.experiments.study.figures import make_figures
 
 log = logging.getLogger(__name__)
 

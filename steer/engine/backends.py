@@ -25,9 +25,9 @@ import weakref
 import torch
 from torch import nn
 
-from .adapters import NeuronSites
-from .intervention import Intervention, steered_tokens
-from .kernels.fused_mlp_ref import apply_override, pool
+from steer.core.adapters import NeuronSites
+from steer.core.intervention import Intervention, steered_tokens
+from steer.kernels.fused_mlp_ref import apply_override, pool
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hooks", "fused")
@@ -182,7 +182,7 @@ def use(model: nn.Module, kind: str = "hooks", neuron_module: str | None = None)
                                "patch the model first and intervene after")
         return existing, False
     if kind == "fused":
-        from .patch import FusedPatch
+        from steer.engine.patch import FusedPatch
 
         return FusedPatch(model), True
     return HookBackend(model, neuron_module), True

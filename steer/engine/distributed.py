@@ -7,7 +7,7 @@ code never initialises anything: `current()` wraps whatever group the caller set
 trivial one-process group), so `collect_stream` and `refine` run unchanged in one process, under
 torchrun, or under `torch.multiprocessing.spawn` with an explicit `init_process_group`.
 
-What a distributed streaming run does (steer.collect, steer/stream.py):
+What a distributed streaming run does (steer/engine/collect.py, steer/core/stream.py):
 - rank 0 runs the calibration sample and broadcasts the bin edges; every rank builds its
   `StreamState` on those edges, so states merge by addition;
 - the deterministic batch order (windows of sentences sorted by length, cut into batches) is the
@@ -27,7 +27,7 @@ Models too large for one device: load them with Hugging Face's `device_map` (e.g
 needs `accelerate`) and pass the model to `collect_stream` / `refine` in a single process:
 inputs go to the device of the input embeddings, each layer's pooled responses are copied into
 one buffer, and accelerate's hooks move activations between devices. (Not tested here: the
-test machine has no GPU. `steer.models.load_model` would pass `device_map` through.) Combining
+test machine has no GPU. `steer.engine.models.load_model` would pass `device_map` through.) Combining
 `device_map` with torchrun (pipeline within a node, data parallel across nodes) works the same
 way as long as each rank's `device_map` names only its own devices.
 """

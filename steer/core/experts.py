@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts
-from .adapters import NeuronSites
-from .collect import Scores
-from .intervention import Intervention
-from .metrics import check_k, rank_neurons
+from steer.core import artifacts
+from steer.core.adapters import NeuronSites
+from steer.core.intervention import Intervention
+from steer.core.metrics import check_k, rank_neurons
+from steer.core.scores import Scores
 
 FORMAT_VERSION = 2  # 2: experts.safetensors is a steer.experts file (artifacts.py); 1 is still read
 FILES = ("experts.json", "experts.safetensors")
@@ -107,7 +107,7 @@ class ExpertSet:
                 f"({sites.fingerprint()})", stacklevel=2)
 
     def save(self, directory) -> Path:
-        """Write the set atomically (steer/artifacts.py: a temporary directory swapped in).
+        """Write the set atomically (steer/core/artifacts.py: a temporary directory swapped in).
 
         experts.safetensors (a steer.experts file: tensors, metadata and sha256) is the set;
         experts.json is a readable copy of its metadata, which `load` checks against it. An
@@ -188,7 +188,7 @@ def select_experts(scores: Scores, k: int = 100, *, by: str = "ap", value: str =
     where = "the model has {n} neurons" if layers is None else f"layers {layers} hold {{n}} neurons"
     k = check_k(k, "k", available=n, where=where)
     bottom_k = check_k(bottom_k, "bottom_k", allow_zero=True, available=n, where=where)
-    n_neg = scores.stats.get("n_neg")
+    n_neg = scores.n_neg
     for name in splits or [s.name for s in scores.splits]:
         if n_neg is not None and int(n_neg[scores.index(name)]) == 0:
             raise ValueError(f"label {name!r} has no negative sentences (a corpus with one label?): "

@@ -13,9 +13,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import runtime
-from .artifacts import writable_dir
-from .collect import MAX_TOKENS
+from steer.core import runtime
+from steer.core.artifacts import writable_dir
+from steer.engine.batching import MAX_TOKENS
 
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
 
@@ -51,7 +51,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
 
 def _find_config(args, **fields):
     """FindConfig from the selection options (and `fields`), validated before any model loads."""
-    from .find import FindConfig
+    from steer.find import FindConfig
 
     return FindConfig(k=args.k, recipe=args.recipe, by=args.score, value=args.value, bottom_k=args.bottom_k,
                       layers=_layers(args.layers), targets=_csv(args.targets), negatives=_csv(args.negatives),
@@ -59,7 +59,7 @@ def _find_config(args, **fields):
 
 
 def _select(scores, config):
-    from .experts import select_experts
+    from steer.core.experts import select_experts
 
     by, value, min_auroc = config.selection()
     return select_experts(scores, config.k, by=by, value=value, bottom_k=config.bottom_k,
@@ -74,7 +74,7 @@ def summary(experts, scores, top: int = 5) -> str:
         rows = experts.rows(c)[:top]
         cells = [f"L{r['layer']}/{r['unit']} {sel['by']}={r['score']:.3f} v={r['value']:.2f}" for r in rows]
         i = scores.index(c)
-        lines.append(f"  {c:>6} (n+={int(scores.stats['n_pos'][i])}, n-={int(scores.stats['n_neg'][i])}): " + "; ".join(cells))
+        lines.append(f"  {c:>6} (n+={int(scores.n_pos[i])}, n-={int(scores.n_neg[i])}): " + "; ".join(cells))
     n_layers = experts.shape[0]
     hist = Counter(l for c in experts.concepts for l in experts.experts[c]["layer"].tolist())
     peak = max(hist.values(), default=1)
@@ -92,9 +92,9 @@ def summary(experts, scores, top: int = 5) -> str:
 
 def _write_outputs(out: Path, experts, scores, settings: dict) -> None:
     """Expert set, statistics.csv, summary.txt and run.json, each written atomically."""
-    from .artifacts import atomic_write_text
-    from .collect import nonfinite_message
-    from .experts import export_statistics
+    from steer.core.artifacts import atomic_write_text
+    from steer.core.experts import export_statistics
+    from steer.core.scores import nonfinite_message
 
     experts.save(out / "experts")
     export_statistics(scores, out / "statistics.csv")
@@ -112,11 +112,11 @@ def cmd_find_experts(args) -> None:
     """Check every option, collect, score, select, and only then write the outputs, so a run that
     fails (bad input, a crash) leaves the earlier outputs of --out as they were; checkpoints and
     states are written atomically. Under torchrun rank 0 writes everything."""
-    from .adapters import NeuronSites
-    from .corpus import bible_corpus, check_labels, open_corpus
-    from .distributed import init_from_env, shutdown
-    from .find import choose_mode, find_experts, splits_for
-    from .models import load_model
+    from steer.core.adapters import NeuronSites
+    from steer.core.corpus import bible_corpus, check_labels, open_corpus
+    from steer.engine.distributed import init_from_env, shutdown
+    from steer.engine.models import load_model
+    from steer.find import choose_mode, find_experts, splits_for
 
     device, dtype = runtime.apply(args)
     out = writable_dir(args.out)
@@ -170,9 +170,9 @@ def cmd_find_experts(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from .collect import Responses, score_state
-    from .find import splits_for
-    from .stream import StreamState
+    from steer.core.scores import Responses, score_state
+    from steer.core.stream import StreamState
+    from steer.find import splits_for
 
     src = Path(args.source)
     config = _find_config(args)
@@ -194,8 +194,8 @@ def cmd_score(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .adapters import NeuronSites
-    from .models import load_model
+    from steer.core.adapters import NeuronSites
+    from steer.engine.models import load_model
 
     device, dtype = runtime.apply(args)
     print(runtime.describe(device, dtype))
@@ -258,8 +258,8 @@ def parser() -> argparse.ArgumentParser:
     _add_selection(s)
     s.set_defaults(func=cmd_score)
 
-    from .experiments.generate_cli import add_parser as add_generate
-    from .experiments.study.cli import add_parser as add_study
+    from steer.cli.generate import add_parser as add_generate
+    from steer.cli.study import add_parser as add_study
 
     add_generate(sub)
     add_study(sub)
@@ -312,6 +312,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"steer {args.command}: {kind}: {message}  (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
 
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ traces the whole forward (`fullgraph=True`), and the expert buffers are read at 
     gated families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3)  the MLP module -> `FusedGatedMLP`
     ungated families (GPT-2, BLOOM, XGLM, OPT)                  the activation -> `FusedActivation`
 
-`FusedPatch` is one of the two backends of `steer.backends` (the other: `HookBackend`): driven by
+`FusedPatch` is one of the two backends of `steer.engine.backends` (the other: `HookBackend`): driven by
 the same `Intervention` object, `intervene(model, iv)` on a patched model hands `iv`'s buffers to
 the patch (it reads them, so in-place changes take effect without recompiling), and collection
 asks it to pool. One pre-hook on the layer stack records each call's real-token mask and cache
@@ -22,10 +22,10 @@ import functools
 import torch
 from torch import nn
 
-from .backends import Backend
-from .kernels import triton_module, use_triton
-from .kernels.fused_mlp import fused_mlp
-from .kernels.fused_mlp_ref import pool_mean
+from steer.engine.backends import Backend
+from steer.kernels import triton_module, use_triton
+from steer.kernels.fused_mlp import fused_mlp
+from steer.kernels.fused_mlp_ref import pool_mean
 
 #: activation module class name -> fused op activation
 ACTS = {

@@ -6,7 +6,7 @@ default the last one (`hidden_states[-1]`, after the final norm), as in Sundar e
 can be 262k wide), so any intervention hooked or patched into its layers applies as it is.
 
 Padding never counts: texts are tokenized without padding, planned into batches like
-collection's (`steer.collect.batches`: longest first, at most `batch_size` sentences and
+collection's (`steer.engine.batching.batches`: longest first, at most `batch_size` sentences and
 `max_tokens` padded tokens, a longer sentence alone), and padded per batch on the tokenizer's
 side with explicit position ids (so left padding gives the positions an unpadded sentence would
 have); pooling uses the attention mask. Embeddings therefore do not depend on batch size,
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import base_inputs, check_eval
-from .kernels.fused_mlp_ref import pool
-from .collect import MAX_TOKENS, batches, pad
+from steer.core.adapters import base_inputs, check_eval
+from steer.engine.batching import MAX_TOKENS, batches, input_device, pad_batch
+from steer.kernels.fused_mlp_ref import pool
 
 
 def embed(
@@ -74,14 +74,13 @@ def embed(
         pad_id = getattr(model.config, "pad_token_id", None) or 0
     side = "left" if tokenizer is not None and tokenizer.padding_side == "left" else "right"
     left = side == "left"
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
 
     out: dict[int, torch.Tensor] = {}
     bar = tqdm(total=sum(map(len, ids)), desc="embed", unit="tok", unit_scale=True, disable=not progress)
     with torch.inference_mode(), bar:
         for rows in batches([len(s) for s in ids], batch_size, max_tokens):  # longest first: OOM early
-            input_ids = pad([ids[i] for i in rows], pad_id, side)  # [batch, pos]
-            mask = pad([[1] * len(ids[i]) for i in rows], 0, side)  # [batch, pos]
+            input_ids, mask = pad_batch([ids[i] for i in rows], pad_id, side)  # [batch, pos]
             # positions of real tokens start at 0 whatever the padding
             hidden = base(**base_inputs(model, input_ids.to(device), mask.to(device)),
                           output_hidden_states=True, use_cache=False).hidden_states

@@ -2,7 +2,7 @@
 
 Exact mode (`collect`) keeps the full table of responses ([sentences, layers, width], fp32) so
 that any positive/negative split can be scored afterwards without another forward pass.
-Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/stream.py);
+Stream mode (`collect_stream`) keeps fixed-size per-label histograms instead (steer/core/stream.py);
 `refine` then rescores exactly, in a second pass, the short-list of neurons that could still
 enter the exact top-k, so the experts and their values equal exact mode's.
 
@@ -11,7 +11,7 @@ depend only on the corpus, not on its order), cut into batches of at most `batch
 and `max_tokens` padded tokens (`batches`; a sentence over the budget runs alone, and the
 longest sentences run first, so a memory problem shows at once) and padded on the tokenizer's
 side; progress bars count tokens. Position ids count real tokens only, so padding on either side
-changes nothing. Only the base model runs (no LM head). The model's backend (`steer.backends`:
+changes nothing. Only the base model runs (no LM head). The model's backend (`steer.engine.backends`:
 hooks or the fused patch) pools each layer's neuron tensor over each sentence's real tokens
 (`kernels/fused_mlp_ref.py::pool`): padding never counts, and BOS/special tokens are skipped
 unless asked not to. An active `intervene` overrides first, so responses are what the down
@@ -25,7 +25,7 @@ the model, whatever the corpus size. That batch order is deterministic, so a run
   written atomically, with each window's number of batches; `resume=True` skips the batches
   done (whole windows without tokenizing) and refuses a checkpoint of another model, corpus or
   settings (batch_size, window and max_tokens included), naming what differs;
-- distributed (steer/distributed.py): rank r runs the batches i with i % world == r; rank 0
+- distributed (steer/engine/distributed.py): rank r runs the batches i with i % world == r; rank 0
   calibrates and broadcasts the edges; states merge by all-reduce; refine gathers the
   short-list responses on rank 0.
 Sentences longer than the model's context (or `max_length`) are truncated with a warning and
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 import warnings
@@ -49,217 +48,32 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, backends
-from .adapters import NeuronSites, base_inputs, check_eval
-from .corpus import Corpus, Record, check_labels
-from .distributed import Group, current
-from .metrics import check_k, score_splits
-from .runtime import dtype_name
-from .stream import StreamState, calibrate_edges, shortlist
+from steer.core import artifacts
+from steer.core.adapters import NeuronSites, base_inputs, check_eval
+from steer.core.corpus import Corpus, check_labels
+from steer.core.metrics import check_k, score_splits
+from steer.core.runtime import dtype_name
+from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_scores
+from steer.core.stream import StreamState, calibrate_edges
+from steer.engine import backends
+from steer.engine.batching import (
+    MAX_TOKENS,
+    WINDOW,
+    Batch,
+    batches,
+    check_batching,
+    input_device,
+    pad,
+    pad_batch,
+    plan_batches,
+    token_limit,
+    tokenize,
+)
+from steer.engine.distributed import Group, current
 
 log = logging.getLogger(__name__)
-POOLINGS = ("max", "mean")
-TOO_LONG = ("truncate", "error")
-WINDOW = 4096
-# padded tokens per batch (sentences x the longest one's length): batches of 16 sentences of up to
-# 512 tokens are bounded by the sentence count alone; a longer sentence shrinks its batch and one
-# of 4,097 tokens or more runs alone, so a batch's activations stay those of 8,192 tokens
-MAX_TOKENS = 8192
 CHECKPOINT_VERSION = 1  # a checkpoint: a steer.stream file whose extra metadata has this format
 CHECKPOINT_FORMAT = f"steer.checkpoint/{CHECKPOINT_VERSION}"
-RESPONSES_VERSION = 1  # steer.responses files (artifacts.py); unversioned older ones are read
-
-
-def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, limit: int | None = None,
-             too_long: str = "truncate", truncated: list | None = None):
-    """Token ids and the mask of pooled tokens of each text (lists, unpadded): the one tokenizing
-    function of collection (exact and stream) and of the benchmarks' baselines.
-
-    A text over `limit` tokens (the model's context or max_length; None: no limit) is truncated
-    to `limit` (too_long='truncate'; when `truncated` is a list, (position, tokens before
-    truncation) is appended to it), or refused with a ValueError naming it (too_long='error')."""
-    enc = tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True)
-    ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
-    long = [] if limit is None else [(i, len(t)) for i, t in enumerate(ids) if len(t) > limit]
-    if long and too_long == "error":
-        i, n = long[0]
-        raise ValueError(f"sentence {keys[i]!r} has {n} tokens, more than the limit of {limit} "
-                         "(the model's context or max_length); too_long='truncate' "
-                         "(--too-long truncate) cuts such sentences with a warning")
-    if long:
-        cut = tokenizer([texts[i] for i, _ in long], add_special_tokens=True,
-                        return_special_tokens_mask=True, truncation=True, max_length=limit)
-        for j, (i, _) in enumerate(long):
-            ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
-        if truncated is not None:
-            truncated += long
-    pooled = []
-    for i, (t, s) in enumerate(zip(ids, special)):
-        keep = [not x for x in s] if skip_special else [True] * len(t)
-        if not any(keep):
-            raise ValueError(f"sentence {keys[i]!r} has no token to pool ({texts[i]!r})")
-        pooled.append(keep)
-    return ids, pooled
-
-
-def batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """The batch plan: sentence indices sorted by (descending length, index), so the longest
-    sentences run first (a memory problem shows at once) and the plan depends only on the
-    lengths, then cut into batches of at most `batch_size` sentences and `max_tokens` padded tokens
-    (sentences x the longest one's length; None: no budget). A sentence longer than the budget
-    runs alone. Every batching of steer (collect, collect_stream, refine, embed) and of the
-    benchmarks' baselines is this one."""
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
-        raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    plan, start = [], 0
-    while start < len(order):
-        fit = batch_size if max_tokens is None else max(1, max_tokens // max(lengths[order[start]], 1))
-        plan.append(order[start:start + min(batch_size, fit)])
-        start += len(plan[-1])
-    return plan
-
-
-def pad(rows: list[list], value, side: str = "right") -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    fill = [[value] * (width - len(r)) for r in rows]
-    return torch.tensor([r + f if side == "right" else f + r for r, f in zip(rows, fill)])
-
-
-def _nonfinite_info(counts: torch.Tensor, width: int, top: int = 10) -> dict:
-    """Summary of per-neuron non-finite response counts [L*M] (JSON-able)."""
-    counts = counts.flatten().to(torch.int64).cpu()
-    bad = torch.nonzero(counts).squeeze(1)
-    worst = bad[torch.argsort(counts[bad], descending=True, stable=True)][:top].tolist()
-    return {"responses": int(counts.sum()), "neurons": int(bad.numel()),
-            "worst": [[i // width, i % width, int(counts[i])] for i in worst]}
-
-
-def nonfinite_message(settings: dict) -> str | None:
-    """One line about non-finite (NaN / inf) responses, or None when there were none."""
-    info = settings.get("nonfinite") or {}
-    if not info.get("neurons"):
-        return None
-    cells = ", ".join(f"L{l}/{u} ({c:,})" for l, u, c in info["worst"])
-    more = ", ..." if info["neurons"] > len(info["worst"]) else ""
-    return (f"Non-finite responses (NaN/inf): {info['responses']:,} in {info['neurons']:,} "
-            f"neurons, never binned; those neurons are scored NaN and cannot be experts: "
-            f"{cells}{more}")
-
-
-def _mask_nonfinite(stats: dict, bad: torch.Tensor) -> None:
-    """Scores of neurons with non-finite responses ([L*M] bool `bad`) set to NaN, in place."""
-    if not bool(bad.any()):
-        return
-    for key, v in stats.items():
-        if v.dim() >= 2 and v.is_floating_point():
-            v.view(v.shape[0], -1)[:, bad.to(v.device)] = math.nan
-
-
-@dataclass
-class Responses:
-    """Pooled responses of every sentence at every neuron, with the labels that split them."""
-
-    values: torch.Tensor  # [N, L, M] fp32
-    label_ids: torch.Tensor  # [N] int64 into label_names
-    label_names: list[str]
-    keys: list[str]
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.values.shape[1:])
-
-    def score(self, splits=None) -> "Scores":
-        """AP, AUROC and response statistics of every neuron for each split (default: one-vs-rest).
-
-        A neuron with a non-finite response is scored NaN (with a warning) and reported in
-        `settings["nonfinite"]`."""
-        splits = [Split.one_vs_rest(c) for c in self.label_names] if splits is None else splits
-        ids = [s.label_ids(self.label_names) for s in splits]
-        flat = self.values.reshape(len(self.values), -1)  # [N, L*M]
-        counts = (~torch.isfinite(flat)).sum(0)  # [L*M]
-        bad = counts > 0
-        layers, width = self.shape
-        settings = dict(self.settings, nonfinite=_nonfinite_info(counts, width))
-        if bool(bad.any()):
-            warnings.warn(nonfinite_message(settings), stacklevel=2)
-            flat = torch.where(torch.isfinite(flat), flat, 0.0)  # a copy; scored NaN below
-        stats = score_splits(flat, self.label_ids, ids, names=[s.name for s in splits])
-        _mask_nonfinite(stats, bad)
-        stats = {k: v.reshape(len(splits), layers, width) if v.dim() == 2 else v for k, v in stats.items()}
-        return Scores(stats, splits, settings)
-
-    def save(self, path) -> None:
-        """Write atomically as a steer.responses file (steer/artifacts.py: safetensors, format
-        version, sha256); label names, keys and settings go to its metadata."""
-        meta = {"label_names": self.label_names, "keys": self.keys, "settings": self.settings}
-        artifacts.save(path, {"values": self.values, "label_ids": self.label_ids}, meta,
-                       kind="responses", version=RESPONSES_VERSION)
-
-    @classmethod
-    def load(cls, path, *, shape: tuple[int, int] | None = None) -> "Responses":
-        """Read a file written by `save` (or an unversioned one of steer before artifacts.py).
-        A file that is not responses, is corrupt or truncated, was written by a newer steer, or
-        (given `shape` = (layers, width)) is of another shape raises ValueError naming it."""
-        head = artifacts.header(path)
-        if "format" not in head and "steer" in head:  # unversioned, without a hash
-            t = artifacts.read_tensors(path)
-            try:
-                meta = json.loads(head["steer"])
-            except ValueError as e:
-                raise ValueError(f"{path} is corrupt: unreadable metadata ({e})") from None
-        else:
-            t, meta = artifacts.load(path, kind="responses", version=RESPONSES_VERSION)[:2]
-        artifacts.check_shapes(path, t, {"values": (None, *(shape or (None, None)))})
-        n = t["values"].shape[0]
-        artifacts.check_shapes(path, t, {"label_ids": (n,)})
-        missing = [k for k in ("label_names", "keys", "settings") if k not in meta]
-        ids = t["label_ids"]
-        if missing or len(meta["keys"]) != n or (n and not 0 <= int(ids.min()) <= int(ids.max()) < len(meta["label_names"])):
-            raise ValueError(f"{path} is not a valid responses file ({n} sentences; metadata "
-                             f"missing {missing} or keys / label ids that do not match)")
-        return cls(t["values"], ids, meta["label_names"], meta["keys"], meta["settings"])
-
-
-@dataclass(frozen=True)
-class Split:
-    """Positive labels against negative labels (None: every other label)."""
-
-    name: str
-    positive: tuple[str, ...]
-    negative: tuple[str, ...] | None = None
-
-    @classmethod
-    def one_vs_rest(cls, label: str) -> "Split":
-        return cls(label, (label,))
-
-    def label_ids(self, names: list[str]):
-        unknown = [c for c in self.positive + (self.negative or ()) if c not in names]
-        if unknown:
-            raise ValueError(f"split {self.name!r} names labels {unknown} absent from the corpus ({names})")
-        neg = None if self.negative is None else [names.index(c) for c in self.negative]
-        return [names.index(c) for c in self.positive], neg
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "positive": list(self.positive),
-                "negative": None if self.negative is None else list(self.negative)}
-
-
-@dataclass
-class Scores:
-    """Per-split statistics of every neuron: `stats[name]` is [S, L, M] (n_pos / n_neg: [S])."""
-
-    stats: dict[str, torch.Tensor]
-    splits: list[Split]
-    settings: dict
-
-    def index(self, name: str) -> int:
-        names = [s.name for s in self.splits]
-        if name not in names:
-            raise KeyError(f"no split named {name!r}; splits: {names}")
-        return names.index(name)
-
 
 
 @dataclass
@@ -282,42 +96,6 @@ class Run:
         self.truncated_keys += keys[: max(0, 10 - len(self.truncated_keys))]
 
 
-def context_length(model: nn.Module) -> int | None:
-    """Positions the model can attend to (None when unbounded, e.g. BLOOM's ALiBi)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def token_limit(model: nn.Module, max_length: int | None) -> int | None:
-    """The most tokens a sentence may have: max_length if given (at most the context), else the
-    model's context."""
-    context = context_length(model)
-    if max_length is None:
-        return context
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if context is not None and max_length > context:
-        raise ValueError(f"max_length={max_length} exceeds the model's context of {context} tokens")
-    return max_length
-
-
-def check_batching(pooling: str, too_long: str, batch_size: int, window: int = WINDOW,
-                   max_tokens: int | None = None) -> None:
-    """The batching options of every collection pass."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
-    if too_long not in TOO_LONG:
-        raise ValueError(f"too_long={too_long!r}; choose one of {TOO_LONG}")
-    if batch_size < 1 or window < 1:
-        raise ValueError(f"batch_size ({batch_size}) and window ({window}) must be >= 1")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ValueError(f"max_tokens ({max_tokens!r}) must be an int >= 1, or None (no token budget)")
-
-
 def check_stream(bins: int, calibration: int, checkpoint, checkpoint_every: int, resume: bool) -> None:
     """The streaming options `collect_stream` takes besides the batching ones (`check_batching`)."""
     if checkpoint is None and (checkpoint_every or resume):
@@ -327,25 +105,17 @@ def check_stream(bins: int, calibration: int, checkpoint, checkpoint_every: int,
                          f"checkpoint_every ({checkpoint_every}) >= 0")
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the input embeddings' device (also right under a HF device_map)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
 class _Forward:
     """The base model over padded batches, returning pooled responses [B, L, M] fp32.
 
-    A context manager: entering finds the model's backend (`steer.backends.use`: the attached one,
+    A context manager: entering finds the model's backend (`steer.engine.backends.use`: the attached one,
     or hooks / the fused patch added for the duration), leaving removes what it added.
     """
 
     def __init__(self, model: nn.Module, tokenizer, sites: NeuronSites, pooling: str, backend: str):
         self.model, self.tokenizer, self.sites = model, tokenizer, sites
         self.pooling, self.kind = pooling, backend
-        self.device = _input_device(model)
+        self.device = input_device(model)
         self.backend, self.owned = None, False
 
     def __enter__(self) -> "_Forward":
@@ -358,8 +128,7 @@ class _Forward:
 
     def __call__(self, ids: list[list[int]], pooled: list[list[bool]]) -> torch.Tensor:
         side, dev = self.tokenizer.padding_side, self.device
-        input_ids = pad(ids, self.tokenizer.pad_token_id or 0, side).to(dev)  # [B, T]
-        mask = pad([[1] * len(t) for t in ids], 0, side).to(dev)  # [B, T]
+        input_ids, mask = pad_batch(ids, self.tokenizer.pad_token_id or 0, side, dev)  # [B, T]
         out = self.backend.start_pooling(pad(pooled, False, side).to(dev), self.pooling)  # [B, L, M]
         try:
             with torch.inference_mode():
@@ -399,71 +168,6 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
     finally:
         bar.close()
         run.seconds += time.perf_counter() - start
-
-
-@dataclass
-class Batch:
-    """One batch of the deterministic batch order (`plan_batches`)."""
-
-    index: int  # position in the batch order
-    rows: list[int]  # corpus indices (Record.index)
-    labels: list[int]  # label ids
-    ids: list[list[int]]  # token ids, unpadded
-    pooled: list[list[bool]]  # pooled-token masks
-    truncated: list[tuple[str, int]]  # (key, tokens before truncation) of cut sentences
-
-    @property
-    def tokens(self) -> int:
-        return sum(map(len, self.ids))
-
-
-def plan_batches(records, tokenizer, *, batch_size: int, max_tokens: int | None = None,
-                 window: int = WINDOW, skip: int = 0, known: list[int] | tuple = (),
-                 skip_special: bool = True, limit: int | None = None, too_long: str = "truncate",
-                 on_window=None):
-    """The deterministic batch order of a stream of `Record`s, as `Batch`es.
-
-    Consecutive windows of `window` records are tokenized and planned by `batches` (sorted by
-    descending length, then corpus index; at most `batch_size` sentences and `max_tokens` padded
-    tokens a batch, None: no budget): memory holds one window, and the order depends only on the
-    records, the tokenizer, `window`, `batch_size` and `max_tokens` (not on ranks or restarts).
-
-    The first `skip` batches are not yielded. A window all of whose batches are skipped is not
-    even tokenized when its number of batches is known: `known[w]` for window w (as reported to
-    `on_window` by an earlier pass, e.g. in a checkpoint), or ceil(len / batch_size) without a
-    token budget. on_window(w, batches, sentences, tokens, skipped) is called as each window is
-    planned: its number of batches, the sentences and tokens of those yielded (tokens None for a
-    window passed over without tokenizing), and the sentences of those skipped.
-    """
-    it = iter(records)
-    index = w = 0
-    while True:
-        chunk: list[Record] = list(islice(it, window))
-        if not chunk:
-            return
-        n_batches = (known[w] if w < len(known) else
-                     -(-len(chunk) // batch_size) if max_tokens is None else None)
-        if n_batches is not None and index + n_batches <= skip:
-            if on_window is not None:
-                on_window(w, n_batches, 0, None, len(chunk))
-            index += n_batches
-            w += 1
-            continue
-        texts, keys = [r.text for r in chunk], [r.key for r in chunk]
-        long = []
-        ids, pooled = tokenize(tokenizer, texts, keys, skip_special, limit, too_long, truncated=long)
-        long = dict(long)
-        plan = batches([len(t) for t in ids], batch_size, max_tokens)
-        if on_window is not None:
-            todo = [i for j, sel in enumerate(plan) if index + j >= skip for i in sel]
-            on_window(w, len(plan), len(todo), sum(len(ids[i]) for i in todo), len(chunk) - len(todo))
-        for sel in plan:
-            if index >= skip:
-                yield Batch(index, [chunk[i].index for i in sel], [chunk[i].label for i in sel],
-                            [ids[i] for i in sel], [pooled[i] for i in sel],
-                            [(keys[i], long[i]) for i in sel if i in long])
-            index += 1
-        w += 1
 
 
 def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **options) -> dict:
@@ -615,7 +319,7 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
                    checkpoint: str | Path | None = None, checkpoint_every: int = 0,
                    resume: bool = False, group: Group | None = None,
                    max_tokens: int | None = MAX_TOKENS) -> StreamState:
-    """Fixed-memory statistics of every neuron (`StreamState`, steer/stream.py) in one pass.
+    """Fixed-memory statistics of every neuron (`StreamState`, steer/core/stream.py) in one pass.
 
     A seeded random sample of `calibration` sentences runs first: its responses fix every
     neuron's bin edges and are then counted like the rest, so no sentence runs twice. The rest
@@ -626,7 +330,7 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     checkpoint / checkpoint_every: every `checkpoint_every` batches (per rank), and after the
     calibration and at the end, the state and the position are written atomically to
     `checkpoint`; resume=True continues from it (refused, with the reason, when the model,
-    corpus or settings differ). group: a `steer.distributed.Group` (default: the initialised
+    corpus or settings differ). group: a `steer.engine.distributed.Group` (default: the initialised
     torch.distributed group, else one process); every rank returns the merged state.
     """
     group = group or current()
@@ -767,42 +471,6 @@ def _note(run: Run, batch: Batch, limit) -> None:
         run.note_truncated([k for k, _ in batch.truncated], [n for _, n in batch.truncated], limit)
 
 
-def score_state(state: StreamState, splits=None) -> Scores:
-    """Histogram scores of every neuron for each split (default one-vs-rest), with certificates.
-
-    Neurons with non-finite responses are scored NaN and reported in settings["nonfinite"]."""
-    splits = [Split.one_vs_rest(c) for c in state.label_names] if splits is None else splits
-    layers, width = state.settings["layers"], state.settings["width"]
-    per_split = [state.score(*s.label_ids(state.label_names)) for s in splits]
-    stats = {key: torch.stack([r[key] for r in per_split]).reshape(len(splits), layers, width).cpu()
-             for key in per_split[0]}
-    for key in ("n_pos", "n_neg"):  # per split, as in exact scores: sentences, not finite responses
-        stats[key] = stats[key].flatten(1).max(1).values
-    bad = state.nonfinite.cpu() > 0
-    _mask_nonfinite(stats, bad)
-    settings = dict(state.settings, nonfinite=_nonfinite_info(state.nonfinite, width))
-    if bool(bad.any()):
-        warnings.warn(nonfinite_message(settings), stacklevel=2)
-    return Scores(stats, splits, settings)
-
-
-def shortlist_scores(hist: Scores, *, k: int = 100, by: str | tuple[str, ...] = "ap",
-                     bottom_k: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
-    """The neurons of histogram scores (`score_state`) that could be in any split's exact top-k by
-    each score in `by` (or its bottom-k by AUROC): sorted flat indices [K], and the size of each
-    split's short-list. `refine` rescores exactly these."""
-    flat = {key: v.flatten(1) for key, v in hist.stats.items() if v.dim() == 3}  # [S, L*M]
-    sizes, keep = {}, []
-    for i, sp in enumerate(hist.splits):
-        chosen = torch.cat([shortlist(flat[b][i], flat[f"{b}_bound"][i], k)
-                            for b in ((by,) if isinstance(by, str) else by)])
-        if bottom_k:
-            chosen = torch.cat([chosen, shortlist(flat["auroc"][i], flat["auroc_bound"][i], bottom_k, largest=False)])
-        sizes[sp.name] = int(chosen.numel())
-        keep.append(chosen)
-    return torch.cat(keep).unique(), sizes
-
-
 def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, splits=None, *, k: int = 100,
            by: str | tuple[str, ...] = "ap", bottom_k: int = 0, progress: bool = True,
            group: Group | None = None, **forward) -> Scores | None:
@@ -881,18 +549,16 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
             values = group.gather_rows(local_rows, local_vals, N)  # [N, K] on rank 0
     if not group.is_main:
         return None
-    flat = {key: v.flatten(1) if v.dim() == 3 else v for key, v in hist.stats.items()}
+    flat = hist.flat()  # [S, L*M] views of hist's tensors, updated in place
     if K:
         exact = score_splits(values, label_ids, [s.label_ids(list(corpus.label_names)) for s in hist.splits],
                              names=[s.name for s in hist.splits])
         for key, v in exact.items():
-            if v.dim() == 2:
-                flat[key][:, idx] = v
-            else:
+            if key in COUNTS:
                 flat[key] = v
+            else:
+                flat[key][:, idx] = v
         for key in ("ap_bound", "auroc_bound"):
             flat[key][:, idx] = 0.0
-    layers, width = state.settings["layers"], state.settings["width"]
-    stats = {key: v.reshape(len(hist.splits), layers, width) if v.dim() == 2 else v for key, v in flat.items()}
     out = {**hist.settings, "shortlist": sizes, "refined_neurons": K}
-    return Scores(stats, hist.splits, out)
+    return Scores.from_flat(flat, hist.splits, out, (state.settings["layers"], state.settings["width"]))

@@ -16,7 +16,7 @@ could still be in the exact top-k, the only ones an exact second pass has to res
 
 Non-finite responses (NaN, +-inf) are counted in `nonfinite` and left out of every statistic.
 
-Files (`save` / `load`): a steer.stream file (steer/artifacts.py: safetensors, format version,
+Files (`save` / `load`): a steer.stream file (steer/core/artifacts.py: safetensors, format version,
 sha256, written atomically) with the labels, settings and optional extra metadata (a
 checkpoint's corpus position). A crash never leaves a half-written state in place of the
 previous one; a corrupt, truncated or newer-format file is a clear error naming it, never
@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from steer import artifacts
+from steer.core import artifacts
 from steer.kernels.histogram import histogram_update
 
 KIND, VERSION = "stream", 2  # steer.stream files, format 2 (artifacts.py)
@@ -273,7 +273,7 @@ class StreamState:
         return h.hexdigest()
 
     def save(self, path, extra: dict | None = None) -> None:
-        """Write the state atomically as a steer.stream file (steer/artifacts.py); label names,
+        """Write the state atomically as a steer.stream file (steer/core/artifacts.py); label names,
         settings and `extra` (JSON-able) go to its metadata, under its sha256."""
         meta = {"label_names": self.label_names, "settings": self.settings, "extra": extra or {}}
         artifacts.save(path, self._tensors(), meta, kind=KIND, version=VERSION)

@@ -24,7 +24,7 @@ on and off, or the expert set changed, between calls without reloading the model
 
 `generation_overhead` times steering per generated token (hooks/fused, on/off; `steer generate
 --overhead`). The language-steering sweep built on these functions is an experiment
-(`steer.experiments.language_sweep`); the `steer generate` command is `steer.experiments.generate_cli`.
+(`steer.experiments.language_sweep`); the `steer generate` command is `steer.cli.generate`.
 """
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adapters import base_inputs
-from .backends import intervene
-from .intervention import Intervention
+from steer.core.adapters import base_inputs
+from steer.core.intervention import Intervention
+from steer.engine.backends import intervene
+from steer.engine.batching import input_device, pad_batch
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -60,25 +61,9 @@ def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
     return rows
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both [B, T], padded on the left."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _batch_seed(seed: int, index: int) -> int:
     digest = hashlib.sha256(f"steer.generate:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**63
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def steering(model: nn.Module, intervention: Intervention | None):
@@ -165,12 +150,12 @@ def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *, intervention:
     rows = encode_prompts(tok, prompts)
     cfg, pad = _generation_config(model, tok, max_new_tokens, do_sample, temperature, top_p, min_new_tokens)
     eos = {cfg.eos_token_id} if isinstance(cfg.eos_token_id, int) else set(cfg.eos_token_id or ())
-    device = _device(model)
+    device = input_device(model)
     out: list[list[int]] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), steering(model, intervention), torch.inference_mode():
         for b, start in enumerate(range(0, len(rows), batch_size)):
-            ids, mask = left_pad(rows[start:start + batch_size], pad, device)
+            ids, mask = pad_batch(rows[start:start + batch_size], pad, "left", device)
             torch.manual_seed(_batch_seed(seed, b))
             extra = {}
             if do_sample:
@@ -212,14 +197,14 @@ def perplexity(model: nn.Module, tok, texts: Sequence[str], *, intervention: Int
     them (token-weighted). Returns {"ppl", "nll", "tokens"}.
     """
     rows = encode_prompts(tok, texts)
-    device = _device(model)
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # little padding
     with steering(model, intervention), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[start:start + batch_size]]
-            ids, mask = left_pad(batch, pad, device)
+            ids, mask = pad_batch(batch, pad, "left", device)
             logits = model(**base_inputs(model, ids, mask)).logits[:, :-1]  # [B, T-1, V]
             target = ids[:, 1:]
             real = (mask[:, :-1] * mask[:, 1:]).bool()  # predicted token and its context both real
@@ -242,7 +227,7 @@ def generation_overhead(model: nn.Module, tok, intervention: Intervention, *, ba
     (and the minimum) of the repeats is kept. Ratios are against the unpatched model without
     steering ("hooks, off"). "ms_per_step" is per decoding step of the whole batch.
     """
-    from .patch import patch
+    from steer.engine.patch import patch
 
     configs = ["hooks, off", "hooks, on", "fused, off", "fused, on"]
     times: dict[int, dict[str, list[float]]] = {b: {c: [] for c in configs} for b in batch_sizes}

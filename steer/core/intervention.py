@@ -13,7 +13,7 @@ expert set without being rebuilt. `positions` chooses where the override applies
 a KV cache: the prefill) or "generated" tokens (calls that extend a cache: decoding steps);
 `steered_tokens` turns that into a [B, T] mask for one forward call.
 
-Applying it is the backends' job (`steer.backends`: `intervene`, hooks or the fused patch); the
+Applying it is the backends' job (`steer.engine.backends`: `intervene`, hooks or the fused patch); the
 override itself is `kernels/fused_mlp_ref.py::apply_override`, shared by every path.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import NeuronSites
+from steer.core.adapters import NeuronSites
 
 POSITIONS = ("all", "last", "prompt", "generated")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import resolve_device, resolve_dtype
+from steer.core.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     name_or_path: a built-in name (`gemma-3-270m`, `smollm2-135m`), a local checkpoint folder,
       or a Hugging Face Hub id (`HuggingFaceTB/SmolLM2-135M`; downloaded through transformers'
       cache, or read from it under `HF_HUB_OFFLINE=1`).
-    dtype: "auto" (default: what the device computes natively, see `steer.runtime`), a name
+    dtype: "auto" (default: what the device computes natively, see `steer.core.runtime`), a name
       (`float32`, `bfloat16`, `float16`) or a torch dtype.
     device: where the model goes (None or "auto": CUDA when available, else the CPU); ignored with
       `device_map` (e.g. "auto" to spread a large model over GPUs, via accelerate).

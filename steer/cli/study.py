@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from ...experts import RECIPES
-from ...runtime import add_arguments
-from . import __doc__ as STUDY_DOC
-from .config import CONTROL_LAYERS, CRITERIA, SIDES, StudyConfig, as_config
-from .protocol import run_study
-from .report import render_only
+from steer.core.experts import RECIPES
+from steer.core.runtime import add_arguments
+from steer.experiments.study import __doc__ as STUDY_DOC
+from steer.experiments.study.config import CONTROL_LAYERS, CRITERIA, SIDES, StudyConfig, as_config
+from steer.experiments.study.protocol import run_study
+from steer.experiments.study.report import render_only
 
 
 def _csv(text: str | None) -> list[str] | None:

@@ -14,7 +14,7 @@ checks every line, counts sentences per label (labels must be known up front: fo
 scan, or declared) and computes the corpus hash incrementally; memory stays bounded by the
 number of labels, whatever the file size. `CorpusFile.load()` gives the in-memory `Corpus`
 of the same sentences, keys and hash. Both yield `Record`s (index, key, text, label id), which
-is all the streaming collection (`steer.collect.collect_stream`) consumes.
+is all the streaming collection (`steer.engine.collect.collect_stream`) consumes.
 
 Bible splits are aligned and verse-disjoint: a verse's split ("discovery", "dev" or "test") is a
 pure function of sha256(seed, book, chapter, verse), so it does not depend on the languages asked

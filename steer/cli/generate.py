@@ -1,6 +1,6 @@
 """`steer generate`: continuations with a concept's experts forced (single prompts), the
 language-steering sweep (`--sweep`, `language_sweep`) and the steering overhead per generated
-token (`--overhead`, `steer.generation.generation_overhead`)."""
+token (`--overhead`, `steer.engine.generation.generation_overhead`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-from .. import runtime
-from ..artifacts import atomic_write_text
-from ..generation import generate, generation_overhead
-from ..intervention import POSITIONS
-from ..runtime import add_arguments, environment
-from .language_sweep import language_steering, plot_language_steering
+from steer.core import runtime
+from steer.core.artifacts import atomic_write_text
+from steer.core.intervention import POSITIONS
+from steer.core.runtime import add_arguments, environment
+from steer.engine.generation import generate, generation_overhead
+from steer.experiments.language_sweep import language_steering, plot_language_steering
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,8 +77,8 @@ def _prompts(args) -> list[str]:
 
 def cmd_generate(args) -> None:
     """Run `steer generate`: the sweep, the overhead timing or single prompts."""
-    from ..models import load_model
-    from ..patch import patch
+    from steer.engine.models import load_model
+    from steer.engine.patch import patch
 
     experts, out = _check_args(args)  # every option is checked before the model loads
     device, dtype = runtime.apply(args)
@@ -100,8 +100,8 @@ def cmd_generate(args) -> None:
 
 def _check_args(args):
     """The expert set (or None) and the output file (or None), every option checked."""
-    from ..artifacts import writable_dir
-    from ..experts import ExpertSet, check_k
+    from steer.core.artifacts import writable_dir
+    from steer.core.experts import ExpertSet, check_k
 
     if (args.sweep or args.overhead) and not args.experts:
         raise ValueError(f"--{'sweep' if args.sweep else 'overhead'} needs --experts DIR")
