@@ -341,105 +341,131 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     check_batching(pooling, too_long, batch_size, window, max_tokens)
     check_stream(bins, calibration, checkpoint, checkpoint_every, resume)
     sites = NeuronSites(model, neuron_module)
-    device = sites.modules[0].weight.device
-    limit = token_limit(model, max_length)
     cal = calibration_sample(len(corpus), calibration, seed)
     settings = _settings(model, sites, corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
                          pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long)
-    plan = {"batch_size": batch_size, "window": window, "max_tokens": max_tokens}
-    windows: list[int] = []  # batches in each window of the rest, so a resume skips windows untokenized
-    label_names = list(corpus.label_names)
-    show = progress and group.is_main
-    # tokens and truncations of this rank since the last checkpoint; totals live on rank 0
-    delta = Run()
-    totals = {"tokens": 0, "truncated": 0, "seconds": 0.0}
-    start = time.perf_counter()
-
-    def checkpoint_now(position: int) -> None:
-        counts = torch.tensor([delta.tokens, delta.truncated], dtype=torch.int64)
-        group.reduce_state(state)
-        group.all_reduce_sum(counts)
-        delta.tokens = delta.truncated = 0
-        totals["tokens"] += int(counts[0])
-        totals["truncated"] += int(counts[1])
-        error = None
-        if group.is_main:
-            extra = {"format": CHECKPOINT_FORMAT, "position": position, "plan": plan,
-                     "tokens": totals["tokens"], "truncated": totals["truncated"],
-                     "seconds": round(totals["seconds"] + time.perf_counter() - start, 2),
-                     "world": group.world, "windows": list(windows)}
-            try:
-                state.save(checkpoint, extra)
-            except Exception as e:  # tell the other ranks, then fail everywhere
-                error = f"could not write the checkpoint {checkpoint}: {e}"
-            else:
-                log.info("checkpoint: %d batches done -> %s", position, checkpoint)
-        error = group.broadcast_object(error)
-        if error:
-            raise RuntimeError(error)
-
+    batching = {"batch_size": batch_size, "max_tokens": max_tokens, "skip_special": skip_special,
+                "limit": token_limit(model, max_length), "too_long": too_long}
+    run = _StreamPass(group, checkpoint, {"batch_size": batch_size, "window": window, "max_tokens": max_tokens},
+                      show=progress and group.is_main)
     with _Forward(model, tokenizer, sites, pooling, backend) as forward:
-        # rank 0 resumes or calibrates; the others wait for its edges (or its error)
+        run.begin(forward, tokenizer, corpus, cal, bins, settings, resume, batching)
+        if checkpoint_every and not resume:
+            run.checkpoint(0)
+        cal_set = set(cal)
+        rest = (r for r in corpus.records() if r.index not in cal_set)
+        run.stream(forward, tokenizer, rest, len(corpus) - len(cal), window, checkpoint_every, batching)
+    return run.finish(checkpointing=bool(checkpoint_every))
+
+
+class _StreamPass:
+    """One streaming pass across ranks: the state, the batches done (`position`), this rank's
+    tokens and truncations since the last checkpoint (`delta`), the totals (rank 0) and the
+    checkpoints. Rank 0 resumes or calibrates and broadcasts the edges; every `checkpoint`
+    merges the states onto rank 0, which writes them with the position atomically."""
+
+    def __init__(self, group: Group, path, plan: dict, show: bool):
+        self.group, self.path, self.plan, self.show = group, path, plan, show
+        self.state: StreamState | None = None
+        self.windows: list[int] = []  # batches of each window of the rest: a resume skips windows untokenized
+        self.delta = Run()
+        self.totals = {"tokens": 0, "truncated": 0, "seconds": 0.0}
+        self.position = self.saved = 0
+        self.start = time.perf_counter()
+
+    def _counts(self) -> torch.Tensor:
+        """This rank's tokens and truncations since the last call, summed over the ranks."""
+        counts = torch.tensor([self.delta.tokens, self.delta.truncated], dtype=torch.int64)
+        self.delta.tokens = self.delta.truncated = 0
+        return self.group.all_reduce_sum(counts)
+
+    def begin(self, forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, settings: dict,
+              resume: bool, batching: dict) -> None:
+        """The state every rank starts from: rank 0 resumes or calibrates, the others wait for
+        its edges (or its error)."""
+        group, label_names = self.group, list(corpus.label_names)
+        device = forward.sites.modules[0].weight.device
         state, extra, error = None, {"position": 0}, None
         if group.is_main:
             try:
                 if resume:
-                    state, extra = _load_checkpoint(checkpoint, settings, plan, label_names, device)
+                    state, extra = _load_checkpoint(self.path, settings, self.plan, label_names, device)
                 else:
                     state = _calibrate(forward, tokenizer, corpus, cal, bins, label_names, settings,
-                                       batch_size=batch_size, max_tokens=max_tokens,
-                                       skip_special=skip_special, limit=limit,
-                                       too_long=too_long, run=delta, progress=show)
+                                       run=self.delta, progress=self.show, **batching)
             except Exception as e:  # raised on every rank below
                 error = e
         error = group.broadcast_object(error)
         if error is not None:
             raise error
-        edges = torch.empty(sites.n_neurons, bins - 1, device=device)
+        edges = torch.empty(forward.sites.n_neurons, bins - 1, device=device)
         edges = group.broadcast_tensor(state.edges if group.is_main else edges)
-        if not group.is_main:
-            state = StreamState(edges, label_names, settings)
+        self.state = state if group.is_main else StreamState(edges, label_names, settings)
         extra = group.broadcast_object(extra)
-        position = saved = int(extra["position"])
-        windows[:] = extra.get("windows") or []
+        self.position = self.saved = int(extra["position"])
+        self.windows[:] = extra.get("windows") or []
         if resume:
-            totals.update(tokens=extra["tokens"], truncated=extra["truncated"], seconds=extra["seconds"])
+            self.totals.update(tokens=extra["tokens"], truncated=extra["truncated"], seconds=extra["seconds"])
             if group.is_main:
-                log.info("resume: %d batches done in %s", position, checkpoint)
-        elif checkpoint_every:
-            checkpoint_now(0)
-        cal_set = set(cal)
-        rest = (r for r in corpus.records() if r.index not in cal_set)
-        bar = _Progress(len(corpus) - len(cal), "stream", show)
-        every = checkpoint_every * group.world
+                log.info("resume: %d batches done in %s", self.position, self.path)
+
+    def stream(self, forward: _Forward, tokenizer, records, sentences: int, window: int, checkpoint_every: int,
+               batching: dict) -> None:
+        """Count this rank's batches of `records` (from `position` on), checkpointing every
+        `checkpoint_every` batches per rank."""
+        bar = _Progress(sentences, "stream", self.show)
+        every = checkpoint_every * self.group.world
 
         def planned(w: int, n_batches: int, *sizes) -> None:
-            if w == len(windows):
-                windows.append(n_batches)
+            if w == len(self.windows):
+                self.windows.append(n_batches)
             bar.window(w, n_batches, *sizes)
 
-        for b in plan_batches(rest, tokenizer, batch_size=batch_size, max_tokens=max_tokens, window=window,
-                              skip=position, known=list(windows), skip_special=skip_special, limit=limit,
-                              too_long=too_long, on_window=planned):
-            if group.owns(b.index):
-                state.update(forward(b.ids, b.pooled).flatten(1), torch.tensor(b.labels))
-                delta.tokens += b.tokens
-                _note(delta, b, limit)
+        for b in plan_batches(records, tokenizer, window=window, skip=self.position, known=list(self.windows),
+                              on_window=planned, **batching):
+            if self.group.owns(b.index):
+                self.state.update(forward(b.ids, b.pooled).flatten(1), torch.tensor(b.labels))
+                self.delta.tokens += b.tokens
+                _note(self.delta, b, batching["limit"])
             bar.update(len(b.rows), b.tokens)
-            position = b.index + 1
-            if every and position % every == 0:
-                checkpoint_now(position)
-                saved = position
+            self.position = b.index + 1
+            if every and self.position % every == 0:
+                self.checkpoint(self.position)
         bar.close()
-    if checkpoint_every and saved != position:
-        checkpoint_now(position)  # the whole pass: a resume goes straight to refine
-    counts = torch.tensor([delta.tokens, delta.truncated], dtype=torch.int64)
-    group.all_reduce_state(state)
-    group.all_reduce_sum(counts)
-    seconds = totals["seconds"] + time.perf_counter() - start
-    state.settings.update(tokens=totals["tokens"] + int(counts[0]), seconds=round(seconds, 2),
-                          truncated=totals["truncated"] + int(counts[1]))
-    return state
+
+    def checkpoint(self, position: int) -> None:
+        """Merge the states onto rank 0 and write them with `position` (batches done)."""
+        self.group.reduce_state(self.state)
+        counts = self._counts()
+        self.totals["tokens"] += int(counts[0])
+        self.totals["truncated"] += int(counts[1])
+        error = None
+        if self.group.is_main:
+            extra = {"format": CHECKPOINT_FORMAT, "position": position, "plan": self.plan,
+                     "tokens": self.totals["tokens"], "truncated": self.totals["truncated"],
+                     "seconds": round(self.totals["seconds"] + time.perf_counter() - self.start, 2),
+                     "world": self.group.world, "windows": list(self.windows)}
+            try:
+                self.state.save(self.path, extra)
+            except Exception as e:  # tell the other ranks, then fail everywhere
+                error = f"could not write the checkpoint {self.path}: {e}"
+            else:
+                log.info("checkpoint: %d batches done -> %s", position, self.path)
+        error = self.group.broadcast_object(error)
+        if error:
+            raise RuntimeError(error)
+        self.saved = position
+
+    def finish(self, checkpointing: bool) -> StreamState:
+        """The merged state on every rank, with the pass's tokens, seconds and truncations."""
+        if checkpointing and self.saved != self.position:
+            self.checkpoint(self.position)  # the whole pass: a resume goes straight to refine
+        self.group.all_reduce_state(self.state)
+        counts = self._counts()
+        seconds = self.totals["seconds"] + time.perf_counter() - self.start
+        self.state.settings.update(tokens=self.totals["tokens"] + int(counts[0]), seconds=round(seconds, 2),
+                                   truncated=self.totals["truncated"] + int(counts[1]))
+        return self.state
 
 
 def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, label_names, settings,
@@ -509,48 +535,11 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
     settings = group.broadcast_object(None if state is None else
                                       {key: state.settings.get(key) for key in
                                        ("pooling", "skip_special", "max_length", "too_long", "window")})
-    sites = NeuronSites(model, forward.pop("neuron_module", None))
-    batch_size = forward.pop("batch_size", 16)
-    backend = forward.pop("backend", "hooks")
-    window = forward.pop("window", None) or settings.get("window") or WINDOW
-    max_tokens = forward.pop("max_tokens", MAX_TOKENS)
-    if forward:
-        raise TypeError(f"refine got unexpected options {sorted(forward)}")
-    pooling, skip_special = settings["pooling"], settings["skip_special"]
-    too_long = settings.get("too_long") or "truncate"
-    limit = token_limit(model, settings.get("max_length"))
-    K, N = int(idx.numel()), len(corpus)
-    values = label_ids = None
-    if K:  # one process fills [N, K] in place; ranks keep their rows, gathered on rank 0
-        label_ids = torch.empty(N, dtype=torch.int64) if group.is_main else None
-        values = torch.empty(N, K) if not group.active else None
-        rows, parts = [], []
-        dev_idx = idx.to(sites.modules[0].weight.device)
-        bar = _Progress(N, "refine", progress and group.is_main)
-        with _Forward(model, tokenizer, sites, pooling, backend) as fwd:
-            for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, max_tokens=max_tokens,
-                                  window=window, skip_special=skip_special, limit=limit,
-                                  too_long=too_long, on_window=bar.window):
-                if group.is_main:
-                    label_ids[b.rows] = torch.tensor(b.labels)
-                if group.owns(b.index):
-                    part = fwd(b.ids, b.pooled).flatten(1)[:, dev_idx].cpu()  # [B, K]
-                    if values is not None:
-                        values[b.rows] = part
-                    else:
-                        rows.append(torch.tensor(b.rows))
-                        parts.append(part)
-                bar.update(len(b.rows), b.tokens)
-        bar.close()
-        if group.active:
-            local_rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
-            local_vals = torch.cat(parts) if parts else torch.empty(0, K)
-            del rows, parts
-            values = group.gather_rows(local_rows, local_vals, N)  # [N, K] on rank 0
+    values, label_ids = _shortlist_responses(model, tokenizer, corpus, idx, settings, group, progress, **forward)
     if not group.is_main:
         return None
     flat = hist.flat()  # [S, L*M] views of hist's tensors, updated in place
-    if K:
+    if idx.numel():
         exact = score_splits(values, label_ids, [s.label_ids(list(corpus.label_names)) for s in hist.splits],
                              names=[s.name for s in hist.splits])
         for key, v in exact.items():
@@ -560,5 +549,50 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
                 flat[key][:, idx] = v
         for key in ("ap_bound", "auroc_bound"):
             flat[key][:, idx] = 0.0
-    out = {**hist.settings, "shortlist": sizes, "refined_neurons": K}
+    out = {**hist.settings, "shortlist": sizes, "refined_neurons": int(idx.numel())}
     return Scores.from_flat(flat, hist.splits, out, (state.settings["layers"], state.settings["width"]))
+
+
+def _shortlist_responses(model: nn.Module, tokenizer, corpus, idx: torch.Tensor, settings: dict, group: Group,
+                         progress: bool, **forward) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """refine's second pass: the responses [N, K] of the flat neuron indices `idx` [K] and the
+    label ids [N], on rank 0 (None elsewhere, and for an empty short-list), with the pooling and
+    truncation the state was collected with. forward: see `refine`."""
+    sites = NeuronSites(model, forward.pop("neuron_module", None))
+    batch_size = forward.pop("batch_size", 16)
+    backend = forward.pop("backend", "hooks")
+    window = forward.pop("window", None) or settings.get("window") or WINDOW
+    max_tokens = forward.pop("max_tokens", MAX_TOKENS)
+    if forward:
+        raise TypeError(f"refine got unexpected options {sorted(forward)}")
+    K, N = int(idx.numel()), len(corpus)
+    if not K:
+        return None, None
+    # one process fills [N, K] in place; ranks keep their rows, gathered on rank 0
+    label_ids = torch.empty(N, dtype=torch.int64) if group.is_main else None
+    values = torch.empty(N, K) if not group.active else None
+    rows, parts = [], []
+    dev_idx = idx.to(sites.modules[0].weight.device)
+    bar = _Progress(N, "refine", progress and group.is_main)
+    with _Forward(model, tokenizer, sites, settings["pooling"], backend) as fwd:
+        for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, max_tokens=max_tokens,
+                              window=window, skip_special=settings["skip_special"],
+                              limit=token_limit(model, settings.get("max_length")),
+                              too_long=settings.get("too_long") or "truncate", on_window=bar.window):
+            if group.is_main:
+                label_ids[b.rows] = torch.tensor(b.labels)
+            if group.owns(b.index):
+                part = fwd(b.ids, b.pooled).flatten(1)[:, dev_idx].cpu()  # [B, K]
+                if values is not None:
+                    values[b.rows] = part
+                else:
+                    rows.append(torch.tensor(b.rows))
+                    parts.append(part)
+            bar.update(len(b.rows), b.tokens)
+    bar.close()
+    if group.active:
+        local_rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+        local_vals = torch.cat(parts) if parts else torch.empty(0, K)
+        del rows, parts
+        values = group.gather_rows(local_rows, local_vals, N)  # [N, K] on rank 0
+    return values, label_ids
