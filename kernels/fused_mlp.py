@@ -35,6 +35,7 @@ def fused_mlp(
     override: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     steer_tokens: torch.Tensor | None = None,
     pool_tokens: torch.Tensor | None = None,
+    override_rows: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Neuron tensor h [B, T, M] with the override applied, and pool_max / pool_sum [B, M] fp32
@@ -49,11 +50,11 @@ def fused_mlp(
     if up.dim() != 3 or (gate is not None and (gate.shape != up.shape or gate.dtype != up.dtype)):
         raise ValueError("up must be [B, T, M], and gate (if given) of the same shape and dtype")
     if not triton:
-        return fused_mlp_ref(up, gate, act=act, override=override,
-                             steer_tokens=steer_tokens, pool_tokens=pool_tokens)
+        return fused_mlp_ref(up, gate, act=act, override=override, steer_tokens=steer_tokens,
+                             pool_tokens=pool_tokens, override_rows=override_rows)
     mask, mul, add = override if override is not None else (None, None, None)
     op = triton_module("fused_mlp_triton").fused_mlp_op
-    h, pool_max, pool_sum = op(up, gate, act, mask, mul, add, steer_tokens, pool_tokens)
+    h, pool_max, pool_sum = op(up, gate, act, mask, mul, add, steer_tokens, pool_tokens, override_rows)
     if pool_tokens is None:
         return h, None, None
     return h, pool_max, pool_sum

@@ -5,7 +5,8 @@ It spells out, one readable step at a time, what `steer.kernels.fused_mlp` compu
 1. the neuron tensor, the input of the down projection: `act(gate) * up` (gated MLPs) or
    `act(up)` (ungated MLPs, where `up` is the pre-activation), in fp32;
 2. the masked override `value * mul + add` on the expert neurons (`mask`) at the steered
-   positions (`steer_tokens`), in fp32;
+   positions (`steer_tokens`), in fp32; with `override_rows` [B], each row takes its own row
+   of [R, M] override tables (per-row steering: a set per row);
 3. `h`, that value cast back to the input dtype, for the down projection;
 4. per sentence, the max and the sum of `h` (as written, upcast to fp32) over its real tokens
    (`pool_tokens`): padding never counts, so results do not depend on padding side or batch.
@@ -34,10 +35,12 @@ def fused_mlp_ref(
     override: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     steer_tokens: torch.Tensor | None = None,
     pool_tokens: torch.Tensor | None = None,
+    override_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Neuron tensor with override, and its per-sentence max / sum pooling.
 
-    up, gate: [B, T, M] (gate None for ungated MLPs); override: (mask [M] bool, mul [M], add [M]);
+    up, gate: [B, T, M] (gate None for ungated MLPs); override: (mask [M] bool, mul [M], add [M]),
+    or [R, M] tables with override_rows [B] int64 (row b takes table row override_rows[b]);
     steer_tokens, pool_tokens: [B, T] bool. Returns h [B, T, M] in up's dtype and, when
     pool_tokens is given, pool_max / pool_sum [B, M] fp32 (pool_max is -inf for a row without
     tokens); otherwise None, None.
@@ -51,7 +54,7 @@ def fused_mlp_ref(
         value = fn(gate.float()) * up.float()  # [B, T, M]
 
     if override is not None:
-        value = apply_override(value, *override, steer_tokens)
+        value = apply_override(value, *override, steer_tokens, override_rows)
 
     h = value.to(up.dtype).contiguous()  # [B, T, M]
     if pool_tokens is None:
@@ -63,11 +66,14 @@ def fused_mlp_ref(
 # Triton kernel, collection and embeddings. Each is written once, here.
 
 def apply_override(value: torch.Tensor, mask: torch.Tensor, mul: torch.Tensor, add: torch.Tensor,
-                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+                   tokens: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """value [B, T, M] with `value * mul + add` (computed in fp32, cast back to value's dtype) where
     `mask` [M] and `tokens` [B, T] (None: every position) are both true; every other element
-    bit-identical."""
-    sel = mask if tokens is None else tokens[..., None] & mask  # [B, T, M] or [M]
+    bit-identical. With `rows` [B], mask / mul / add are [R, M] tables and row b uses row
+    rows[b] of them (per-row steering)."""
+    if rows is not None:
+        mask, mul, add = mask[rows][:, None], mul[rows][:, None], add[rows][:, None]  # [B, 1, M]
+    sel = mask if tokens is None else tokens[..., None] & mask  # [B, T, M], [B, 1, M] or [M]
     return torch.where(sel, (value.float() * mul.float() + add.float()).to(value.dtype), value)
 
 

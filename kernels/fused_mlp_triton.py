@@ -47,7 +47,8 @@ def _round_to(v, DTYPE: tl.constexpr):
 @triton.jit
 def _fused_mlp_kernel(
     up_ptr, gate_ptr, h_ptr,  # [B, T, M] (h contiguous)
-    mask_ptr, mul_ptr, add_ptr,  # [M]
+    mask_ptr, mul_ptr, add_ptr,  # [M], or [R, M] tables read at row rows[b] (PER_ROW)
+    rows_ptr,  # [B] int64 (PER_ROW)
     steer_ptr, pool_ptr,  # [B, T] bool
     max_ptr, sum_ptr,  # [B, M] fp32
     T, M,
@@ -56,7 +57,7 @@ def _fused_mlp_kernel(
     s_sb, s_st,
     s_pb, s_pt,
     ACT: tl.constexpr, GATED: tl.constexpr, OVERRIDE: tl.constexpr,
-    STEER_ALL: tl.constexpr, POOL: tl.constexpr,
+    STEER_ALL: tl.constexpr, POOL: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -64,9 +65,12 @@ def _fused_mlp_kernel(
     in_m = offs_m < M
 
     if OVERRIDE:
-        expert = tl.load(mask_ptr + offs_m, mask=in_m, other=0) != 0  # [BLOCK_M]
-        mul = tl.load(mul_ptr + offs_m, mask=in_m, other=1.0).to(tl.float32)
-        add = tl.load(add_ptr + offs_m, mask=in_m, other=0.0).to(tl.float32)
+        table = offs_m
+        if PER_ROW:  # this sentence's row of the [R, M] tables
+            table = tl.load(rows_ptr + b).to(tl.int64) * M + offs_m
+        expert = tl.load(mask_ptr + table, mask=in_m, other=0) != 0  # [BLOCK_M]
+        mul = tl.load(mul_ptr + table, mask=in_m, other=1.0).to(tl.float32)
+        add = tl.load(add_ptr + table, mask=in_m, other=0.0).to(tl.float32)
     if POOL:
         acc_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         acc_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -128,6 +132,7 @@ def fused_mlp_op(
     add: Optional[torch.Tensor],
     steer_tokens: Optional[torch.Tensor],
     pool_tokens: Optional[torch.Tensor],
+    override_rows: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton op. Without pool_tokens, pool_max / pool_sum come back empty ([0]): an op's
     outputs cannot be None. Absent tensors reach the kernel as `up` plus a constexpr flag."""
@@ -144,11 +149,13 @@ def fused_mlp_op(
     pool = pool_tokens if pool_tokens is not None else up
     has_override = mask is not None
     if has_override:
-        mask, mul, add = mask.contiguous(), mul.contiguous(), add.contiguous()  # [M]
+        mask, mul, add = mask.contiguous(), mul.contiguous(), add.contiguous()  # [M] or [R, M]
+    rows = override_rows if override_rows is not None else up
     block_t, block_m = _block_sizes(T, M, up.device)
     wrap_triton(_fused_mlp_kernel)[(B, triton.cdiv(M, block_m))](
         up, g, h,
         mask if has_override else up, mul if has_override else up, add if has_override else up,
+        rows if has_override else up,
         steer, pool,
         pool_max, pool_sum,
         T, M,
@@ -158,13 +165,14 @@ def fused_mlp_op(
         pool.stride(0), pool.stride(1),
         ACT=_ACT_CODES[act], GATED=gate is not None, OVERRIDE=has_override,
         STEER_ALL=steer_tokens is None, POOL=pool_tokens is not None,
+        PER_ROW=has_override and override_rows is not None,
         BLOCK_T=block_t, BLOCK_M=block_m,
     )
     return h, pool_max, pool_sum
 
 
 @fused_mlp_op.register_fake
-def _fused_mlp_fake(up, gate, act, mask, mul, add, steer_tokens, pool_tokens):
+def _fused_mlp_fake(up, gate, act, mask, mul, add, steer_tokens, pool_tokens, override_rows):
     """Shapes and dtypes only (triton_op's default fake runs the launcher, which Triton's
     interpreter cannot do on fake tensors)."""
     B, T, M = up.shape

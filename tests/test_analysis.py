@@ -279,17 +279,52 @@ def test_paired_bootstrap_covers_planted_change():
     assert lo < 0.2 < hi and lo > 0
     assert hi - lo < 0.15  # pairing removes the between-sentence variance (unpaired: ~0.2)
     assert A.paired_bootstrap(pre, post) == (delta, lo, hi)  # seeded
+    assert A.paired_bootstrap(pre, post, seed=1) != (delta, lo, hi)
+    assert all(type(x) is float for x in (delta, lo, hi))
     # per-query correctness from retrieval ranks works as values
     d1, _, _ = A.paired_bootstrap(torch.tensor([1, 2, 1, 3]) == 1, torch.tensor([1, 1, 1, 2]) == 1)
     assert d1 == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="aligned"):
+        A.paired_bootstrap(pre, post[:10])
+
+
+def test_paired_bootstrap_resamples_the_same_rows():
+    # post = pre + a constant: every paired resample moves by exactly that constant, so the CI
+    # has zero width; resampling the two sides independently would give a wide one.
+    pre = torch.randn(200, generator=torch.Generator().manual_seed(2))
+    assert A.paired_bootstrap(pre, pre) == (0.0, 0.0, 0.0)
+    delta, lo, hi = A.paired_bootstrap(pre, pre + 0.5)
+    assert (delta, lo, hi) == (pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5))
+    # a statistic other than the mean is applied to each side of the same resample
+    d, lo, hi = A.paired_bootstrap(pre, 2 * pre, stat=lambda x: x.max(-1).values)
+    assert d == pytest.approx(float(pre.max())) and lo <= d <= hi
 
 
 def test_bootstrap_ci_and_custom_stat():
     v = 1.0 + torch.randn(400, generator=torch.Generator().manual_seed(1))
     est, lo, hi = A.bootstrap_ci(v, n_boot=2000)
     assert est == pytest.approx(float(v.mean())) and lo < 1.0 < hi and lo < est < hi
+    assert all(type(x) is float for x in (est, lo, hi))
     med, lo, hi = A.bootstrap_ci(v, stat=lambda x: x.median(-1).values)
     assert med == float(v.median()) and lo <= med <= hi
+    assert A.bootstrap_ci(torch.full((30,), 2.5)) == (2.5, 2.5, 2.5)  # no spread, no width
+
+
+def test_bootstrap_ci_width_level_and_seed():
+    g = torch.Generator().manual_seed(3)
+    small, large = torch.randn(50, generator=g), torch.randn(5000, generator=g)
+    _, lo_s, hi_s = A.bootstrap_ci(small)
+    est, lo_l, hi_l = A.bootstrap_ci(large)
+    assert lo_l < est < hi_l
+    # the width shrinks like 1/sqrt(n): ~2 * 1.96 / sqrt(n) for unit variance
+    assert hi_s - lo_s == pytest.approx(2 * 1.96 / 50**0.5, rel=0.25)
+    assert hi_l - lo_l == pytest.approx(2 * 1.96 / 5000**0.5, rel=0.25)
+    _, lo90, hi90 = A.bootstrap_ci(large, level=0.9)
+    assert lo_l < lo90 < hi90 < hi_l
+    assert A.bootstrap_ci(small, seed=7) == A.bootstrap_ci(small, seed=7) != A.bootstrap_ci(small, seed=8)
+    before = torch.get_rng_state()
+    A.bootstrap_ci(small)
+    assert torch.equal(torch.get_rng_state(), before)  # a private generator
 
 
 def test_pearson_ci():
@@ -300,9 +335,34 @@ def test_pearson_ci():
     y = x + 3 * torch.randn(12, generator=g)
     r, lo, hi = A.pearson_ci(x, y)
     assert -1 <= lo < r < hi <= 1
+    assert all(type(v) is float for v in (r, lo, hi))
+    assert A.pearson_ci(x, y, seed=3) == A.pearson_ci(x, y, seed=3)
+    with pytest.raises(ValueError):
+        A.pearson_ci([1.0, 2.0], [1.0, 2.0])
+
+
+def test_pearson_ci_leaves_out_resamples_without_r():
+    # 4 pairs, one x differs: a resample without row 3 has a constant x and no r; those
+    # resamples (~30 %) are left out, so the CI is that of the others and finite.
+    x, y = [0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0]
+    r, lo, hi = A.pearson_ci(x, y, n_boot=2000)
+    assert r == pytest.approx(0.7745966692414834)  # sqrt(3/5)
+    assert 0 < lo <= hi <= 1 and math.isfinite(lo)
 
 
 # --- projection --------------------------------------------------------------------------
+
+
+def _exact_projection(x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the centred stack on its two leading right singular vectors (full SVD), each
+    signed so that its largest-|loading| component is positive."""
+    centred = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    axes = vh[:2]
+    for i in range(2):
+        if axes[i, axes[i].abs().argmax()] < 0:
+            axes[i] = -axes[i]
+    return centred @ axes.T
 
 
 def test_project_2d_shapes_and_planar_data():
@@ -315,6 +375,7 @@ def test_project_2d_shapes_and_planar_data():
     embs = {lang: c @ basis for lang, c in coords.items()}
     proj = A.project_2d(embs)
     assert {lang: tuple(p.shape) for lang, p in proj.items()} == {"en": (30, 2), "de": (20, 2)}
+    assert all(p.dtype == torch.float64 for p in proj.values())
     # data on a plane: the projection is a rigid motion, so pairwise distances are kept
     flat = torch.cat(list(proj.values()))
     orig = torch.cat(list(coords.values()))
@@ -326,12 +387,28 @@ def test_project_2d_matches_exact_pca():
     signal = torch.randn(40, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3.0, 1.0])
     mix = torch.randn(3, 60, generator=g, dtype=torch.float64)
     x = signal @ mix + 0.01 * torch.randn(40, 60, generator=g, dtype=torch.float64)  # rank > 12
-    embs = {"en": x[:25], "de": x[25:]}
-    got = torch.cat(list(A.project_2d(embs).values()))
-    centred = x - x.mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    exact = centred @ vh[:2].T
-    torch.testing.assert_close(got, exact * torch.sign((got * exact).sum(0)), atol=1e-8, rtol=1e-8)
+    embs = {"en": x[:25].float(), "de": x[25:].float()}
+    proj = A.project_2d(embs)
+    assert [tuple(p.shape) for p in proj.values()] == [(25, 2), (15, 2)]
+    exact = _exact_projection(torch.cat([embs["en"], embs["de"]]).double())
+    # the same axes, the same signs (largest-|loading| component positive), not just up to sign
+    torch.testing.assert_close(torch.cat(list(proj.values())), exact, atol=1e-8, rtol=1e-8)
+
+
+def test_project_2d_is_seeded_and_leaves_the_global_rng_alone():
+    x = torch.randn(50, 30, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    embs = {"en": x[:20], "de": x[20:]}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = A.project_2d(embs, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = A.project_2d(embs, seed=5)
+    for lang in embs:
+        assert torch.equal(a[lang], b[lang])
+    # noise of full rank: still the exact PCA up to the iteration error, with the sign convention
+    exact = _exact_projection(x)
+    got = torch.cat(list(A.project_2d(embs, n_iter=30).values()))
+    torch.testing.assert_close(got, exact, atol=1e-6, rtol=1e-6)
 
 
 def test_plot_projection_writes_png(tmp_path):

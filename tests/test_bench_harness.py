@@ -20,7 +20,7 @@ import todays_way  # noqa: E402
 from steer.core.adapters import NeuronSites, base_inputs  # noqa: E402
 from steer.engine.collect import collect  # noqa: E402
 from steer.core.corpus import Corpus  # noqa: E402
-from steer.engine.backends import intervene  # noqa: E402
+from steer.engine.backends import attached, intervene  # noqa: E402
 from steer.core.intervention import Intervention  # noqa: E402
 from tiny import batch, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -212,3 +212,33 @@ def test_todays_way_steering_equals_steer_intervene():
         assert torch.equal(model(**kwargs).logits, plain)  # removed cleanly
     assert not torch.allclose(ref, plain)
     torch.testing.assert_close(got, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# bench/generation_overhead.py: steering overhead per generated token
+
+def test_generation_overhead_reports_every_configuration(tmp_path):
+    """Structure only (never timings): every configuration at every batch size, exactly the new
+    tokens asked for, ratios against the unsteered unpatched model, the model left as it was."""
+    import generation_overhead as GO
+
+    model = tiny_model("gpt2")
+    iv = Intervention.for_model(model).set(0, [1, 5, 9, 20], 6.0).set(1, [3, 7], -6.0)
+    tables = GO.measure(model, tiny_tokenizer(), iv, batch_sizes=(1, 2), new_tokens=3, repeats=2, log=None)
+    assert [[r["batch"] for r in t.rows] for t in tables] == [[1] * 4, [2] * 4]
+    for t in tables:
+        rows = {r["variant"]: r for r in t.rows}
+        assert list(rows) == ["hooks, off", "hooks, on", "fused, off", "fused, on"]
+        base = rows["hooks, off"]
+        assert base["ratio_median"] == base["ratio_min"] == 1.0
+        for r in rows.values():
+            assert (r["baseline"], r["repeats"], r["new_tokens"]) == ("hooks, off", 2, 3)
+            assert r["ratio_median"] == pytest.approx(r["median_s"] / base["median_s"])
+            assert r["ratio_min"] == pytest.approx(r["min_s"] / base["min_s"])
+            assert r["s_per_token"] == pytest.approx(r["median_s"] / 3)
+            assert r["ms_per_step"] == pytest.approx(1e3 * r["median_s"] / 3)
+            assert r["ms_per_step_min"] == pytest.approx(1e3 * r["min_s"] / 3)
+    assert attached(model) is None  # unsteered
+    assert not any(type(m).__name__.startswith("Fused") for m in model.modules())  # unpatched
+    md, cs = harness.write_results("generation_overhead", harness.environment(), tables, out_dir=tmp_path)
+    assert len(list(csv.DictReader(io.StringIO(cs.read_text())))) == 8 and "fused, on" in md.read_text()

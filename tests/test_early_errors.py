@@ -13,8 +13,8 @@ from steer.core.scores import Responses
 from steer.engine.collect import collect, collect_stream, refine
 from steer.core.corpus import Corpus, from_tsv, open_corpus
 from steer.engine.embed import embed
-from steer.core.experts import check_k, select_experts
-from steer.experiments.language_sweep import language_steering, random_intervention
+from steer.core.experts import check_k, random_control, select_experts
+from steer.experiments.language_sweep import language_steering
 from steer.core.metrics import score_splits
 from tiny import tiny_model, tiny_tokenizer
 
@@ -129,13 +129,15 @@ def test_intervention_refuses_bad_k(found, k, message):
     assert len(found[2].intervention("fr", k=5)) == 5 and len(found[2].intervention("fr")) == 5
 
 
-def test_random_intervention_and_the_sweep_refuse_bad_k_before_sampling(found, tok):
+def test_random_control_and_the_sweep_refuse_bad_k_before_sampling(found, tok):
     model, _, experts = found
     with pytest.raises(ValueError, match=r"k=-1: must be an integer >= 0"):
-        random_intervention(experts, "fr", -1, seed=0)
+        random_control(experts, "fr", -1, seed=0)
     with pytest.raises(ValueError, match=r"k=6 but the set holds 5 experts for 'fr'"):
-        random_intervention(experts, "fr", 6, seed=0)
-    assert len(random_intervention(experts, "fr", 0, seed=0)) == 0  # k=0: no steering
+        random_control(experts, "fr", 6, seed=0)
+    with pytest.raises(ValueError, match=r"layers='all'; choose one of \('any', 'matched'\)"):
+        random_control(experts, "fr", 2, seed=0, layers="all")
+    assert len(random_control(experts, "fr", 0, seed=0)[0]) == 0  # k=0: no steering
     calls = forwards(model)
     common = dict(n_samples=2, max_new_tokens=2, heldout=None, random_seeds=(), log=None)
     with pytest.raises(ValueError, match=r"k=-3: must be an integer >= 0"):

@@ -374,8 +374,11 @@ def test_opcheck():
     utils = ["test_schema", "test_faketensor", "test_autograd_registration"]
     if DEVICE == "cuda":
         utils.append("test_aot_dispatch_dynamic")
-    for args in ((up, gate, "silu", mask, mul, add, steer, pool),
-                 (up, None, "gelu", None, None, None, None, None)):
+    tables = tuple(torch.stack([x, x.flip(0), torch.zeros_like(x)]) for x in (mask, mul, add))  # [3, M]
+    rows = torch.tensor([2, 0], device=DEVICE)
+    for args in ((up, gate, "silu", mask, mul, add, steer, pool, None),
+                 (up, gate, "silu", *tables, steer, pool, rows),
+                 (up, None, "gelu", None, None, None, None, None, None)):
         torch.library.opcheck(torch.ops.steer.fused_mlp.default, args, test_utils=utils)
 
 
@@ -407,3 +410,39 @@ def test_triton_path_compiles_fullgraph():
     g = torch.Generator().manual_seed(0)
     up, gate = (torch.randn(2, 3, 8, generator=g).to(device) for _ in range(2))
     torch.testing.assert_close(f(up, gate), fused_mlp(up, gate, act="silu", backend="torch")[0])
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("steer_all", [True, False])
+def test_per_row_tables_equal_each_row_alone(gated, steer_all):
+    """override_rows: row b takes row rows[b] of [R, M] tables; each row of a mixed batch equals
+    that row run alone with its own [M] override (kernel and reference; within fp32 rounding: a
+    vectorised activation may round a row differently in another batch shape), and a row whose
+    table row masks nothing equals, bit for bit, the same batch run without any override."""
+    gen = torch.Generator().manual_seed(12)
+    B, T, M, R = 4, 21, 150, 3
+    up = randn(B, T, M, gen=gen)
+    gate = randn(B, T, M, gen=gen) if gated else None
+    tables = [random_override(M, gen) for _ in range(R - 1)]
+    none = (torch.zeros(M, dtype=torch.bool, device=DEVICE), torch.ones(M, device=DEVICE), torch.zeros(M, device=DEVICE))
+    mask, mul, add = (torch.stack(x) for x in zip(*tables, none))  # [R, M]; row R-1 steers nothing
+    rows = torch.tensor([1, 2, 0, 1], device=DEVICE)
+    steer = None if steer_all else bools(B, T, gen=gen, p=0.5)
+    pool = bools(B, T, gen=gen, p=0.8)
+    for run in (kernel, fused_mlp_ref):
+        h, pmax, psum = run(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer,
+                            pool_tokens=pool, override_rows=rows)
+        for b, r in enumerate(rows.tolist()):
+            one = lambda x: None if x is None else x[b:b + 1]  # noqa: E731
+            alone = run(one(up), one(gate), act="silu", pool_tokens=one(pool), steer_tokens=one(steer),
+                        override=None if r == R - 1 else (mask[r], mul[r], add[r]))
+            torch.testing.assert_close(h[b:b + 1], alone[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(pmax[b:b + 1], alone[1], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(psum[b:b + 1], alone[2], rtol=1e-6, atol=1e-5)
+        plain = run(up, gate, act="silu", pool_tokens=pool)
+        assert_same(h[1], plain[0][1])  # rows[1] is the table row that steers nothing
+        assert_same(pmax[1], plain[1][1])
+    ref = fused_mlp_ref(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer,
+                        override_rows=rows)[0]
+    torch.testing.assert_close(kernel(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer,
+                                      override_rows=rows)[0], ref, rtol=2e-6, atol=2e-6)

@@ -11,8 +11,8 @@ import steer.engine.generation as G
 import steer.experiments.language_sweep as LS
 from steer.cli import main as cli_main
 from steer.core.adapters import NeuronSites
-from steer.core.experts import FORMAT_VERSION, ExpertSet
-from steer.engine.backends import attached, intervene
+from steer.core.experts import FORMAT_VERSION, ExpertSet, random_control
+from steer.engine.backends import intervene
 from steer.core.intervention import Intervention
 from steer.engine.batching import pad_batch
 from steer.engine.patch import patch
@@ -263,17 +263,30 @@ def test_compiled_prefill_and_decode_fullgraph_same_tokens_new_experts_without_r
 # statistics, the sweep, the CLI
 
 
-def test_wilson_interval_matches_known_values():
-    from scipy.stats import binomtest
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Oracle: the Wilson score interval written out (no continuity correction)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
 
+
+def test_wilson_interval_matches_known_values():
     lo, hi = LS.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(3.8414588 / 13.8414588, abs=1e-6)  # z^2 / (n + z^2)
     lo, hi = LS.wilson_interval(50, 100)
     assert (lo, hi) == (pytest.approx(0.40383, abs=1e-5), pytest.approx(0.59617, abs=1e-5))
-    for k, n in [(0, 100), (3, 100), (37, 100), (100, 100), (1, 7)]:
-        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert LS.wilson_interval(k, n) == (pytest.approx(ci.low, abs=1e-9), pytest.approx(ci.high, abs=1e-9))
+    for k, n in [(0, 100), (3, 100), (37, 100), (100, 100), (1, 7), (6, 7), (1, 1)]:
+        assert LS.wilson_interval(k, n) == pytest.approx(_wilson(k, n), abs=1e-9)
+    lo, hi = LS.wilson_interval(3, 20, confidence=0.9)
+    assert (lo, hi) == pytest.approx(_wilson(3, 20, z=1.6448536269514722), abs=1e-9)
+    assert LS.wilson_interval(0, 7)[0] == 0.0 and LS.wilson_interval(7, 7)[1] == 1.0  # exact ends
+    assert all(type(x) is float for x in LS.wilson_interval(3, 7))
     assert all(math.isnan(x) for x in LS.wilson_interval(0, 0))
+    assert all(math.isnan(x) for x in LS.wilson_interval(0, -1))
+    for k in (-1, 11):
+        with pytest.raises(ValueError, match=f"successes={k} outside"):
+            LS.wilson_interval(k, 10)
 
 
 def fake_langid(texts, languages):
@@ -318,9 +331,10 @@ def test_language_steering_sweep_end_to_end(monkeypatch, tmp_path):
     assert res["results"]["fr"][1]["ppl"] != res["results"]["fr"][0]["ppl"]
     assert all(s["n"] == 4 for s in res["results"]["fr"][1]["random"]["seeds"])
     # the control: same values, same count, other neurons
-    riv = LS.random_intervention(experts, "fr", 8, seed=0)
-    eiv = experts.intervention("fr", k=8)
+    riv, _ = random_control(experts, "fr", 8, seed=0)
+    eiv = experts.intervention("fr")  # the whole set: none of its neurons is drawn
     assert len(riv) == 8 and not (riv.mask & eiv.mask).any()
+    eiv = experts.intervention("fr", k=8)
     assert sorted(riv.add[riv.mask].tolist()) == sorted(eiv.add[eiv.mask].tolist())
     png = LS.plot_language_steering(res, tmp_path / "sweep.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -350,12 +364,3 @@ def test_cli_generate_jsonl_and_sweep(monkeypatch, tmp_path, capsys):
               "--ks", "0,4", "--n-samples", "4", "--random-seeds", "2", "--heldout-n", "0", "--out", str(sweep)])
     res = json.loads(sweep.read_text())
     assert [r["k"] for r in res["results"]["fr"]] == [0, 4] and sweep.with_suffix(".png").exists()
-
-
-def test_generation_overhead_reports_every_configuration():
-    model = tiny_model("gpt2", torch.float32)
-    res = G.generation_overhead(model, tiny_tokenizer(), steer_iv(model), batch_sizes=(1, 2), new_tokens=3, repeats=1)
-    assert set(res["by_batch"]) == {"1", "2"}
-    for d in res["by_batch"].values():
-        assert set(d) == {"hooks, off", "hooks, on", "fused, off", "fused, on"} and d["hooks, off"]["ratio"] == 1.0
-    assert attached(model) is None

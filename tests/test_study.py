@@ -8,6 +8,7 @@ records only and before anything of the test split is loaded.
 """
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from steer.cli import study as cli
 from steer.experiments.study import config, control, protocol
 from steer.experiments.study.report import render_only
 from steer.core.corpus import Parallel
-from steer.core.experts import ExpertSet
+from steer.core.experts import ExpertSet, random_control, values_sha
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -193,21 +194,66 @@ def _expert_set():
 def test_random_control_same_count_and_values(layers):
     es = _expert_set()
     e = es.experts["fr"]
-    expert_ids = set((e["layer"] * 48 + e["unit"]).tolist())
+    expert_ids = set((e["layer"] * 48 + e["unit"]).tolist())  # the whole set, not only the first 4
     seen = set()
     for seed in range(5):
-        iv, info = control.random_control(es, "fr", 4, seed, layers=layers)
+        iv, info = random_control(es, "fr", 4, seed, layers=layers)
         assert len(iv) == info["n_neurons"] == 4
         idx = iv.mask.nonzero()
         ids = set((idx[:, 0] * 48 + idx[:, 1]).tolist())
         assert not ids & expert_ids
         assert sorted(iv.add[iv.mask].tolist()) == sorted(e["value"][:4].tolist())
         assert (iv.mul[iv.mask] == 0).all()
-        assert info["values_sha"] == control.values_sha(e["value"][:4])
+        assert info["values_sha"] == values_sha(e["value"][:4]) == values_sha(e["value"][:4].flip(0))
+        assert info["seed"] == seed and info["layers"] == layers
+        assert info["layer_histogram"] == dict(sorted(Counter(idx[:, 0].tolist()).items()))
         if layers == "matched":
             assert sorted(idx[:, 0].tolist()) == sorted(e["layer"][:4].tolist())
+        again, _ = random_control(es, "fr", 4, seed, layers=layers)  # same seed, same neurons
+        assert torch.equal(again.mask, iv.mask) and torch.equal(again.add, iv.add)
         seen.add(frozenset(ids))
     assert len(seen) == 5  # seeds draw different neurons
+
+
+def test_random_control_strength_k_and_layers():
+    es = _expert_set()
+    e = es.experts["fr"]
+    iv, info = random_control(es, "fr", 3, 0, strength=2.0, positions="prompt")
+    assert sorted(iv.add[iv.mask].tolist()) == sorted((2.0 * e["value"][:3]).tolist())
+    assert iv.positions == "prompt" and info["values_sha"] == values_sha(2.0 * e["value"][:3])
+    base, _ = random_control(es, "fr", 3, 0)
+    assert torch.equal(base.mask, iv.mask)  # strength scales the values, not the draw
+    iv, info = random_control(es, "fr", 0, 0, layers="matched")
+    assert len(iv) == 0 and info["n_neurons"] == 0 and info["layer_histogram"] == {}
+    with pytest.raises(ValueError, match=r"k=7 but the set holds 6 experts for 'fr'"):
+        random_control(es, "fr", 7, 0)
+    with pytest.raises(ValueError, match=r"k=-1: must be an integer >= 0"):
+        random_control(es, "fr", -1, 0)
+    with pytest.raises(ValueError, match=r"layers='same'; choose one of \('any', 'matched'\)"):
+        random_control(es, "fr", 2, 0, layers="same")
+    with pytest.raises(KeyError):
+        random_control(es, "xx", 2, 0)
+
+
+def test_random_control_keeps_the_study_draw():
+    """The draw the study's committed numbers came from: a seeded permutation of all neurons
+    ("any") or of the expert's layer ("matched"), skipping the whole expert set."""
+    es = _expert_set()
+    e = es.experts["fr"]
+    taken = set((e["layer"] * 48 + e["unit"]).tolist())
+    for seed in (0, control.control_seed(0, "fr", 1)):
+        gen = torch.Generator().manual_seed(seed)
+        want = [i for i in torch.randperm(2 * 48, generator=gen).tolist() if i not in taken][:4]
+        iv, _ = random_control(es, "fr", 4, seed)
+        got = iv.mask.flatten().nonzero().flatten().tolist()
+        assert got == sorted(want)
+        gen, want, used = torch.Generator().manual_seed(seed), [], set(taken)
+        for layer in e["layer"][:4].tolist():
+            unit = next(u for u in torch.randperm(48, generator=gen).tolist() if layer * 48 + u not in used)
+            used.add(layer * 48 + unit)
+            want.append(layer * 48 + unit)
+        iv, _ = random_control(es, "fr", 4, seed, layers="matched")
+        assert iv.mask.flatten().nonzero().flatten().tolist() == sorted(want)
 
 
 def test_pipeline_control_matches_experts(tmp_path, fake):

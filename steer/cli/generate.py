@@ -1,6 +1,6 @@
-"""`steer generate`: continuations with a concept's experts forced (single prompts), the
-language-steering sweep (`--sweep`, `language_sweep`) and the steering overhead per generated
-token (`--overhead`, `steer.engine.generation.generation_overhead`)."""
+"""`steer generate`: continuations with a concept's experts forced (single prompts) and the
+language-steering sweep (`--sweep`, `language_sweep`). The steering overhead per generated token
+is a benchmark: bench/generation_overhead.py."""
 from __future__ import annotations
 
 import argparse
@@ -12,16 +12,16 @@ from steer.core import runtime
 from steer.core.artifacts import atomic_write_text
 from steer.core.intervention import POSITIONS
 from steer.core.runtime import add_arguments, environment
-from steer.engine.generation import generate, generation_overhead
+from steer.engine.generation import generate
 from steer.experiments.language_sweep import language_steering, plot_language_steering
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `steer generate` on an argparse subparsers object."""
     g = subparsers.add_parser(
-        "generate", help="generate with experts forced (single prompts, --sweep, --overhead)",
+        "generate", help="generate with experts forced (single prompts, --sweep)",
         description="Generate continuations with a concept's experts forced; --sweep runs the "
-                    "language-steering k sweep; --overhead times steering per generated token.")
+                    "language-steering k sweep.")
     g.add_argument("--model", default=None,
                    help="built-in name, local checkpoint or Hub id (default: the model recorded in --experts, "
                         "else gemma-3-270m)")
@@ -55,8 +55,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--heldout-n", type=int, default=50, help="Bible test verses per language for perplexity (0: none)")
     s.add_argument("--random-ppl", action=argparse.BooleanOptionalAction, default=True,
                    help="also the perplexity under each random-neuron control (default yes)")
-    g.add_argument("--overhead", action="store_true", help="time steering per generated token (hooks/fused, on/off)")
-    g.add_argument("--repeats", type=int, default=5, help="--overhead: interleaved repeats (median kept)")
     g.set_defaults(func=cmd_generate)
     return g
 
@@ -76,7 +74,7 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> None:
-    """Run `steer generate`: the sweep, the overhead timing or single prompts."""
+    """Run `steer generate`: the sweep or single prompts."""
     from steer.engine.models import load_model
     from steer.engine.patch import patch
 
@@ -91,8 +89,6 @@ def cmd_generate(args) -> None:
     iv = None
     if experts is not None:
         iv = experts.intervention(args.concept, model, k=args.k, positions=args.positions, strength=args.strength)
-    if args.overhead:
-        return _overhead(args, model, tok, iv, out)
     if args.backend == "fused":
         patch(model)
     _prompts_run(args, model, tok, iv, out)
@@ -103,8 +99,8 @@ def _check_args(args):
     from steer.core.artifacts import writable_dir
     from steer.core.experts import ExpertSet, check_k
 
-    if (args.sweep or args.overhead) and not args.experts:
-        raise ValueError(f"--{'sweep' if args.sweep else 'overhead'} needs --experts DIR")
+    if args.sweep and not args.experts:
+        raise ValueError("--sweep needs --experts DIR")
     if args.concept is not None and not args.experts:
         raise ValueError("--concept needs --experts DIR")
     if args.k is not None:
@@ -143,18 +139,6 @@ def _sweep(args, model, tok, experts, out: Path) -> None:
     partial.unlink(missing_ok=True)
     png = plot_language_steering(result, out.with_suffix(".png"))
     print(f"wrote {out} and {png}")
-
-
-def _overhead(args, model, tok, iv, out: Path | None) -> None:
-    """`--overhead`: seconds per generated token, steering off/on, hooks/fused."""
-    result = generation_overhead(model, tok, iv, new_tokens=args.max_new_tokens, repeats=args.repeats)
-    result["settings"] = {"model": args.model, "concept": args.concept, "k": len(iv), "command": " ".join(sys.argv),
-                          "machine": environment()}
-    text = json.dumps(result, indent=1)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, text)
-    print(text)
 
 
 def _prompts_run(args, model, tok, iv, out: Path | None) -> None:

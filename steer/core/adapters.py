@@ -105,6 +105,12 @@ class NeuronSites:
     def n_neurons(self) -> int:
         return self.n_layers * self.width
 
+    @property
+    def device(self) -> torch.device:
+        """Where the neuron tensors (and so interventions, pooled responses and states) live: the
+        first layer's down projection (under a device map, per-layer buffers move with each call)."""
+        return self.modules[0].weight.device
+
     def layer_parts(self, layer: int) -> dict[str, nn.Module | None]:
         """The up / gate / act / down modules of one layer (declared adapters only)."""
         if self.adapter is None:

@@ -16,13 +16,16 @@ of other shapes is an error; same shapes with another fingerprint is a warning.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +44,7 @@ RECIPES = {  # name -> (score, value, min_auroc)
     "sundar2025": ("auroc", "on_mean", 0.5),
 }
 FIELDS = ("layer", "unit", "value", "score", "other", "sign")
+CONTROL_LAYERS = ("any", "matched")  # where `random_control` draws its neurons
 
 
 def package_version() -> str:
@@ -165,6 +169,56 @@ class ExpertSet:
             except ValueError as e:
                 raise ValueError(f"{d}: {e}") from None
         return out
+
+
+def random_control(experts: ExpertSet, concept: str, k: int, seed: int, *, layers: str = "any",
+                   positions: str = "all", strength: float = 1.0) -> tuple[Intervention, dict]:
+    """The random-neuron control: the values of `concept`'s first k experts (times `strength`)
+    forced on k random neurons, none of which is among the concept's experts (the whole set,
+    not only the first k).
+
+    k: 0 (an empty intervention) .. the experts the set holds (else ValueError, `check_k`).
+    layers="any": neurons drawn from a seeded permutation of the whole model (layers x units);
+    "matched": each value goes to a random neuron of its expert's layer (a seeded permutation of
+    the layer's units per value, each neuron used once). Other `layers`: ValueError.
+    Returns the intervention and a description: seed, n_neurons, layers, values_sha (a hash of
+    the forced values, `values_sha`; at strength 1 it equals the experts' for the same k) and
+    layer_histogram (layer -> neurons drawn there).
+    """
+    if layers not in CONTROL_LAYERS:
+        raise ValueError(f"layers={layers!r}; choose one of {CONTROL_LAYERS}")
+    k = experts.check_k(concept, k, allow_zero=True)
+    n_layers, width = experts.shape
+    e = experts.experts[concept]
+    values = e["value"][:k].float() * strength
+    taken = set((e["layer"] * width + e["unit"]).tolist())
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    if k and layers == "any":
+        chosen = [i for i in torch.randperm(n_layers * width, generator=gen).tolist() if i not in taken][:k]
+    elif k:  # matched
+        used = set(taken)
+        for layer in e["layer"][:k].tolist():
+            for unit in torch.randperm(width, generator=gen).tolist():
+                i = layer * width + unit
+                if i not in used:
+                    used.add(i)
+                    chosen.append(i)
+                    break
+    if len(chosen) < k:
+        raise ValueError(f"only {len(chosen)} non-expert neurons available for {k} random neurons")
+    idx = torch.tensor(chosen, dtype=torch.long)
+    iv = Intervention(n_layers, width, positions=positions)
+    if k:
+        iv.set(idx // width, idx % width, values)
+    info = {"seed": seed, "n_neurons": len(iv), "layers": layers, "values_sha": values_sha(values),
+            "layer_histogram": dict(sorted(Counter((idx // width).tolist()).items()))}
+    return iv, info
+
+
+def values_sha(values: torch.Tensor) -> str:
+    """A short hash of a multiset of values (sorted float32): equal for the same values in any order."""
+    return hashlib.sha256(np.sort(values.float().numpy()).tobytes()).hexdigest()[:16]
 
 
 def select_experts(scores: Scores, k: int = 100, *, by: str = "ap", value: str = "on_p50", bottom_k: int = 0,

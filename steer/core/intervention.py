@@ -13,10 +13,19 @@ expert set without being rebuilt. `positions` chooses where the override applies
 a KV cache: the prefill) or "generated" tokens (calls that extend a cache: decoding steps);
 `steered_tokens` turns that into a [B, T] mask for one forward call.
 
-Applying it is the backends' job (`steer.engine.backends`: `intervene`, hooks or the fused patch); the
-override itself is `kernels/fused_mlp_ref.py::apply_override`, shared by every path.
+Per-row steering: `InterventionSets` holds S interventions (each with its own neurons, values,
+operation and positions) in fixed-capacity sparse storage, plus a per-row set index chosen per
+batch (`rows`; S = no set). Storage grows with the forced neurons, not with S x layers x width:
+each layer's [S + 1, width] table is densified inside the forward (`table`), so neither the sets'
+contents nor the rows change a shape, and positions are codes in a tensor, not strings:
+changing any of them never recompiles a compiled model.
+
+Applying either is the backends' job (`steer.engine.backends`: `intervene`, hooks or the fused
+patch); the override itself is `kernels/fused_mlp_ref.py::apply_override`, shared by every path.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,7 +49,7 @@ class Intervention:
     @classmethod
     def for_model(cls, model: nn.Module, positions: str = "all", neuron_module: str | None = None) -> "Intervention":
         sites = NeuronSites(model, neuron_module)
-        return cls(sites.n_layers, sites.width, positions, device=sites.modules[0].weight.device)
+        return cls(sites.n_layers, sites.width, positions, device=sites.device)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,15 +116,111 @@ class Intervention:
         return f"Intervention({len(self)} neurons in layers {layers}, positions={self.positions!r})"
 
 
-def steered_tokens(positions: str, attention_mask: torch.Tensor, extends_cache: bool) -> torch.Tensor | None:
-    """[B, T] bool of the positions to steer in one forward call; None means all of them."""
-    if positions == "all":
-        return None
-    if positions == "prompt":
-        return None if not extends_cache else torch.zeros_like(attention_mask, dtype=torch.bool)
-    if positions == "generated":
-        return None if extends_cache else torch.zeros_like(attention_mask, dtype=torch.bool)
-    # "last": the last real token of each row, whatever the padding side
+def steered_tokens(positions: str | torch.Tensor, attention_mask: torch.Tensor,
+                   extends_cache: bool) -> torch.Tensor | None:
+    """[B, T] bool of the positions to steer in one forward call; None means all of them.
+
+    positions: one of POSITIONS for every row, or a [B] tensor of codes (indices into POSITIONS)
+    per row. Tensor ops only, no host synchronisation: "last" is each row's last real token
+    (whatever the padding side), "prompt" a call that does not extend a KV cache, "generated"
+    one that does."""
+    ext = bool(extends_cache)
+    if isinstance(positions, str):
+        if positions == "all" or positions == ("generated" if ext else "prompt"):
+            return None  # every position of this call
+        codes = torch.full((1, 1), POSITIONS.index(positions), device=attention_mask.device)
+    else:
+        codes = positions[:, None]  # [B, 1]
     t = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (attention_mask.bool() * (t + 1)).argmax(1)  # [B]
-    return t[None, :] == last[:, None]
+    last = t[None, :] == (attention_mask.bool() * (t + 1)).argmax(1)[:, None]  # [B, T]
+    return ((codes == 0) | ((codes == 1) & last) | ((codes == 2) & (not ext))
+            | ((codes == 3) & ext)).expand_as(last)
+
+
+class InterventionSets:
+    """S interventions in one object of fixed capacity, for steering each row of a batch alike
+    its own set (`rows`, one set index per row; S = no set).
+
+    Storage: `capacity` slots of (layer, unit, set, mul, add), free slots with layer = n_layers,
+    and `codes` [S + 1] (each set's positions; the last row, "no set", has none). `put` writes a
+    set (host side, between batches); the forward reads only the tensors (`table`, `codes`).
+    """
+
+    def __init__(self, n_layers: int, width: int, sets: int, capacity: int, device: str | torch.device = "cpu"):
+        if sets < 1 or capacity < 0:
+            raise ValueError(f"sets ({sets}) must be >= 1 and capacity ({capacity}) >= 0")
+        self.n_layers, self.width, self.sets, self.capacity = n_layers, width, sets, capacity
+        self.layer = torch.full((capacity,), n_layers, dtype=torch.long, device=device)
+        self.unit = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.set = torch.full((capacity,), sets, dtype=torch.long, device=device)
+        self.mul = torch.ones(capacity, dtype=torch.float32, device=device)
+        self.add = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.codes = torch.zeros(sets + 1, dtype=torch.long, device=device)  # positions code per set
+        self.sizes = [0] * sets  # neurons of each set (host side)
+
+    @classmethod
+    def of(cls, interventions: Sequence[Intervention], capacity: int | None = None) -> "InterventionSets":
+        """The given interventions as sets 0..S-1 (capacity: their neurons, unless given)."""
+        if not interventions:
+            raise ValueError("InterventionSets.of needs at least one Intervention")
+        n_layers, width = interventions[0].shape
+        total = sum(len(iv) for iv in interventions)
+        out = cls(n_layers, width, len(interventions), total if capacity is None else capacity,
+                  device=interventions[0].mask.device)
+        for i, iv in enumerate(interventions):
+            out.put(i, iv)
+        return out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_layers, self.width)
+
+    def put(self, index: int, iv: Intervention | None) -> "InterventionSets":
+        """Make set `index` steer like `iv` (None: nothing), in place: a compiled model that holds
+        these buffers sees the change without recompiling."""
+        if not 0 <= index < self.sets:
+            raise IndexError(f"set {index} out of range: {self.sets} sets")
+        if iv is not None and iv.shape != self.shape:
+            raise ValueError(f"intervention is for {iv.shape[0]} x {iv.shape[1]} neurons; these sets are for "
+                             f"{self.n_layers} x {self.width}")
+        new = 0 if iv is None else len(iv)
+        if sum(self.sizes) - self.sizes[index] + new > self.capacity:
+            raise ValueError(f"set {index} needs {new} neurons; {self.capacity - sum(self.sizes) + self.sizes[index]} "
+                             f"of the capacity ({self.capacity}) are free: make the sets with a larger capacity")
+        self.layer[self.set == index] = self.n_layers  # free the old entries
+        self.set[self.layer == self.n_layers] = self.sets
+        if new:
+            layers, units = iv.mask.nonzero(as_tuple=True)
+            slots = (self.layer == self.n_layers).nonzero().flatten()[:new].to(self.layer.device)
+            self.layer[slots], self.unit[slots], self.set[slots] = layers.to(self.layer.device), units.to(
+                self.layer.device), index
+            self.mul[slots] = iv.mul[layers, units].to(self.mul.device)
+            self.add[slots] = iv.add[layers, units].to(self.add.device)
+        self.codes[index] = 0 if iv is None else POSITIONS.index(iv.positions)
+        self.sizes[index] = new
+        return self
+
+    def rows(self, assignment: Sequence[int | None], device=None) -> torch.Tensor:
+        """[B] int64 set index of each row (None: no set -> S)."""
+        bad = [a for a in assignment if a is not None and not 0 <= a < self.sets]
+        if bad:
+            raise IndexError(f"set index {bad[0]} out of range: {self.sets} sets")
+        return torch.tensor([self.sets if a is None else a for a in assignment], dtype=torch.long,
+                            device=device if device is not None else self.layer.device)
+
+    def table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense (mask, mul, add), each [S + 1, width], of one layer (row S: no set). Built in
+        the forward from the slots (entries of other layers land in a dropped row)."""
+        row = torch.where(self.layer == layer, self.set, self.sets + 1)  # [capacity]
+        shape, dev = (self.sets + 2, self.width), self.layer.device
+        mask = torch.zeros(shape, dtype=torch.bool, device=dev).index_put_(
+            (row, self.unit), torch.ones_like(row, dtype=torch.bool))
+        mul = torch.ones(shape, dtype=torch.float32, device=dev).index_put_((row, self.unit), self.mul)
+        add = torch.zeros(shape, dtype=torch.float32, device=dev).index_put_((row, self.unit), self.add)
+        return mask[:-1], mul[:-1], add[:-1]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __repr__(self) -> str:
+        return f"InterventionSets({self.sets} sets, {len(self)} of {self.capacity} slots used)"

@@ -4,7 +4,8 @@ A backend is attached to a model (at most one at a time; `attached(model)` finds
 every forward of the model, does two things to each layer's neuron tensor (the input of the
 MLP's down projection):
 - steer: the override of an `Intervention` (`steer(iv)` / `unsteer()`), at the positions it
-  names, with the real-token mask and cache use of the call (`CallInfo`);
+  names, with the real-token mask and cache use of the call (`CallInfo`); or, per row, the
+  sets of an `InterventionSets` with a set index per row (`steer(sets, rows)`: `override`);
 - pool: each sentence's max or mean over chosen tokens into `pooled` [B, L, M] fp32
   (`start_pooling(tokens, how)` before a forward, `stop_pooling()` after).
 Implementations:
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from steer.core.adapters import NeuronSites
-from steer.core.intervention import Intervention, steered_tokens
+from steer.core.intervention import Intervention, InterventionSets, steered_tokens
 from steer.kernels.fused_mlp_ref import apply_override, pool
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,18 @@ class CallInfo:
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
-        self.attention_mask = mask[:, -length:]  # a cache-extending call passes past + new columns
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes `cache=`
-        self.extends_cache = cache is not None and cache.get_seq_length() > 0
+            self.attention_mask, self.extends_cache = mask, None
+        else:  # a cache-extending call passes past + new columns: known from shapes, no sync
+            self.attention_mask, self.extends_cache = mask[:, -length:], mask.shape[1] > length
+        if self.extends_cache is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes `cache=`
+            self.extends_cache = cache is not None and cache.get_seq_length() > 0
         return None
 
-    def steered(self, iv: Intervention) -> torch.Tensor | None:
-        """[B, T] bool of the current call's positions that `iv` steers (None: all of them)."""
-        return steered_tokens(iv.positions, self.attention_mask, self.extends_cache)
+    def steered(self, positions: str | torch.Tensor) -> torch.Tensor | None:
+        """[B, T] bool of the current call's positions steered by `positions` (a name, or a code
+        per row; None: all of them)."""
+        return steered_tokens(positions, self.attention_mask, self.extends_cache)
 
 
 class Backend:
@@ -101,21 +106,45 @@ class Backend:
         self.model = model
         self.sites = NeuronSites(model, neuron_module)
         self.info = CallInfo(self.sites.stack)
-        self.intervention: Intervention | None = None
+        self.intervention: Intervention | InterventionSets | None = None
+        self.rows: torch.Tensor | None = None  # [B] set index per row, with InterventionSets
         self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, for the next forward
         self.pooling = "max"
         self.pooled: torch.Tensor | None = None  # [B, L, M] fp32, written layer by layer
         _ATTACHED[model] = self
 
-    def steer(self, intervention: Intervention) -> None:
+    def steer(self, intervention: Intervention | InterventionSets, rows: torch.Tensor | None = None) -> None:
+        """Apply `intervention` from the next forward on; InterventionSets need `rows` [B], the
+        set of each row (replace it, or change it in place, between batches)."""
         if intervention.shape != (self.sites.n_layers, self.sites.width):
             raise ValueError(
                 f"intervention is for {intervention.shape[0]} layers x {intervention.shape[1]} neurons; "
                 f"the model has {self.sites.n_layers} x {self.sites.width}")
-        self.intervention = intervention
+        if isinstance(intervention, InterventionSets) != (rows is not None):
+            raise ValueError("rows (a set index per row) go with InterventionSets, and only with them")
+        if rows is not None and (rows.dim() != 1 or rows.dtype != torch.long):
+            raise ValueError(f"rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
+        self.intervention, self.rows = intervention, rows
 
     def unsteer(self) -> None:
-        self.intervention = None
+        self.intervention = self.rows = None
+
+    def override(self, layer: int):
+        """What the current call does to `layer`: ((mask, mul, add), rows, steered tokens) for the
+        kernels' `apply_override` / `fused_mlp`, or None without steering. A single Intervention
+        gives [M] buffers and no rows; sets give the layer's [S + 1, M] tables and the row index
+        (repeated when generation expands each row, e.g. num_return_sequences or beams)."""
+        iv = self.intervention
+        if iv is None:
+            return None
+        if self.rows is None:
+            return (iv.mask[layer], iv.mul[layer], iv.add[layer]), None, self.info.steered(iv.positions)
+        rows, batch = self.rows, self.info.attention_mask.shape[0]
+        if rows.shape[0] != batch:
+            if batch % rows.shape[0]:
+                raise ValueError(f"{rows.shape[0]} row set indices for a batch of {batch} rows")
+            rows = rows.repeat_interleave(batch // rows.shape[0])
+        return iv.table(layer), rows, self.info.steered(iv.codes[rows])
 
     def start_pooling(self, tokens: torch.Tensor, how: str) -> torch.Tensor:
         """Pool the next forward over `tokens` [B, T]; returns the [B, L, M] buffer it fills."""
@@ -149,12 +178,13 @@ class HookBackend(Backend):
     def _hook(self, layer: int):
         def pre_hook(module, args):
             iv, tokens = self.intervention, self.pool_tokens
-            steered = iv is not None and bool(iv.mask[layer].any())
+            steered = iv is not None and (self.rows is not None or bool(iv.mask[layer].any()))
             if tokens is None and not steered:
                 return None
             h = self.sites.view(args[0], self.info.attention_mask.shape[0])  # [B, T, M]
             if steered:
-                h = apply_override(h, iv.mask[layer], iv.mul[layer], iv.add[layer], self.info.steered(iv))
+                (mask, mul, add), rows, steer_tokens = self.override(layer)
+                h = apply_override(h, mask, mul, add, steer_tokens, rows)
                 args = (h.view(args[0].shape),) + tuple(args[1:])
             if tokens is not None:
                 self.pooled[:, layer] = pool(h, tokens, self.pooling)
@@ -191,11 +221,12 @@ def use(model: nn.Module, kind: str = "hooks", neuron_module: str | None = None)
 class Steering:
     """An intervention applied to a model; `remove()` or leave the `with` block to undo."""
 
-    def __init__(self, model: nn.Module, intervention: Intervention, neuron_module: str | None = None):
+    def __init__(self, model: nn.Module, intervention: Intervention | InterventionSets,
+                 neuron_module: str | None = None, rows: torch.Tensor | None = None):
         self.backend, self.owned = use(model, "hooks", neuron_module)
-        self.previous = self.backend.intervention
+        self.previous = (self.backend.intervention, self.backend.rows)
         try:
-            self.backend.steer(intervention)
+            self.backend.steer(intervention, rows)
         except Exception:
             if self.owned:
                 self.backend.remove()
@@ -206,10 +237,10 @@ class Steering:
         if self.backend is None:
             return
         if self.backend.intervention is self.intervention:
-            if self.previous is None:
+            if self.previous[0] is None:
                 self.backend.unsteer()
             else:
-                self.backend.steer(self.previous)
+                self.backend.steer(*self.previous)
         if self.owned and self.backend.idle:
             self.backend.remove()
         self.backend = None
@@ -221,7 +252,9 @@ class Steering:
         self.remove()
 
 
-def intervene(model: nn.Module, intervention: Intervention, neuron_module: str | None = None) -> Steering:
+def intervene(model: nn.Module, intervention: Intervention | InterventionSets, neuron_module: str | None = None,
+              *, rows: torch.Tensor | None = None) -> Steering:
     """Apply `intervention` to `model` until `.remove()` (or use it as a context manager): through
-    the model's backend (e.g. a `steer.patch`), or forward pre-hooks added for the duration."""
-    return Steering(model, intervention, neuron_module)
+    the model's backend (e.g. a `steer.patch`), or forward pre-hooks added for the duration.
+    With `InterventionSets`, `rows` [B] names each row's set (`sets.rows([...])`; S: none)."""
+    return Steering(model, intervention, neuron_module, rows)

@@ -384,7 +384,7 @@ class _StreamPass:
         """The state every rank starts from: rank 0 resumes or calibrates, the others wait for
         its edges (or its error)."""
         group, label_names = self.group, list(corpus.label_names)
-        device = forward.sites.modules[0].weight.device
+        device = forward.sites.device
         state, extra, error = None, {"position": 0}, None
         if group.is_main:
             try:
@@ -476,7 +476,7 @@ def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, 
     wanted = set(cal)
     records = [r for r in islice(corpus.records(), cal[-1] + 1) if r.index in wanted]
     where = {r.index: j for j, r in enumerate(records)}
-    sample = torch.empty(len(records), forward.sites.n_neurons, device=forward.sites.modules[0].weight.device)  # [S, L*M]
+    sample = torch.empty(len(records), forward.sites.n_neurons, device=forward.sites.device)  # [S, L*M]
     bar = _Progress(len(records), "calibrate", progress)
     for b in plan_batches(records, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                           window=len(records), skip_special=skip_special, limit=limit,
@@ -572,7 +572,7 @@ def _shortlist_responses(model: nn.Module, tokenizer, corpus, idx: torch.Tensor,
     label_ids = torch.empty(N, dtype=torch.int64) if group.is_main else None
     values = torch.empty(N, K) if not group.active else None
     rows, parts = [], []
-    dev_idx = idx.to(sites.modules[0].weight.device)
+    dev_idx = idx.to(sites.device)
     bar = _Progress(N, "refine", progress and group.is_main)
     with _Forward(model, tokenizer, sites, settings["pooling"], backend) as fwd:
         for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, max_tokens=max_tokens,

@@ -1,4 +1,4 @@
-"""Steering in generation: `generate`, held-out perplexity, and the overhead of steering per token.
+"""Steering in generation: `generate` and held-out perplexity.
 
 Generation is Hugging Face's `model.generate` with its KV cache (a `DynamicCache`); steering is an
 `Intervention` applied for the duration of one call (`intervene`: reference pre-hooks, or the
@@ -22,17 +22,15 @@ numbers (the language-steering sweep compares k values on the same draws). Nothi
 intervention is removed (or detached from the patch) when it returns, so steering can be switched
 on and off, or the expert set changed, between calls without reloading the model.
 
-`generation_overhead` times steering per generated token (hooks/fused, on/off; `steer generate
---overhead`). The language-steering sweep built on these functions is an experiment
-(`steer.experiments.language_sweep`); the `steer generate` command is `steer.cli.generate`.
+The language-steering sweep built on these functions is an experiment
+(`steer.experiments.language_sweep`); the `steer generate` command is `steer.cli.generate`. The
+overhead of steering per generated token is timed by bench/generation_overhead.py.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
@@ -213,48 +211,3 @@ def perplexity(model: nn.Module, tok, texts: Sequence[str], *, intervention: Int
             count += int(real.sum())
     mean = total / max(count, 1)
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
-
-
-# ---------------------------------------------------------------------------------------------
-# Overhead of steering during generation
-
-
-def generation_overhead(model: nn.Module, tok, intervention: Intervention, *, batch_sizes=(1, 8),
-                        new_tokens: int = 32, repeats: int = 3, prompt: str = "The") -> dict:
-    """Seconds per generated token (greedy, exactly `new_tokens`), steering off/on, hooks/fused.
-
-    Configurations are interleaved within every repeat (a shared machine drifts); the median
-    (and the minimum) of the repeats is kept. Ratios are against the unpatched model without
-    steering ("hooks, off"). "ms_per_step" is per decoding step of the whole batch.
-    """
-    from steer.engine.patch import patch
-
-    configs = ["hooks, off", "hooks, on", "fused, off", "fused, on"]
-    times: dict[int, dict[str, list[float]]] = {b: {c: [] for c in configs} for b in batch_sizes}
-
-    def run(b, iv):
-        t = time.perf_counter()
-        generate_ids(model, tok, [prompt] * b, intervention=iv, max_new_tokens=new_tokens,
-                     min_new_tokens=new_tokens, batch_size=b)
-        return (time.perf_counter() - t) / new_tokens
-
-    for b in batch_sizes:
-        run(b, None)  # warm-up
-        for _ in range(repeats):
-            for c in configs:
-                iv = intervention if c.endswith("on") else None
-                if c.startswith("fused"):
-                    with patch(model):
-                        times[b][c].append(run(b, iv))
-                else:
-                    times[b][c].append(run(b, iv))
-    out = {"new_tokens": new_tokens, "repeats": repeats, "neurons_steered": len(intervention),
-           "positions": intervention.positions, "threads": torch.get_num_threads(), "by_batch": {}}
-    for b in batch_sizes:
-        med = {c: statistics.median(v) for c, v in times[b].items()}
-        base = med["hooks, off"]
-        low = {c: min(v) for c, v in times[b].items()}
-        out["by_batch"][str(b)] = {c: {"s_per_token": med[c], "ms_per_step": 1e3 * med[c], "ratio": med[c] / base,
-                                       "ms_per_step_min": 1e3 * low[c], "ratio_min": low[c] / low["hooks, off"],
-                                       "all": times[b][c]} for c in configs}
-    return out

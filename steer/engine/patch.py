@@ -80,11 +80,9 @@ class FusedPatch(Backend):
         shape = up.shape
         up = self.sites.view(up, batch)  # [B, T, M]
         gate = None if gate is None else self.sites.view(gate, batch)
-        iv = self.intervention
-        override = None if iv is None else (iv.mask[layer], iv.mul[layer], iv.add[layer])
-        tokens = None if iv is None else self.info.steered(iv)
-        h, pool_max, pool_sum = self.op(up, gate, act=self.acts[layer], override=override,
-                                        steer_tokens=tokens, pool_tokens=self.pool_tokens)
+        override, rows, tokens = self.override(layer) or (None, None, None)
+        h, pool_max, pool_sum = self.op(up, gate, act=self.acts[layer], override=override, steer_tokens=tokens,
+                                        pool_tokens=self.pool_tokens, override_rows=rows)
         if self.pool_tokens is not None:
             self.pooled[:, layer] = pool_max if self.pooling == "max" else pool_mean(pool_sum, self.pool_tokens)
         return h.view(shape)

@@ -14,7 +14,8 @@ Choices the paper leaves open, fixed here:
 - ties are closeness within `TIE_TOL` (1e-6), not float equality: a recomputed similarity may
   differ by a few ulp between CPUs (BLAS rounding), and no rank or medoid may follow that;
 - confidence intervals are percentile bootstraps over sentences (or over language pairs for
-  the correlation), 95 % by default, with a seeded generator.
+  the correlation), 95 % by default: scipy.stats.bootstrap(method="percentile") seeded with
+  np.random.default_rng(seed).
 """
 from __future__ import annotations
 
@@ -171,13 +172,14 @@ def bootstrap_ci(
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float, float]:
-    """(stat(values), lo, hi): percentile bootstrap CI, resampling the N values.
+    """(stat(values), lo, hi): percentile bootstrap CI, resampling the N values
+    (scipy.stats.bootstrap, method="percentile", seeded with np.random.default_rng(seed)).
 
-    `stat` reduces the last dim: it is called on [N] and on [batch, N] resamples.
+    `stat` reduces the last dim: it is called on [N] and on [batch, N] resamples (torch tensors).
     """
-    v = torch.as_tensor(values, dtype=torch.float64)
-    boots = _resample(lambda idx: stat(v[idx]), len(v), n_boot, seed)
-    return (float(stat(v)), *_percentiles(boots, level))
+    v = torch.as_tensor(values, dtype=torch.float64).cpu()
+    lo, hi = _bootstrap((v.numpy(),), stat, n_boot, seed, level)
+    return (float(stat(v)), lo, hi)
 
 
 def paired_bootstrap(
@@ -190,56 +192,64 @@ def paired_bootstrap(
 ) -> tuple[float, float, float]:
     """(delta, lo, hi): change stat(post) - stat(pre) with a CI from resampling sentences,
     the same resampled sentences on both sides (values aligned by sentence, e.g. per-query
-    `rank == 1` before and after)."""
-    pre = torch.as_tensor(pre_values, dtype=torch.float64)
-    post = torch.as_tensor(post_values, dtype=torch.float64)
+    `rank == 1` before and after; scipy.stats.bootstrap with paired=True)."""
+    pre = torch.as_tensor(pre_values, dtype=torch.float64).cpu()
+    post = torch.as_tensor(post_values, dtype=torch.float64).cpu()
     if pre.shape != post.shape or pre.ndim != 1:
         raise ValueError(f"need two aligned 1-D value lists, got {pre.shape}, {post.shape}")
-    boots = _resample(lambda idx: stat(post[idx]) - stat(pre[idx]), len(pre), n_boot, seed)
-    return (float(stat(post) - stat(pre)), *_percentiles(boots, level))
+    lo, hi = _bootstrap((pre.numpy(), post.numpy()), lambda a, b: stat(b) - stat(a), n_boot, seed, level)
+    return (float(stat(post) - stat(pre)), lo, hi)
 
 
 def pearson_ci(
     x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
     """(r, lo, hi): Pearson r (scipy.stats.pearsonr) with a percentile bootstrap CI over the
-    (x, y) pairs, e.g. retrieval accuracy vs distance over language pairs (the paper's
-    Table 2). Resamples whose x or y is constant have no r and are left out."""
+    (x, y) pairs (scipy.stats.bootstrap, paired), e.g. retrieval accuracy vs distance over
+    language pairs (the paper's Table 2). Resamples whose x or y is constant have no r (NaN):
+    they are left out of the percentiles (scipy.stats.quantile with nan_policy="omit")."""
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1 or len(xs) < 3:
         raise ValueError("need two aligned 1-D sequences of at least 3 values")
     r = float(scipy.stats.pearsonr(xs, ys).statistic)
-    idx = np.random.default_rng(seed).integers(0, len(xs), size=(n_boot, len(xs)))
-    bx = xs[idx] - xs[idx].mean(1, keepdims=True)  # [n_boot, n]
-    by = ys[idx] - ys[idx].mean(1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boots = (bx * by).sum(1) / np.sqrt((bx**2).sum(1) * (by**2).sum(1))
-    boots = np.clip(boots[np.isfinite(boots)], -1.0, 1.0)
-    return (r, *_percentiles(torch.from_numpy(boots), level))
+
+    def pearson(bx, by, axis=-1):  # [batch, n] resamples -> [batch]; NaN for a constant side
+        bx = bx - bx.mean(axis, keepdims=True)
+        by = by - by.mean(axis, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.clip((bx * by).sum(axis) / np.sqrt((bx**2).sum(axis) * (by**2).sum(axis)), -1.0, 1.0)
+
+    with warnings.catch_warnings():  # scipy warns when a resample's r is NaN; handled below
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        res = _bootstrap_result((xs, ys), pearson, n_boot, seed, level)
+    lo, hi = res.confidence_interval
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # the same percentiles, without the NaN resamples
+        alpha = (1.0 - level) / 2.0
+        lo, hi = scipy.stats.quantile(res.bootstrap_distribution, np.array([alpha, 1.0 - alpha]),
+                                      nan_policy="omit")
+    return (r, float(lo), float(hi))
 
 
 def project_2d(embs: Embs, n_iter: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     """PCA of all languages' rows jointly to 2-D: dict lang -> [N_lang, 2] float64.
 
     The stack is centred by its global mean (language offsets stay visible) and projected on
-    its two leading principal axes, signed so each axis's largest loading is positive. The
-    axes come from seeded randomized subspace iteration (Halko et al. 2011; scikit-learn's PCA
-    solver for large data): a block of 12 directions, `n_iter` power steps, then
-    torch.linalg.svd of the small projected block. Exact when the stack has rank <= 12; else
-    the error shrinks like (s_13 / s_2) ** (2 n_iter + 1) in the singular values s. A full SVD
-    of 20k sentences x 4096 dims takes minutes on a CPU; this takes seconds.
+    its two leading principal axes, each signed so that its largest-|loading| component (over
+    the D dims) is positive. The axes come from torch.pca_lowrank (randomized subspace
+    iteration, Halko et al. 2011) with a block of 12 directions and `n_iter` power steps,
+    seeded with `seed` in a forked RNG (the caller's torch RNG is untouched): exact when the
+    stack has rank <= 12, else the error shrinks like (s_13 / s_2) ** (2 n_iter + 1) in the
+    singular values s. A full SVD of 20k sentences x 4096 dims takes minutes on a CPU; this
+    takes seconds.
     """
     langs = list(embs)
     stack = torch.cat([embs[lang].double() for lang in langs])  # [sum N, D]
     stack = stack - stack.mean(0)
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.randn(stack.shape[1], min(12, *stack.shape), generator=gen, dtype=torch.float64)
-    basis = torch.linalg.qr(stack @ probe).Q  # [sum N, block] orthonormal
-    for _ in range(n_iter):
-        basis = torch.linalg.qr(stack @ (stack.T @ basis)).Q
-    _, _, vh = torch.linalg.svd(basis.T @ stack, full_matrices=False)  # [block, D]
-    axes = vh[:2]  # [2, D]
+    with torch.random.fork_rng(devices=[stack.device] if stack.is_cuda else []):
+        torch.manual_seed(seed)
+        _, _, v = torch.pca_lowrank(stack, q=min(12, *stack.shape), center=False, niter=n_iter)
+    axes = v[:, :2].T  # [2, D]
     sign = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))  # [2, 1]
     coords = stack @ (axes * sign).T  # [sum N, 2]
     return dict(zip(langs, coords.split([len(embs[lang]) for lang in langs])))
@@ -309,18 +319,24 @@ def _retrieve(q: torch.Tensor, c: torch.Tensor, chunk: int = 1024) -> dict:
     }
 
 
-def _resample(fn, n: int, n_boot: int, seed: int, chunk_elems: int = 1 << 22) -> torch.Tensor:
-    """fn over n_boot resamples (indices drawn with replacement), in memory-bounded chunks."""
-    gen = torch.Generator().manual_seed(seed)
-    step = max(1, chunk_elems // n)
-    return torch.cat([
-        fn(torch.randint(0, n, (min(step, n_boot - s), n), generator=gen))  # [step, n] indices
-        for s in range(0, n_boot, step)
-    ])
+# Resamples per batch: bounds the [batch, N] index and value arrays at ~4M elements.
+_BOOT_ELEMS = 1 << 22
 
 
-def _percentiles(boots: torch.Tensor, level: float) -> tuple[float, float]:
-    alpha = (1.0 - level) / 2.0
-    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
-    lo, hi = torch.quantile(boots.double(), q).tolist()
-    return lo, hi
+def _bootstrap_result(samples, statistic, n_boot: int, seed: int, level: float):
+    """scipy.stats.bootstrap over aligned 1-D numpy samples (paired when several), percentile
+    method, vectorized over the last axis, seeded with np.random.default_rng(seed)."""
+    return scipy.stats.bootstrap(
+        samples, statistic, n_resamples=n_boot, batch=max(1, _BOOT_ELEMS // len(samples[0])),
+        vectorized=True, paired=len(samples) > 1, axis=-1, confidence_level=level,
+        method="percentile", rng=np.random.default_rng(seed))
+
+
+def _bootstrap(samples, stat, n_boot: int, seed: int, level: float) -> tuple[float, float]:
+    """(lo, hi) of `_bootstrap_result` for a torch statistic of the samples' last dim."""
+
+    def statistic(*arrays, axis=-1):
+        return stat(*(torch.from_numpy(np.moveaxis(a, axis, -1)) for a in arrays)).numpy()
+
+    lo, hi = _bootstrap_result(samples, statistic, n_boot, seed, level).confidence_interval
+    return float(lo), float(hi)

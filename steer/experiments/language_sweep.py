@@ -4,7 +4,8 @@
 with the language's top-k experts forced, the fraction that py3langid (restricted to the study's
 languages) calls the target language, with a Wilson 95% interval; the perplexity of held-out
 text of that language (Bible test verses) with the same steering at every position; and a
-control that forces the same values on k random neurons (several seeds, mean and sd).
+control that forces the same values on k random neurons, none of them among the language's
+experts (the whole set; `steer.core.experts.random_control`), over several seeds (mean and sd).
 `plot_language_steering` draws it. `steer generate --sweep` (`generate_cli`) runs it.
 """
 from __future__ import annotations
@@ -19,10 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import scipy.stats
 from torch import nn
 
 from steer.core.artifacts import atomic_write_text
+from steer.core.experts import random_control
 from steer.core.intervention import POSITIONS, Intervention
 from steer.core.metrics import check_k
 from steer.engine.backends import attached
@@ -35,18 +37,16 @@ logger = logging.getLogger(__name__)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (no continuity correction)."""
+    """Wilson score interval of a binomial proportion (no continuity correction; scipy's
+    `binomtest(...).proportion_ci(method="wilson")`): (nan, nan) for n <= 0, ValueError for
+    successes outside [0, n], and exactly 0 (1) at the lower (upper) end when none (all) succeed."""
     if n <= 0:
         return (float("nan"), float("nan"))
     if not 0 <= successes <= n:
         raise ValueError(f"successes={successes} outside [0, {n}]")
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, not rounding noise
-    hi = 1.0 if successes == n else min(1.0, centre + half)
+    ci = scipy.stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    lo = 0.0 if successes == 0 else max(0.0, float(ci.low))  # exact ends, not rounding noise
+    hi = 1.0 if successes == n else min(1.0, float(ci.high))
     return (lo, hi)
 
 
@@ -72,27 +72,6 @@ def identify_languages(texts: Sequence[str], languages: Sequence[str]) -> list[s
 
 # ---------------------------------------------------------------------------------------------
 # The language-steering sweep
-
-
-def random_intervention(experts, concept: str, k: int, seed: int, *, positions: str = "all",
-                        strength: float = 1.0, exclude_experts: bool = True) -> Intervention:
-    """The control: the values of `concept`'s first k experts forced on k random neurons.
-
-    Neurons are drawn uniformly from all layers x units (a seeded permutation), leaving out the
-    concept's own first k experts. k: 0 (an empty intervention) .. the experts the set holds.
-    """
-    k = experts.check_k(concept, k, allow_zero=True)
-    e = experts.experts[concept]
-    n_layers, width = experts.shape
-    values = e["value"][:k].float() * strength
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_layers * width, generator=g)
-    if exclude_experts:
-        taken = set((e["layer"][:k] * width + e["unit"][:k]).tolist())
-        perm = perm[~torch.isin(perm, torch.tensor(sorted(taken), dtype=torch.long))] if taken else perm
-    idx = perm[:k]
-    iv = Intervention(n_layers, width, positions=positions)
-    return iv.set(idx // width, idx % width, values) if k else iv
 
 
 def _heldout(languages: Sequence[str], n: int, seed: int) -> tuple[dict[str, list[str]], dict]:
@@ -159,7 +138,7 @@ class _Sweep:
         """The random-neuron control of (lang, k): per seed, and mean and sd over seeds."""
         ctrl = []
         for rs in random_seeds:
-            riv = random_intervention(self.experts, lang, k, rs, positions=self.positions, strength=self.strength)
+            riv, _ = random_control(self.experts, lang, k, rs, positions=self.positions, strength=self.strength)
             rt, rl, _ = self.sample(riv, n_random)
             rp = self.ppl(lang, _all_positions(riv)) if random_ppl else None
             ctrl.append({"seed": rs, **_fraction(rl, lang), "identified": dict(Counter(rl)), "ppl": rp})
@@ -205,7 +184,8 @@ def language_steering(model: nn.Module, tok, experts, languages: Sequence[str], 
     py3langid restricted to `study_languages`, default the expert set's concepts) assigns to the
     target, with a Wilson 95% interval; the perplexity of held-out text of the target with the
     same experts forced at every position. Control, for every k > 0 and each of `random_seeds`:
-    the same values on k random neurons (`random_samples` samples each, default n_samples);
+    the same values on k random neurons, none of them among the language's experts (the whole
+    set; `random_control`), `random_samples` samples each (default n_samples);
     mean and sd over seeds (with their perplexities unless `random_ppl` is False).
 
     checkpoint: a JSON file rewritten with the results so far after every (language, k).

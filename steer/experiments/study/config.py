@@ -6,13 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from steer.core.corpus import BIBLE_VERSIONS
-from steer.core.experts import RECIPES
+from steer.core.experts import CONTROL_LAYERS, RECIPES
 from steer.core.runtime import DTYPES
 
 SCHEMA = "steer.study/1"
 CRITERIA = ("a", "ab")
 SIDES = ("both", "target")
-CONTROL_LAYERS = ("any", "matched")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from steer.core.corpus import (
     bible_paraphrases,
     udhr_parallel,
 )
-from steer.core.experts import RECIPES, ExpertSet, package_version
+from steer.core.experts import RECIPES, ExpertSet, package_version, random_control, values_sha
 from steer.core.intervention import Intervention
 from steer.core.runtime import dtype_name, environment, set_threads
 from steer.engine.models import cache_dir as _steer_cache_dir
@@ -38,7 +38,7 @@ from steer.experiments import analysis as A
 from steer.experiments.study.cache import Embedder
 from steer.experiments.study.choice import choose
 from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
-from steer.experiments.study.control import control_seed, random_control, values_sha
+from steer.experiments.study.control import control_seed
 from steer.experiments.study.figures import shrink_png
 from steer.experiments.study.measures import (
     both,

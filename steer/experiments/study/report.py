@@ -152,7 +152,7 @@ def _protocol(results: dict, v: _View) -> list[str]:
         ["bootstrap", f"{cfg['n_boot']} resamples, seed {cfg['seed']}, percentile 95 % CIs"],
         ["random control", f"{cfg['control_seeds']} seeds, same k and values, neurons drawn "
                            + ("uniformly from the model" if cfg["control_layers"] == "any" else "in each expert's layer")
-                           + ", experts excluded"],
+                           + ", none of the concept's experts (the whole set)"],
     ]))
     md.append("")
     md.append("Nothing from the test split or the UDHR enters any choice: the dev sweep and `choose()` run before the "
