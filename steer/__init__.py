@@ -15,7 +15,7 @@ from steer.core.corpus import (
     udhr_parallel,
 )
 from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
-from steer.core.intervention import Intervention
+from steer.core.intervention import Intervention, InterventionSets
 from steer.core.metrics import auroc, average_precision, score_splits
 from steer.core.runtime import native_dtype
 from steer.core.scores import Responses, Scores, Split, score_state
@@ -33,7 +33,7 @@ __all__ = [
     "NeuronSites", "distance_report", "retrieval", "retrieval_matrix", "Responses", "Scores", "Split",
     "collect", "collect_stream", "refine", "score_state", "Corpus", "Parallel", "bible_corpus",
     "bible_parallel", "bible_paraphrases", "load_corpus", "open_corpus", "CorpusFile", "udhr_parallel", "embed", "ExpertSet",
-    "export_selfcond", "export_statistics", "select_experts", "Intervention", "intervene", "auroc",
+    "export_selfcond", "export_statistics", "select_experts", "Intervention", "InterventionSets", "intervene", "auroc",
     "average_precision", "score_splits", "load_model", "patch", "StreamState", "generate", "perplexity",
     "native_dtype", "find_experts", "FindConfig",
 ]

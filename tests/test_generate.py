@@ -111,7 +111,7 @@ def test_positions_act_only_where_asked_in_every_cached_call(family, positions):
     tok = tiny_tokenizer()
     iv = steer_iv(model, positions)
     raw = Capture(model)  # registered before the steering hooks: sees the neurons as computed
-    with G.steering(model, iv):
+    with intervene(model, iv):
         steered = Capture(model)  # after them: sees what the down projection receives
         tokens = G.generate_ids(model, tok, PROMPTS[:3], intervention=None, max_new_tokens=5)
         steered.remove()
@@ -128,7 +128,7 @@ def test_positions_act_only_where_asked_in_every_cached_call(family, positions):
                 assert torch.equal(s, r)
 
     # the fused path gives the same tokens and the same neurons in every call
-    with patch(model), G.steering(model, iv):
+    with patch(model), intervene(model, iv):
         fused = Capture(model)
         tokens_fused = G.generate_ids(model, tok, PROMPTS[:3], max_new_tokens=5)
         fused.remove()
@@ -142,7 +142,7 @@ def test_plain_intervene_tells_decoding_steps_from_the_prefill():
     model = tiny_model("llama", DT)
     tok = tiny_tokenizer()
     iv = steer_iv(model, "generated")
-    with G.steering(model, iv):
+    with intervene(model, iv):
         want = G.generate_ids(model, tok, PROMPTS[:2], max_new_tokens=4)
     with intervene(model, iv):
         got = G.generate_ids(model, tok, PROMPTS[:2], max_new_tokens=4)
@@ -250,7 +250,7 @@ def test_compiled_prefill_and_decode_fullgraph_same_tokens_new_experts_without_r
         eager_other = G.generate_ids(model, tok, prompts, intervention=other, max_new_tokens=n, min_new_tokens=n)
         assert eager != eager_other
         compiled = torch.compile(step, backend=counting, fullgraph=True, dynamic=True)  # a break raises
-        with G.steering(model, iv):
+        with intervene(model, iv):
             assert greedy_loop(compiled, model, ids, mask, n) == eager
             n_compiles = len(compiles)
             assert n_compiles <= 2  # the prefill graph and one (dynamic) decoding graph

@@ -19,9 +19,11 @@ attaches hooks for the duration of its `with` block; collection pools the same w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -258,3 +260,38 @@ def intervene(model: nn.Module, intervention: Intervention | InterventionSets, n
     the model's backend (e.g. a `steer.patch`), or forward pre-hooks added for the duration.
     With `InterventionSets`, `rows` [B] names each row's set (`sets.rows([...])`; S: none)."""
     return Steering(model, intervention, neuron_module, rows)
+
+
+class PerRow:
+    """The `intervention=` argument of steer's verbs (`generate`, `embed`, `perplexity`), for a
+    list of `n` inputs: None (no steering), one `Intervention` for every input, or a list with an
+    Intervention or None per input. A list becomes one `InterventionSets` (an Intervention used
+    by several inputs is one set); `batch(model, indices)` steers a batch of those inputs."""
+
+    def __init__(self, intervention: "Intervention | Sequence[Intervention | None] | None", n: int):
+        self.single = self.sets = None
+        self.assignment: list[int | None] = []
+        if intervention is None or isinstance(intervention, Intervention):
+            self.single = intervention
+            return
+        if not isinstance(intervention, Sequence) or isinstance(intervention, str):
+            raise TypeError(f"intervention must be None, an Intervention or a list of them, not {type(intervention).__name__}")
+        if len(intervention) != n:
+            raise ValueError(f"{len(intervention)} interventions for {n} inputs: give one per input (None: unsteered)")
+        distinct: dict[int, int] = {}
+        for iv in intervention:
+            if iv is not None and not isinstance(iv, Intervention):
+                raise TypeError(f"a per-input intervention must be an Intervention or None, not {type(iv).__name__}")
+            if iv is not None and id(iv) not in distinct:
+                distinct[id(iv)] = len(distinct)
+        self.assignment = [None if iv is None else distinct[id(iv)] for iv in intervention]
+        if distinct:
+            firsts = {distinct[id(iv)]: iv for iv in intervention if iv is not None}
+            self.sets = InterventionSets.of([firsts[i] for i in range(len(firsts))])
+
+    def batch(self, model: nn.Module, indices: Sequence[int], device=None):
+        """A context steering one batch made of the inputs `indices` (in batch row order)."""
+        if self.sets is not None:
+            rows = self.sets.rows([self.assignment[i] for i in indices], device)
+            return intervene(model, self.sets, rows=rows)
+        return contextlib.nullcontext() if self.single is None else intervene(model, self.single)

@@ -20,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.core.adapters import base_inputs, check_eval
+from steer.core.intervention import Intervention
+from steer.engine.backends import PerRow
 from steer.engine.batching import MAX_TOKENS, batches, input_device, pad_batch
 from steer.kernels.fused_mlp_ref import pool
 
@@ -34,6 +36,7 @@ def embed(
     max_tokens: int | None = MAX_TOKENS,
     skip_bos: bool = False,
     progress: bool = True,
+    intervention: Intervention | Sequence[Intervention | None] | None = None,
 ) -> torch.Tensor | dict[int, torch.Tensor]:
     """Mean-pooled hidden states of `texts`, in input order, as fp32 on the CPU.
 
@@ -46,6 +49,9 @@ def embed(
         token budget); embeddings do not depend on them (up to fp rounding).
     skip_bos: leave out each sentence's first token when it is a special token (any of
         `tokenizer.all_special_ids`; without a tokenizer, `model.config.bos_token_id`).
+    intervention: None (the model as it is, with any steering already applied), one
+        Intervention for every text, or a list with an Intervention (or None) per text, each
+        text steered by its own in the same batches (per-row steering).
     The model must be in eval mode (dropout would make embeddings random).
     """
     if layers != "last" and layers != "all" and (
@@ -57,6 +63,7 @@ def embed(
     ids = _token_ids(tokenizer, texts)
     if not ids or any(len(s) == 0 for s in ids):
         raise ValueError("embed needs at least one text and no empty token sequence")
+    plan = PerRow(intervention, len(ids))
 
     if skip_bos:
         special = (
@@ -82,8 +89,9 @@ def embed(
         for rows in batches([len(s) for s in ids], batch_size, max_tokens):  # longest first: OOM early
             input_ids, mask = pad_batch([ids[i] for i in rows], pad_id, side)  # [batch, pos]
             # positions of real tokens start at 0 whatever the padding
-            hidden = base(**base_inputs(model, input_ids.to(device), mask.to(device)),
-                          output_hidden_states=True, use_cache=False).hidden_states
+            with plan.batch(model, rows):
+                hidden = base(**base_inputs(model, input_ids.to(device), mask.to(device)),
+                              output_hidden_states=True, use_cache=False).hidden_states
             if not out:  # first batch: resolve the layers and allocate the outputs
                 keys = [-1] if layers == "last" else (
                     list(range(len(hidden))) if layers == "all" else list(layers)

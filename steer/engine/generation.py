@@ -28,7 +28,6 @@ overhead of steering per generated token is timed by bench/generation_overhead.p
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from torch import nn
 
 from steer.core.adapters import base_inputs
 from steer.core.intervention import Intervention
-from steer.engine.backends import intervene
+from steer.engine.backends import PerRow
 from steer.engine.batching import input_device, pad_batch
 
 # ---------------------------------------------------------------------------------------------
@@ -62,11 +61,6 @@ def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
 def _batch_seed(seed: int, index: int) -> int:
     digest = hashlib.sha256(f"steer.generate:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**63
-
-
-def steering(model: nn.Module, intervention: Intervention | None):
-    """`intervene(model, intervention)` for the duration of a `with` block (None: nothing)."""
-    return contextlib.nullcontext() if intervention is None else intervene(model, intervention)
 
 
 def nucleus_mask(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +130,8 @@ def _generation_config(model, tok, max_new_tokens, do_sample, temperature, top_p
     return GenerationConfig(**kw), pad
 
 
-def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *, intervention: Intervention | None = None,
+def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *,
+                 intervention: Intervention | Sequence[Intervention | None] | None = None,
                  max_new_tokens: int = 48, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
                  min_new_tokens: int = 0) -> list[list[int]]:
@@ -145,22 +140,25 @@ def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *, intervention:
         raise TypeError("prompts must be a list of strings, not one string")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}")
+    plan = PerRow(intervention, len(prompts))
     rows = encode_prompts(tok, prompts)
     cfg, pad = _generation_config(model, tok, max_new_tokens, do_sample, temperature, top_p, min_new_tokens)
     eos = {cfg.eos_token_id} if isinstance(cfg.eos_token_id, int) else set(cfg.eos_token_id or ())
     device = input_device(model)
     out: list[list[int]] = []
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), steering(model, intervention), torch.inference_mode():
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
         for b, start in enumerate(range(0, len(rows), batch_size)):
-            ids, mask = pad_batch(rows[start:start + batch_size], pad, "left", device)
+            batch = list(range(start, min(start + batch_size, len(rows))))
+            ids, mask = pad_batch([rows[i] for i in batch], pad, "left", device)
             torch.manual_seed(_batch_seed(seed, b))
             extra = {}
             if do_sample:
                 from transformers import LogitsProcessorList
 
                 extra["logits_processor"] = LogitsProcessorList([NucleusSampler(temperature, top_p)])
-            new = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **extra)
+            with plan.batch(model, batch):
+                new = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **extra)
             new = new[:, ids.shape[1]:]
             for r in new.tolist():
                 cut = next((i for i, t in enumerate(r) if t in eos), len(r))
@@ -168,10 +166,14 @@ def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *, intervention:
     return out
 
 
-def generate(model: nn.Module, tok, prompts: Sequence[str], *, intervention: Intervention | None = None,
+def generate(model: nn.Module, tok, prompts: Sequence[str], *,
+             intervention: Intervention | Sequence[Intervention | None] | None = None,
              max_new_tokens: int = 48, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              seed: int = 0, batch_size: int = 16) -> list[str]:
     """Continue every prompt ("" = BOS only) with `intervention` steering; the new text of each.
+
+    intervention: None, one Intervention for every prompt, or a list with an Intervention (or
+    None) per prompt: each prompt is steered by its own, in the same batches (per-row steering).
 
     Greedy by default; `do_sample` draws with `temperature` and nucleus `top_p` (no top-k;
     `NucleusSampler`), from per-batch seeds derived from `seed`. Batched greedy output equals
@@ -187,23 +189,27 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], *, intervention: Int
 # Perplexity
 
 
-def perplexity(model: nn.Module, tok, texts: Sequence[str], *, intervention: Intervention | None = None,
+def perplexity(model: nn.Module, tok, texts: Sequence[str], *,
+               intervention: Intervention | Sequence[Intervention | None] | None = None,
                batch_size: int = 8) -> dict:
     """Token-level perplexity of `texts` (each with the tokenizer's BOS), optionally steered.
 
     Every token after the first is predicted; the mean negative log-likelihood is over all of
-    them (token-weighted). Returns {"ppl", "nll", "tokens"}.
+    them (token-weighted). intervention: as in `generate` (one, or one per text). Returns
+    {"ppl", "nll", "tokens"}.
     """
+    plan = PerRow(intervention, len(texts))
     rows = encode_prompts(tok, texts)
     device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # little padding
-    with steering(model, intervention), torch.inference_mode():
+    with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            batch = [rows[i] for i in order[start:start + batch_size]]
-            ids, mask = pad_batch(batch, pad, "left", device)
-            logits = model(**base_inputs(model, ids, mask)).logits[:, :-1]  # [B, T-1, V]
+            batch = order[start:start + batch_size]
+            ids, mask = pad_batch([rows[i] for i in batch], pad, "left", device)
+            with plan.batch(model, batch):
+                logits = model(**base_inputs(model, ids, mask)).logits[:, :-1]  # [B, T-1, V]
             target = ids[:, 1:]
             real = (mask[:, :-1] * mask[:, 1:]).bool()  # predicted token and its context both real
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
