@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a lent GPU machine runs (one H100 or H200, its own torch / triton / transformers, no network):
-# install steer without dependencies, then the stages below, in at most 5 minutes of wall time.
+# install steer without dependencies, then the stages below, in at most 6 minutes of wall time.
 #
 #   OUT=/some/dir bash bench/gpu.sh [--budget SECONDS] [--stages smoke,tests,...] [--fresh]
 #   bash bench/gpu.sh --quick       # CPU dry run of every stage on tiny sizes (Triton interpreter)
@@ -13,8 +13,11 @@
 #   collection  (55)  bare forward vs exact vs streaming vs today's way, random weights, real configs, bf16
 #   steering    (95)  steering overhead in forward and greedy generation, eager on both models;
 #                     compiled (dynamic=False, 3 graphs a case) on the 2-layer 8B-shaped MLP first
+#   per_row     (60)  per-row steering (bench/per_row.py) on Gemma's config: 64 rows, K = 1, 8, 64
+#                     expert sets vs one Intervention vs none, forward and generation; eager
+#                     (compiled only if its estimated compiles fit: GPU_SH_LIMITS=per_row=...)
 #   scoring     (45)  end to end (collect + score) and scoring alone, on the GPU
-# (install ~15 s: 300 s in all.)
+# (install ~15 s: 360 s in all.)
 #
 # Each stage runs as its own process under `timeout` (its budget) and is told its budget, which it
 # keeps to by skipping what would not fit (said in its result). A stage that ends writes its
@@ -23,14 +26,14 @@
 # gpu_results.md (every stage's tables), gpu_run.tgz (the whole run folder) and gpu_live.log (the
 # last stage's log) are copied to $OUT when it is set. A stage with a marker is not run again:
 # unpack a returned gpu_run.tgz into bench/results/gpu_run/ and a second run does only the rest.
-# --budget SECONDS (default 300; --quick 900): a stage whose budget exceeds the time left is
+# --budget SECONDS (default 360; --quick 1000): a stage whose budget exceeds the time left is
 # skipped, and the summary says so. --fresh forgets the markers of earlier runs.
 # GPU_SH_LIMITS=stage=seconds,... overrides stage limits for one run (the summary shows both).
 set -uo pipefail
 export LC_ALL=C HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cd "$(dirname "$0")/.."
 
-QUICK=0 BUDGET="" STAGES="smoke,tests,collection,steering,scoring" FRESH=0
+QUICK=0 BUDGET="" STAGES="smoke,tests,collection,steering,per_row,scoring" FRESH=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -39,19 +42,21 @@ while [ $# -gt 0 ]; do
         --stages) STAGES="$2"; shift ;;
         --stages=*) STAGES="${1#*=}" ;;
         --fresh) FRESH=1 ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
 
-declare -A GPU_BUDGET=([install]=15 [smoke]=20 [tests]=70 [collection]=55 [steering]=95 [scoring]=45 [total]=300)
+declare -A GPU_BUDGET=([install]=15 [smoke]=20 [tests]=70 [collection]=55 [steering]=95 [per_row]=60 [scoring]=45
+                       [total]=360)
 # the dry run's limits on a 2-core CPU (Triton's interpreter, tiny models)
-declare -A QUICK_LIMIT=([install]=60 [smoke]=60 [tests]=240 [collection]=120 [steering]=180 [scoring]=120)
+declare -A QUICK_LIMIT=([install]=60 [smoke]=60 [tests]=240 [collection]=120 [steering]=180 [per_row]=180
+                        [scoring]=120)
 if [ "$QUICK" = 1 ]; then
-    RUN="${GPU_RUN_DIR:-bench/results/quick/gpu_run}"; BUDGET="${BUDGET:-900}"; QFLAG="--quick"
+    RUN="${GPU_RUN_DIR:-bench/results/quick/gpu_run}"; BUDGET="${BUDGET:-1000}"; QFLAG="--quick"
 else
-    RUN="${GPU_RUN_DIR:-bench/results/gpu_run}"; BUDGET="${BUDGET:-300}"; QFLAG=""
+    RUN="${GPU_RUN_DIR:-bench/results/gpu_run}"; BUDGET="${BUDGET:-360}"; QFLAG=""
 fi
 GPU_BENCH="${GPU_BENCH:-python3 -P bench/gpu_bench.py}"  # the stage runner (tests replace it)
 GPU_SH_LIMITS="${GPU_SH_LIMITS:-}"
@@ -98,7 +103,7 @@ publish() {  # summary and results into the run folder, then (at once) into $OUT
                       print "| stage | GPU budget s | limit here s | wall s | status |"; print "|---|---|---|---|---|"; next }
             { printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5 }' "$RUN/summary.tsv"
     } > "$RUN/gpu_summary.md.tmp" && mv "$RUN/gpu_summary.md.tmp" "$RUN/gpu_summary.md"
-    { cat "$RUN/gpu_summary.md"; for s in smoke tests collection steering scoring; do
+    { cat "$RUN/gpu_summary.md"; for s in smoke tests collection steering per_row scoring; do
         [ -f "$RUN/gpu_$s.md" ] && { echo; cat "$RUN/gpu_$s.md"; }; done; } > "$RUN/gpu_results.md"
     if [ -n "$OUT" ]; then
         cp "$RUN/gpu_summary.md" "$RUN/gpu_results.md" "$OUT"/

@@ -35,6 +35,11 @@ Stages:
   left): the forward with torch.compile(dynamic=False) and generation with a static cache, which
   Hugging Face compiles (decode steps; prefill eager). Every compiled variant is checked against
   its eager output (`same_as_eager`); `compile_s` is its first call.
+- per_row: bench/per_row.py's case on Gemma's config: 64 rows with K = 1, 8, 64 expert sets
+  (`InterventionSets`, set i % K per row, 50 random neurons each) vs one Intervention vs
+  unsteered, a forward (64 x 128 tokens) and greedy generation (16 new tokens, DynamicCache),
+  patched model; eager with repeats fitted to the budget from a probe round, then compiled
+  (`torch.compile(dynamic=True)`) only if its estimated compile time fits (else a skipped row).
 - scoring: per-neuron AP/AUROC + statistics of 36,864 neurons x 8 labels (synthetic) with
   scikit-learn (today's way, extrapolated), steer on the CPU and on the GPU, histogram scores on
   the GPU; then end to end (collect + score, Gemma-3-270M's config, 2,000 sentences): today's way
@@ -79,7 +84,7 @@ from steer import collect, patch  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 CONFIGS = HERE / "configs"
-STAGES = ("smoke", "tests", "collection", "steering", "scoring")
+STAGES = ("smoke", "tests", "collection", "steering", "per_row", "scoring")
 GEMMA, LLAMA8B, SMALL = "gemma-3-270m config", "2 layers of Llama-3-8B MLP", "small Llama"
 
 
@@ -537,6 +542,74 @@ def stage_steering(args, device, dtype, dl) -> list[Table]:
 
 
 # --------------------------------------------------------------------------------------------
+# Stage 3b: per-row steering (bench/per_row.py)
+
+PER_ROW_GRAPHS = 9  # compiled: 3 steering kinds (none, one Intervention, sets) x (forward, prefill, decode)
+
+
+def stage_per_row(args, device, dtype, dl) -> list[Table]:
+    """bench/per_row.py's case on Gemma's config (the steering stage's model): 64 rows with K = 1, 8,
+    64 expert sets (`InterventionSets`, a set per row) vs one Intervention vs unsteered, a forward
+    and greedy generation, patched model. Eager first: a probe pass (1 warm-up + 1 timed round)
+    that times a round, then repeats fitted to the time left; compiled (`torch.compile(dynamic=True)`,
+    Inductor; the dry run: the `eager` backend) after it only if its estimated cost fits."""
+    import per_row
+
+    tables = Tables()
+    name, cfg = next(iter(models(args.quick, args.real).items()))
+    tokens, new_tokens, k = (8, 3, 5) if args.quick else (128, 16, 50)
+    model = build(cfg, device, dtype)
+    layers = model.config.get_text_config().num_hidden_layers
+    kw = dict(tokens=tokens, new_tokens=new_tokens, k=k)
+    backend = "inductor" if device.type == "cuda" else "eager"  # the dry run checks the plumbing only
+
+    def titled(ts, note):
+        for t in ts:
+            rows = [{"model": name, **r} for r in t.rows]
+            tables.append(Table(f"Per-row steering on {name}, {t.title}", rows, note=note))
+
+    note = ("ratio_* to 'single' (one Intervention for every row); vs_unsteered: median / the unsteered median. "
+            "K=n: an InterventionSets of n sets, row i takes set i % n.")
+    t0 = time.perf_counter()
+    probe = per_row.measure(model, repeats=1, warmup=1, compiled=False, **kw)  # Triton JIT, cuBLAS: the warm-up
+    probe_s = time.perf_counter() - t0
+    round_s = sum(r["median_s"] for t in probe for r in t.rows)  # one round: every variant, both modes
+    print(f"per_row: probe {probe_s:.1f} s, a round {round_s:.2f} s, {dl.left():.0f} s left", flush=True)
+    repeats = 1 if args.quick else plan_repeats(dl.left() * 0.8, round_s, 3 * args.repeats)  # rounds are short
+    if repeats <= 1:  # the probe's round is the measurement
+        more = "" if args.quick else f" One repeat (the probe): more did not fit (a round {round_s:.1f} s)."
+        titled(probe, note + more)
+    else:
+        titled(per_row.measure(model, repeats=repeats, warmup=1, compiled=False, **kw), note)
+
+    # compiled: its compiles (in the warm-up round) are estimated, not measured, so rather skipped than cut
+    title = f"Per-row steering on {name}, compiled (torch.compile(dynamic=True), {backend})"
+    compile_est = PER_ROW_GRAPHS * (5.0 if device.type != "cuda" else 5.0 + 1.0 * layers)  # CPU: 40 s seen
+    c_repeats = 1 if args.quick else max(1, min(repeats, plan_repeats(dl.left() - compile_est, round_s,
+                                                                      3 * args.repeats)))
+    need = compile_est + (1 + c_repeats) * round_s
+    if not dl.fits(need):
+        tables.append(skipped(title, f"budget (~{need:.0f} s: ~{compile_est:.0f} s of compiles estimated for "
+                                     f"{PER_ROW_GRAPHS} graphs of {layers} layers, then {1 + c_repeats} rounds of "
+                                     f"~{round_s:.1f} s; {dl.left():.0f} s left after eager; a longer limit, e.g. "
+                                     f"GPU_SH_LIMITS=per_row={int(need * 1.3 + 60)}, runs it)", model=name))
+        return tables
+    _set_recompile_limits()
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    try:
+        result = per_row.measure(model, repeats=c_repeats, warmup=1, compiled=True, eager=False, backend=backend,
+                                 **kw)
+    except Exception as e:  # a compile failure is a result to report, not a crash
+        tables.append(Table(title, [{"model": name, "variant": "all",
+                                     "error": f"{type(e).__name__}: {str(e)[:300]}"}]))
+        return tables
+    titled(result, note + f" torch.compile backend {backend}; compiles in the warm-up round: the compiled "
+                          f"pass took {time.perf_counter() - t0:.0f} s in all (estimated {need:.0f} s).")
+    return tables
+
+
+# --------------------------------------------------------------------------------------------
 # Stage 4: scoring and end to end
 
 def stage_scoring(args, device, dtype, dl) -> list[Table]:
@@ -665,7 +738,7 @@ def stage_scoring(args, device, dtype, dl) -> list[Table]:
 # --------------------------------------------------------------------------------------------
 
 FUNCS = {"smoke": stage_smoke, "tests": stage_tests, "collection": stage_collection,
-         "steering": stage_steering, "scoring": stage_scoring}
+         "steering": stage_steering, "per_row": stage_per_row, "scoring": stage_scoring}
 
 
 def write_marker(path: Path, status: str, env: dict, budget) -> None:
@@ -689,7 +762,7 @@ def main(argv=None) -> None:
     p.add_argument("--real", action="store_true", help="Gemma-3-270M's real weights (packaged) instead of random ones")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--n", type=int, default=None, help="sentences of the collection stage (default 2000)")
-    p.add_argument("--repeats", type=int, default=3, help="most timed repeats (steering: 2 more)")
+    p.add_argument("--repeats", type=int, default=3, help="most timed repeats (steering: 2 more; per_row: 3 times as many)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -706,7 +779,8 @@ def main(argv=None) -> None:
         env = environment(args.dtype)
         env.update(stage=stage, device=str(device), stage_budget_s=args.budget if args.budget else "")
         what = {"smoke": "smoke test", "tests": "kernel tests", "collection": "collection paths",
-                "steering": "steering overhead", "scoring": "scoring and end to end"}[stage]
+                "steering": "steering overhead", "per_row": "per-row steering",
+                "scoring": "scoring and end to end"}[stage]
         models_ = "" if stage == "tests" else (f"{'real Gemma-3-270M and ' if args.real else ''}random weights "
                                                f"with {'a tiny config' if args.quick else 'real configs'}, ")
         title = (f"{kind.upper()} {what}{' (--quick dry run: not a measurement)' if args.quick else ''}: "

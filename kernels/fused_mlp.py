@@ -39,7 +39,9 @@ def fused_mlp(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Neuron tensor h [B, T, M] with the override applied, and pool_max / pool_sum [B, M] fp32
-    over pool_tokens (None, None without pool_tokens). Semantics: `fused_mlp_ref`.
+    over pool_tokens (None, None without pool_tokens). override: [M] buffers for every row, or
+    [R, M] tables with override_rows [B] (per-row steering: the kernel reads row b's table row).
+    Semantics: `fused_mlp_ref`.
 
     backend: "auto" (CUDA tensors -> Triton op, others -> reference), "torch" (reference),
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).

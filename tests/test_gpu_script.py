@@ -1,4 +1,4 @@
-"""bench/gpu.sh's stages, markers and budget (fast, no GPU), and the device tests its tests stage runs.
+"""bench/gpu.sh's stages, markers and budgets (fast, no GPU), and the device tests its tests stage runs.
 
 The device tests compare the Triton kernels on CUDA tensors with their references on the CPU:
 the histogram update, and patched models of several families (steering logits, fused
@@ -35,7 +35,7 @@ def gpu_sh(tmp_path, *args, **fake):
     runner.write_text(FAKE_STAGE)
     runner.chmod(0o755)
     env = {**os.environ, "GPU_BENCH": str(runner), "GPU_RUN_DIR": str(tmp_path / "run"), "OUT": str(tmp_path / "out"),
-           "GPU_SH_INSTALL": "0", "GPU_SH_LIMITS": "smoke=2,tests=2,collection=2,steering=1,scoring=5",
+           "GPU_SH_INSTALL": "0", "GPU_SH_LIMITS": "smoke=2,tests=2,collection=2,steering=1,per_row=6,scoring=5",
            **{f"FAKE_{k}": v for k, v in fake.items()}}
     p = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=60)
@@ -56,8 +56,11 @@ def test_stages_write_markers_and_out_at_once_and_report_failures(tmp_path):
     assert rows["smoke"][-1] == "ok" and rows["tests"][-1] == "ok"
     assert rows["collection"][-1].startswith("ERROR exit 3")
     assert rows["steering"][-1].startswith("TIMEOUT after 1 s")
+    assert rows["per_row"][-1].startswith("skipped: needs 6 s")  # at most 4 s are left
     assert rows["scoring"][-1].startswith("skipped: needs 5 s")  # 1-3 s of the 4 are left
     assert rows["smoke"][:2] == ["20", "2"]  # the GPU budget and this run's limit
+    assert rows["per_row"][:2] == ["60", "6"] and rows["total"][0] == "360"
+    assert list(rows) == ["install", "smoke", "tests", "collection", "steering", "per_row", "scoring", "total"]
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("*.done")) == ["smoke.done", "tests.done"]
     assert "boom" in (run / "gpu_collection.log").read_text()
@@ -78,6 +81,27 @@ def test_second_run_does_only_the_stages_without_a_marker(tmp_path):
     assert summary.count("## Run of") == 2
     _, summary = gpu_sh(tmp_path, "--stages", "smoke", "--fresh")
     assert summary_rows(summary)["smoke"][-1] == "ok" and summary.count("## Run of") == 1
+
+
+def test_stage_lists_and_budgets_agree():
+    """gpu.sh's default stages, its publish loop and gpu_bench.STAGES name the same stages in the
+    same order, and the stages' GPU budgets (install included) add up to the default total."""
+    import re
+
+    sh = (REPO / "bench" / "gpu.sh").read_text()
+    bench = (REPO / "bench" / "gpu_bench.py").read_text()
+    default = re.search(r'STAGES="([a-z_,]+)"', sh).group(1).split(",")
+    published = re.search(r"for s in ([a-z_ ]+); do", sh).group(1).split()
+    in_bench = re.findall(r'"(\w+)"', re.search(r"^STAGES = \(([^)]*)\)", bench, re.M).group(1))
+    assert default == published == in_bench
+    budget = dict(re.findall(r"\[(\w+)\]=(\d+)", re.search(r"GPU_BUDGET=\(([^)]*)\)", sh).group(1)))
+    quick = dict(re.findall(r"\[(\w+)\]=(\d+)", re.search(r"QUICK_LIMIT=\(([^)]*)\)", sh).group(1)))
+    assert set(budget) - {"total"} == set(quick) == {"install", *default}
+    assert sum(int(v) for k, v in budget.items() if k != "total") == int(budget["total"]) == 360
+    assert re.search(r'BUDGET="\$\{BUDGET:-(\d+)\}"; QFLAG=""', sh).group(1) == budget["total"]
+    quick_default = re.search(r'BUDGET="\$\{BUDGET:-(\d+)\}"; QFLAG="--quick"', sh).group(1)
+    assert sum(int(v) for v in quick.values()) <= int(quick_default)  # the dry run skips nothing for time
+    assert budget["per_row"] == "60" and quick["per_row"] == "180"
 
 
 def test_unknown_argument_is_an_error(tmp_path):

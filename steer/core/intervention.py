@@ -133,8 +133,8 @@ def steered_tokens(positions: str | torch.Tensor, attention_mask: torch.Tensor,
         codes = positions[:, None]  # [B, 1]
     t = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = t[None, :] == (attention_mask.bool() * (t + 1)).argmax(1)[:, None]  # [B, T]
-    return ((codes == 0) | ((codes == 1) & last) | ((codes == 2) & (not ext))
-            | ((codes == 3) & ext)).expand_as(last)
+    whole = POSITIONS.index("generated" if ext else "prompt")  # steers every position of this call
+    return (codes == 0) | (codes == whole) | ((codes == 1) & last)  # [B, T]
 
 
 class InterventionSets:
