@@ -167,7 +167,7 @@ def _adversarial(rng, y, M, NB, mode):
 
 
 def _design_ap_bound(state, positive):
-    """DESIGN §2's AP certificate, computed independently (bins from the top)."""
+    """The textbook per-bin AP certificate (sum_b (p_b / P) min(1, ...)), computed independently (bins from the top)."""
     negative = [c for c in range(len(state.label_names)) if c not in positive]
     p = state.counts[positive].sum(0).double().flip(-1)
     n = state.counts[negative].sum(0).double().flip(-1)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from steer.cli.main import csv_list
 from steer.core import runtime
 from steer.core.artifacts import atomic_write_text
 from steer.core.intervention import POSITIONS
@@ -57,10 +58,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also the perplexity under each random-neuron control (default yes)")
     g.set_defaults(func=cmd_generate)
     return g
-
-
-def _csv(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 def _prompts(args) -> list[str]:
@@ -126,10 +123,10 @@ def _sweep(args, model, tok, experts, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")
     result = language_steering(
-        model, tok, experts, _csv(args.languages), [int(k) for k in _csv(args.ks)],
+        model, tok, experts, csv_list(args.languages), [int(k) for k in csv_list(args.ks)],
         n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=0.9 if args.top_p is None else args.top_p, seed=args.seed,
-        heldout=args.heldout_n or None, study_languages=_csv(args.study_languages) or None,
+        heldout=args.heldout_n or None, study_languages=csv_list(args.study_languages) or None,
         random_seeds=list(range(args.random_seeds)), random_samples=args.random_samples,
         positions=args.positions, strength=args.strength, batch_size=args.batch_size,
         random_ppl=args.random_ppl, checkpoint=partial)

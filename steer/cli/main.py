@@ -20,7 +20,8 @@ from steer.engine.batching import MAX_TOKENS
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
 
 
-def _csv(text: str | None) -> list[str] | None:
+def csv_list(text: str | None) -> list[str] | None:
+    """'en, fr,de' -> ['en', 'fr', 'de'] (None stays None): every comma-separated option of the CLI."""
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -29,7 +30,7 @@ def _layers(text: str | None) -> list[int] | None:
     if text is None:
         return None
     out = []
-    for part in _csv(text):
+    for part in csv_list(text):
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
@@ -54,7 +55,7 @@ def _find_config(args, **fields):
     from steer.find import FindConfig
 
     return FindConfig(k=args.k, recipe=args.recipe, by=args.score, value=args.value, bottom_k=args.bottom_k,
-                      layers=_layers(args.layers), targets=_csv(args.targets), negatives=_csv(args.negatives),
+                      layers=_layers(args.layers), targets=csv_list(args.targets), negatives=csv_list(args.negatives),
                       **fields).validate()
 
 
@@ -134,9 +135,9 @@ def cmd_find_experts(args) -> None:
         checkpoint=ckpt if args.checkpoint_every or args.resume else None,
         checkpoint_every=args.checkpoint_every, resume=args.resume)
     if args.corpus == "bible":
-        corpus = bible_corpus(_csv(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
+        corpus = bible_corpus(csv_list(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
     else:
-        corpus = open_corpus(args.corpus, labels=_csv(args.labels))
+        corpus = open_corpus(args.corpus, labels=csv_list(args.labels))
     check_labels(corpus)
     splits_for(corpus.label_names, config.targets, config.negatives)  # unknown --targets / --negatives
     group = init_from_env()  # torchrun: WORLD_SIZE > 1

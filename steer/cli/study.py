@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from steer.cli.main import csv_list
 from steer.core.experts import RECIPES
 from steer.core.runtime import add_arguments
 from steer.experiments.study import __doc__ as STUDY_DOC
 from steer.experiments.study.config import CONTROL_LAYERS, CRITERIA, SIDES, StudyConfig, as_config
 from steer.experiments.study.protocol import run_study
 from steer.experiments.study.report import render_only
-
-
-def _csv(text: str | None) -> list[str] | None:
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,10 +22,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                 "complete protocol (targets en,de,fr,es,ja; all 22 Bible languages; k up to 2000; a descriptive "
                 "k sweep on test); options given explicitly override it."))
     p.add_argument("--model", default=None, help=f"built-in name or local checkpoint (default {d.model})")
-    p.add_argument("--targets", type=_csv, default=None, help=f"target languages (default {','.join(d.targets)})")
-    p.add_argument("--languages", type=_csv, default=None,
+    p.add_argument("--targets", type=csv_list, default=None, help=f"target languages (default {','.join(d.targets)})")
+    p.add_argument("--languages", type=csv_list, default=None,
                    help=f"evaluated Bible languages (default {','.join(d.languages)})")
-    p.add_argument("--negatives", type=_csv, default=None,
+    p.add_argument("--negatives", type=csv_list, default=None,
                    help="negative languages besides the other targets (default zh)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="sundar2025 (default): AUROC > 0.5, top-k, forced to the mean positive response; "
@@ -40,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         ("n-paraphrase", "test verses per paraphrase pair")):
         p.add_argument(f"--{name}", type=int, default=None,
                        help=f"{help_} (default {getattr(d, name.replace('-', '_'))})")
-    p.add_argument("--k-grid", type=lambda s: [int(x) for x in _csv(s)], default=None,
+    p.add_argument("--k-grid", type=lambda s: [int(x) for x in csv_list(s)], default=None,
                    help=f"k values tried on dev (default {','.join(map(str, d.k_grid))})")
     p.add_argument("--layer", type=int, default=None,
                    help="read-out hidden state (0 = embeddings, L = last, after the final norm; default last)")

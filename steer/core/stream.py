@@ -1,4 +1,4 @@
-"""Streaming per-label statistics of neuron responses, in fixed memory (DESIGN §2).
+"""Streaming per-label statistics of neuron responses, in fixed memory.
 
 Instead of storing every sentence's response (sentences x neurons), a `StreamState` keeps, per
 (label, neuron), a histogram of the pooled responses over fixed per-neuron bin edges plus a
@@ -120,10 +120,10 @@ def _histogram_scores(p: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tenso
     and ap_bound = max of the two sums / P. The upper end is attained (in every bin, positives
     tied above its negatives), so an AP underestimated by the histogram is bounded tightly;
     the lower end is looser (the exact minimum is sum_k (A_b + k) / (D-_b + n_b + k)). It is
-    never larger than DESIGN §2's sum_b (p_b / P) min(1, (p_b + n_b - 1) / (D-_b + n_b + 1)),
+    never larger than the textbook per-bin bound sum_b (p_b / P) min(1, (p_b + n_b - 1) / (D-_b + n_b + 1)),
     which charges up to p_b / P for a bin of positives only; here such a bin adds 0 when only
     positives lie above it, so a perfect expert's bound comes from its one mixed bin alone.
-    AUROC certificate (DESIGN §2, attained when a bin's positives all lie above or all below its
+    AUROC certificate (attained when a bin's positives all lie above or all below its
     negatives): auroc_bound = sum_b p_b n_b / (2 P N).
     P = 0 gives NaN everywhere; N = 0 gives AP 1, bound 0, AUROC and its bound NaN.
     """
@@ -318,7 +318,7 @@ class StreamState:
         Returns [M] tensors: float64 `ap`, `auroc` (histogram versions, see `_histogram_scores`),
         `ap_bound`, `auroc_bound` (|exact - hist| <= bound, exact = scikit-learn on the raw finite
         responses), `on_mean`, `off_mean`, `on_p50`, `on_p90` (percentiles interpolated within
-        bins), and int64 `n_pos`, `n_neg` (finite responses counted). Edge cases (DESIGN §1):
+        bins), and int64 `n_pos`, `n_neg` (finite responses counted). Edge cases:
         no positives -> AP NaN (scikit-learn says 0.0) and AUROC NaN, with a warning; no
         negatives -> AP 1.0, AUROC NaN, with a warning. Runs over `chunk` neurons at a time (small
         chunks stay in the CPU's cache: 2048 was ~3x faster than 65536 here).
@@ -374,7 +374,7 @@ def shortlist(score: torch.Tensor, bound: torch.Tensor, k: int, *, largest: bool
     exact score is >= T, and a neuron of the exact top-k (whatever the tie-breaking) has
     exact >= T, hence score + bound >= T. Keeping every neuron with score + bound >= T (ties
     included) is therefore safe, and nothing outside can enter the exact top-k.
-    DESIGN §2's wording, "the k-th best score_hist minus its bound", is not a valid threshold:
+    The tempting rule "the k-th best histogram score minus its bound" is not a valid threshold:
     with k = 2 and (score, bound) = A (0.9, 0.5), B (0.8, 0), C (0.5, 0.29), it gives
     T = 0.8 - 0 and drops C, yet exact scores A = 0.4, B = 0.8, C = 0.79 put C in the top 2;
     the k-th largest lower bound is 0.4 and keeps C.
