@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from harness import RESULTS, Table, compare, environment, finish, write_results  # noqa: E402
+from harness import RESULTS, Table, bench_model, compare, environment, finish, write_results  # noqa: E402
 
 CONFIGS = ("hooks, off", "hooks, on", "fused, off", "fused, on")
 BASELINE = "hooks, off"
@@ -100,16 +100,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    model, tok, args.model = bench_model(args.model, args.quick)
     if args.quick:
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny import tiny_model, tiny_tokenizer
-
-        model, tok, args.model = tiny_model("llama"), tiny_tokenizer(), "tiny random llama (tests/tiny.py)"
         args.new_tokens, args.repeats, args.batch_sizes = min(args.new_tokens, 8), min(args.repeats, 2), "1,2"
-    else:
-        from steer.engine.models import load_model
-
-        model, tok = load_model(args.model, device="cpu", dtype=torch.float32)
     from steer.core.intervention import Intervention
 
     if args.experts:

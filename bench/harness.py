@@ -100,6 +100,20 @@ def environment(dtype: str = "float32") -> dict:
     }
 
 
+def bench_model(name: str, quick: bool, device: str = "cpu"):
+    """(model, tokenizer, label): `load_model(name)` in fp32 on `device`, or with `quick` the tiny
+    random Llama of tests/tiny.py (a dry run of a script, not a measurement)."""
+    if quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny import tiny_model, tiny_tokenizer
+
+        return tiny_model("llama"), tiny_tokenizer(), "tiny random llama (tests/tiny.py)"
+    from steer.engine.models import load_model
+
+    model, tok = load_model(name, device=device, dtype="float32")
+    return model, tok, name
+
+
 def finish(env: dict) -> dict:
     env["load_end"] = load_average()
     return env

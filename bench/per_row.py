@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from harness import RESULTS, Table, compare, environment, finish, write_results  # noqa: E402
+from harness import RESULTS, Table, bench_model, compare, environment, finish, write_results  # noqa: E402
 
 ROWS = 64
 KS = (1, 8, 64)
@@ -139,16 +139,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    model, _, args.model = bench_model(args.model, args.quick, args.device)
     if args.quick:
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny import tiny_model
-
-        model, args.model = tiny_model("llama"), "tiny random llama (tests/tiny.py)"
         args.tokens, args.new_tokens, args.repeats, args.k = 8, 3, 1, 5
-    else:
-        from steer.engine.models import load_model
-
-        model, _ = load_model(args.model, device=args.device, dtype=torch.float32)
     env = environment("float32")
     env.update(model=args.model, rows=ROWS, ks=list(KS), neurons_per_set=args.k, tokens=args.tokens,
                new_tokens=args.new_tokens, repeats=args.repeats, backend="fused (steer.patch)")

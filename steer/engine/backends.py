@@ -278,20 +278,21 @@ class PerRow:
             raise TypeError(f"intervention must be None, an Intervention or a list of them, not {type(intervention).__name__}")
         if len(intervention) != n:
             raise ValueError(f"{len(intervention)} interventions for {n} inputs: give one per input (None: unsteered)")
-        distinct: dict[int, int] = {}
+        index: dict[int, int] = {}  # id -> set number, in order of first use
+        distinct: list[Intervention] = []
         for iv in intervention:
             if iv is not None and not isinstance(iv, Intervention):
                 raise TypeError(f"a per-input intervention must be an Intervention or None, not {type(iv).__name__}")
-            if iv is not None and id(iv) not in distinct:
-                distinct[id(iv)] = len(distinct)
-        self.assignment = [None if iv is None else distinct[id(iv)] for iv in intervention]
+            if iv is not None and id(iv) not in index:
+                index[id(iv)] = len(distinct)
+                distinct.append(iv)
+        self.assignment = [None if iv is None else index[id(iv)] for iv in intervention]
         if distinct:
-            firsts = {distinct[id(iv)]: iv for iv in intervention if iv is not None}
-            self.sets = InterventionSets.of([firsts[i] for i in range(len(firsts))])
+            self.sets = InterventionSets.of(distinct)
 
-    def batch(self, model: nn.Module, indices: Sequence[int], device=None):
+    def batch(self, model: nn.Module, indices: Sequence[int]):
         """A context steering one batch made of the inputs `indices` (in batch row order)."""
         if self.sets is not None:
-            rows = self.sets.rows([self.assignment[i] for i in indices], device)
+            rows = self.sets.rows([self.assignment[i] for i in indices])
             return intervene(model, self.sets, rows=rows)
         return contextlib.nullcontext() if self.single is None else intervene(model, self.single)
