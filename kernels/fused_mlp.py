@@ -3,8 +3,9 @@
 The neuron tensor (the input of an MLP's down projection) is produced anyway by the forward.
 This kernel reads `gate` / `up` once and, in the same pass, computes `act(gate) * up` (or
 `act(up)` for ungated MLPs), applies the masked override of the experts (`value * mul + add` at
-steered positions), writes `h` for the down projection and reduces each sentence's values over
-its real tokens into `pool_max` / `pool_sum` [B, M]. It moves the same bytes as a plain
+steered positions, on the neuron or on the activation before `* up`), writes `h` for the down
+projection and reduces each sentence's values over its real tokens into `pool_max` / `pool_sum`
+[B, M] (and, for LAPE, the count of positive activations and their sum: `act_pos` / `act_sum`). It moves the same bytes as a plain
 `act(gate) * up` (read gate and up, write h), so steering and response collection cost no extra
 pass over the neuron tensor: no hooks, no host copies, no [B, T, M] temporaries.
 `fused_mlp_ref.py` holds the semantics in plain torch.
@@ -24,7 +25,7 @@ dispatches by `steer.kernels.use_triton` (CUDA tensors to Triton, others to the 
 import torch
 
 from . import triton_module, use_triton
-from .fused_mlp_ref import ACTIVATIONS, fused_mlp_ref
+from .fused_mlp_ref import ACTIVATIONS, SITES, FusedOut, fused_mlp_ref
 
 
 def fused_mlp(
@@ -36,12 +37,15 @@ def fused_mlp(
     steer_tokens: torch.Tensor | None = None,
     pool_tokens: torch.Tensor | None = None,
     override_rows: torch.Tensor | None = None,
+    override_site: str = "neuron",
+    act_stats: bool = False,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Neuron tensor h [B, T, M] with the override applied, and pool_max / pool_sum [B, M] fp32
-    over pool_tokens (None, None without pool_tokens). override: [M] buffers for every row, or
-    [R, M] tables with override_rows [B] (per-row steering: the kernel reads row b's table row).
-    Semantics: `fused_mlp_ref`.
+) -> FusedOut:
+    """`FusedOut`: the neuron tensor h [B, T, M] with the override applied (to the neuron or the
+    activation: `override_site`), pool_max / pool_sum [B, M] fp32 over pool_tokens and, with
+    act_stats, act_pos / act_sum [B, M] fp32 (None where not asked for). override: [M] buffers
+    for every row, or [R, M] tables with override_rows [B] (per-row steering: the kernel reads
+    row b's table row). Semantics: `fused_mlp_ref`.
 
     backend: "auto" (CUDA tensors -> Triton op, others -> reference), "torch" (reference),
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).
@@ -51,12 +55,18 @@ def fused_mlp(
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     if up.dim() != 3 or (gate is not None and (gate.shape != up.shape or gate.dtype != up.dtype)):
         raise ValueError("up must be [B, T, M], and gate (if given) of the same shape and dtype")
+    if override_site not in SITES:
+        raise ValueError(f"override_site must be one of {SITES}, got {override_site!r}")
+    if act_stats and pool_tokens is None:
+        raise ValueError("act_stats needs pool_tokens (the tokens they count)")
     if not triton:
         return fused_mlp_ref(up, gate, act=act, override=override, steer_tokens=steer_tokens,
-                             pool_tokens=pool_tokens, override_rows=override_rows)
+                             pool_tokens=pool_tokens, override_rows=override_rows,
+                             override_site=override_site, act_stats=act_stats)
     mask, mul, add = override if override is not None else (None, None, None)
     op = triton_module("fused_mlp_triton").fused_mlp_op
-    h, pool_max, pool_sum = op(up, gate, act, mask, mul, add, steer_tokens, pool_tokens, override_rows)
+    h, pool_max, pool_sum, act_pos, act_sum = op(up, gate, act, mask, mul, add, steer_tokens, pool_tokens,
+                                                 override_rows, override_site == "activation", act_stats)
     if pool_tokens is None:
-        return h, None, None
-    return h, pool_max, pool_sum
+        return FusedOut(h, None, None, None, None)
+    return FusedOut(h, pool_max, pool_sum, *((act_pos, act_sum) if act_stats else (None, None)))

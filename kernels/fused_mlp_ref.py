@@ -6,16 +6,23 @@ It spells out, one readable step at a time, what `steer.kernels.fused_mlp` compu
    `act(up)` (ungated MLPs, where `up` is the pre-activation), in fp32;
 2. the masked override `value * mul + add` on the expert neurons (`mask`) at the steered
    positions (`steer_tokens`), in fp32; with `override_rows` [B], each row takes its own row
-   of [R, M] override tables (per-row steering: a set per row);
+   of [R, M] override tables (per-row steering: a set per row). `override_site` says which
+   value it overrides: the neuron (default) or the activation `act(gate)` before its product
+   with `up` (LAPE-style deactivation / activation; for ungated MLPs the two are the same value);
 3. `h`, that value cast back to the input dtype, for the down projection;
 4. per sentence, the max and the sum of `h` (as written, upcast to fp32) over its real tokens
-   (`pool_tokens`): padding never counts, so results do not depend on padding side or batch.
+   (`pool_tokens`): padding never counts, so results do not depend on padding side or batch;
+5. with `act_stats`, per sentence over the same tokens, the number of positions where the
+   activation (after an activation-site override) is positive, and its sum (fp32): LAPE's
+   activation probabilities and the mean activation, in the same pass.
 
 Only traceable tensor ops, no Python branching on tensor values: `torch.compile(fullgraph=True)`
 turns it into one fused loop on CPU. The override and the pooling are functions of their own
-(`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`): the hooks backend, collection
+(`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`, `activation_stats`): the hooks backend, collection
 and embeddings use the same ones, so each semantic is written once.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +32,17 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+SITES = ("neuron", "activation")  # what an override replaces in the MLP (the residual stream is not here)
+
+
+class FusedOut(NamedTuple):
+    """What the fused op returns; the pooled and statistics fields are None when not asked for."""
+
+    h: torch.Tensor  # [B, T, M] in up's dtype
+    pool_max: torch.Tensor | None  # [B, M] fp32 (with pool_tokens)
+    pool_sum: torch.Tensor | None  # [B, M] fp32 (with pool_tokens)
+    act_pos: torch.Tensor | None  # [B, M] fp32 count of positive activations (with act_stats)
+    act_sum: torch.Tensor | None  # [B, M] fp32 sum of activations (with act_stats)
 
 
 def fused_mlp_ref(
@@ -36,30 +54,36 @@ def fused_mlp_ref(
     steer_tokens: torch.Tensor | None = None,
     pool_tokens: torch.Tensor | None = None,
     override_rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Neuron tensor with override, and its per-sentence max / sum pooling.
+    override_site: str = "neuron",
+    act_stats: bool = False,
+) -> FusedOut:
+    """Neuron tensor with override, its per-sentence max / sum pooling and activation statistics.
 
     up, gate: [B, T, M] (gate None for ungated MLPs); override: (mask [M] bool, mul [M], add [M]),
-    or [R, M] tables with override_rows [B] int64 (row b takes table row override_rows[b]);
-    steer_tokens, pool_tokens: [B, T] bool. Returns h [B, T, M] in up's dtype and, when
-    pool_tokens is given, pool_max / pool_sum [B, M] fp32 (pool_max is -inf for a row without
-    tokens); otherwise None, None.
+    or [R, M] tables with override_rows [B] int64 (row b takes table row override_rows[b]),
+    applied to the neuron or the activation (`override_site`); steer_tokens, pool_tokens: [B, T]
+    bool. Returns `FusedOut`: h [B, T, M] in up's dtype and, when pool_tokens is given, pool_max /
+    pool_sum [B, M] fp32 (pool_max is -inf for a row without tokens) and, with act_stats, act_pos /
+    act_sum [B, M] fp32 over the same tokens.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    fn = ACTIVATIONS[act]
-    if gate is None:
-        value = fn(up.float())  # [B, T, M]
-    else:
-        value = fn(gate.float()) * up.float()  # [B, T, M]
-
-    if override is not None:
+    if override_site not in SITES:
+        raise ValueError(f"override_site must be one of {SITES}, got {override_site!r}")
+    if act_stats and pool_tokens is None:
+        raise ValueError("act_stats needs pool_tokens (the tokens they count)")
+    a = ACTIVATIONS[act]((up if gate is None else gate).float())  # [B, T, M]
+    if override is not None and override_site == "activation":
+        a = apply_override(a, *override, steer_tokens, override_rows)
+    value = a if gate is None else a * up.float()  # [B, T, M]
+    if override is not None and override_site == "neuron":
         value = apply_override(value, *override, steer_tokens, override_rows)
 
     h = value.to(up.dtype).contiguous()  # [B, T, M]
     if pool_tokens is None:
-        return h, None, None
-    return h, pool_max(h, pool_tokens), pool_sum(h, pool_tokens)
+        return FusedOut(h, None, None, None, None)
+    stats = activation_stats(a, pool_tokens) if act_stats else (None, None)
+    return FusedOut(h, pool_max(h, pool_tokens), pool_sum(h, pool_tokens), *stats)
 
 
 # The semantics every path shares: the reference hooks (steer.engine.backends), this op and its
@@ -87,6 +111,13 @@ def pool_sum(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Sum of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32. Masked,
     not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN."""
     return h.float().masked_fill(~tokens[..., None], 0.0).sum(dim=1)
+
+
+def activation_stats(a: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count of positive values, sum) of activations a [B, T, M] over the positions where tokens
+    [B, T] is true -> two [B, M] fp32 (LAPE counts `act > 0`; NaN is not positive)."""
+    a = a.float().masked_fill(~tokens[..., None], 0.0)
+    return (a > 0).sum(dim=1, dtype=torch.float32), a.sum(dim=1)
 
 
 def pool_mean(pooled_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

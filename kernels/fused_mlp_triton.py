@@ -51,6 +51,7 @@ def _fused_mlp_kernel(
     rows_ptr,  # [B] int64 (PER_ROW)
     steer_ptr, pool_ptr,  # [B, T] bool
     max_ptr, sum_ptr,  # [B, M] fp32
+    pos_ptr, act_ptr,  # [B, M] fp32 (ACT_STATS)
     T, M,
     s_ub, s_ut, s_um,
     s_gb, s_gt, s_gm,
@@ -58,6 +59,7 @@ def _fused_mlp_kernel(
     s_pb, s_pt,
     ACT: tl.constexpr, GATED: tl.constexpr, OVERRIDE: tl.constexpr,
     STEER_ALL: tl.constexpr, POOL: tl.constexpr, PER_ROW: tl.constexpr,
+    ACT_SITE: tl.constexpr, ACT_STATS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -74,6 +76,9 @@ def _fused_mlp_kernel(
     if POOL:
         acc_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         acc_sum = tl.zeros([BLOCK_M], tl.float32)
+    if ACT_STATS:
+        acc_pos = tl.zeros([BLOCK_M], tl.float32)
+        acc_act = tl.zeros([BLOCK_M], tl.float32)
 
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
@@ -85,9 +90,9 @@ def _fused_mlp_kernel(
         if GATED:
             g = tl.load(gate_ptr + b * s_gb + offs_t[:, None] * s_gt + offs_m[None, :] * s_gm,
                         mask=tile, other=0.0).to(tl.float32)
-            v = _activation(g, ACT) * x
+            a = _activation(g, ACT)
         else:
-            v = _activation(x, ACT)
+            a = _activation(x, ACT)
 
         if OVERRIDE:
             if STEER_ALL:
@@ -97,7 +102,19 @@ def _fused_mlp_kernel(
                 steered = tok[:, None] & expert[None, :]  # [BLOCK_T, BLOCK_M]
             # A GPU may contract this into one FMA (one rounding, not two): the same bits for
             # set / scale / add / zero, at most 1 ulp apart for other (mul, add) pairs.
-            v = tl.where(steered, v * mul[None, :] + add[None, :], v)
+            if ACT_SITE:
+                a = tl.where(steered, a * mul[None, :] + add[None, :], a)
+        if ACT_STATS:
+            tok = tl.load(pool_ptr + b * s_pb + offs_t * s_pt, mask=in_t, other=0) != 0
+            acc_pos += tl.sum(tl.where(tok[:, None] & (a > 0.0), 1.0, 0.0), axis=0)
+            acc_act += tl.sum(tl.where(tok[:, None], a, 0.0), axis=0)
+        if GATED:
+            v = a * x
+        else:
+            v = a
+        if OVERRIDE:
+            if not ACT_SITE:
+                v = tl.where(steered, v * mul[None, :] + add[None, :], v)
 
         h = _round_to(v, h_ptr.dtype.element_ty)
         tl.store(h_ptr + (b * T + offs_t[:, None]) * M + offs_m[None, :], h, mask=tile)
@@ -112,6 +129,9 @@ def _fused_mlp_kernel(
     if POOL:
         tl.store(max_ptr + b * M + offs_m, acc_max, mask=in_m)
         tl.store(sum_ptr + b * M + offs_m, acc_sum, mask=in_m)
+    if ACT_STATS:
+        tl.store(pos_ptr + b * M + offs_m, acc_pos, mask=in_m)
+        tl.store(act_ptr + b * M + offs_m, acc_act, mask=in_m)
 
 
 def _block_sizes(T: int, M: int, device: torch.device) -> tuple[int, int]:
@@ -133,16 +153,17 @@ def fused_mlp_op(
     steer_tokens: Optional[torch.Tensor],
     pool_tokens: Optional[torch.Tensor],
     override_rows: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton op. Without pool_tokens, pool_max / pool_sum come back empty ([0]): an op's
-    outputs cannot be None. Absent tensors reach the kernel as `up` plus a constexpr flag."""
+    act_site: bool,
+    act_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton op. Outputs not asked for (pooling without pool_tokens, activation statistics
+    without act_stats) come back empty ([0]): an op's outputs cannot be None. Absent tensors
+    reach the kernel as `up` plus a constexpr flag."""
     B, T, M = up.shape
     h = torch.empty((B, T, M), dtype=up.dtype, device=up.device)  # [B, T, M]
-    pooled = (B, M) if pool_tokens is not None else (0,)
-    pool_max = torch.empty(pooled, dtype=torch.float32, device=up.device)  # [B, M]
-    pool_sum = torch.empty(pooled, dtype=torch.float32, device=up.device)  # [B, M]
+    pool_max, pool_sum, act_pos, act_sum = _outputs(up, pool_tokens is not None, act_stats, torch.empty)
     if B * M == 0:
-        return h, pool_max, pool_sum
+        return h, pool_max, pool_sum, act_pos, act_sum
 
     g = gate if gate is not None else up
     steer = steer_tokens if steer_tokens is not None else up
@@ -158,6 +179,7 @@ def fused_mlp_op(
         rows if has_override else up,
         steer, pool,
         pool_max, pool_sum,
+        act_pos if act_stats else pool_max, act_sum if act_stats else pool_max,
         T, M,
         up.stride(0), up.stride(1), up.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
@@ -166,19 +188,22 @@ def fused_mlp_op(
         ACT=_ACT_CODES[act], GATED=gate is not None, OVERRIDE=has_override,
         STEER_ALL=steer_tokens is None, POOL=pool_tokens is not None,
         PER_ROW=has_override and override_rows is not None,
+        ACT_SITE=act_site, ACT_STATS=act_stats,
         BLOCK_T=block_t, BLOCK_M=block_m,
     )
-    return h, pool_max, pool_sum
+    return h, pool_max, pool_sum, act_pos, act_sum
+
+
+def _outputs(up: torch.Tensor, pooled: bool, act_stats: bool, new) -> list[torch.Tensor]:
+    """pool_max, pool_sum, act_pos, act_sum: [B, M] fp32 where asked for, else [0]."""
+    B, _, M = up.shape
+    return [new((B, M) if wanted else (0,), dtype=torch.float32, device=up.device)
+            for wanted in (pooled, pooled, act_stats, act_stats)]
 
 
 @fused_mlp_op.register_fake
-def _fused_mlp_fake(up, gate, act, mask, mul, add, steer_tokens, pool_tokens, override_rows):
+def _fused_mlp_fake(up, gate, act, mask, mul, add, steer_tokens, pool_tokens, override_rows, act_site,
+                    act_stats):
     """Shapes and dtypes only (triton_op's default fake runs the launcher, which Triton's
     interpreter cannot do on fake tensors)."""
-    B, T, M = up.shape
-    pooled = (B, M) if pool_tokens is not None else (0,)
-    return (
-        up.new_empty((B, T, M)),
-        up.new_empty(pooled, dtype=torch.float32),
-        up.new_empty(pooled, dtype=torch.float32),
-    )
+    return (up.new_empty(up.shape), *_outputs(up, pool_tokens is not None, act_stats, torch.empty))

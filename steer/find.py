@@ -60,6 +60,7 @@ class FindConfig:
     checkpoint_every: int = 0
     resume: bool = False
     progress: bool = True
+    token_stats: tuple[str, ...] = ()  # also collect LAPE ("activation") / DiffMean ("residual") sums
 
     def selection(self) -> tuple[str, str, float | None]:
         """(by, value, min_auroc) after the recipe."""
@@ -111,6 +112,12 @@ class Found:
     def settings(self) -> dict:
         return self.scores.settings
 
+    @property
+    def token_stats(self):
+        """The LAPE / DiffMean token sums collected in the same pass (`FindConfig.token_stats`), or None."""
+        source = self.responses if self.responses is not None else self.state
+        return None if source is None else source.token_stats
+
 
 def splits_for(labels: list[str], targets: list[str] | None = None,
                negatives: list[str] | None = None) -> list[Split]:
@@ -161,7 +168,7 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
     mode = choose_mode(config, len(corpus), sites.n_neurons, group)
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,
                 skip_special=config.skip_special, max_length=config.max_length, backend=config.backend,
-                too_long=config.too_long, progress=config.progress)
+                too_long=config.too_long, progress=config.progress, token_stats=tuple(config.token_stats))
     responses = state = None
     if mode == "exact":
         responses = collect(model, tokenizer, corpus, **opts)

@@ -266,21 +266,126 @@ def test_dir_round_trip_and_errors(tmp_path):
 
 def test_parallel_from_file(tmp_path):
     tsv = tmp_path / "p.tsv"
-    tsv.write_text("en\tfr\nHello.\tBonjour.\nYes.\tOui.\n", encoding="utf-8")
+    tsv.write_text("en\tfr\nHello.\tBonjour.\n\nYes.\tOui.\n", encoding="utf-8")
     p = C.parallel_from_file(tsv)
     assert p.languages == ["en", "fr"] and p.texts["fr"] == ["Bonjour.", "Oui."]
-    assert p.keys == ["p:2", "p:3"]
+    assert p.keys == ["p:2", "p:4"]
+    assert p.description == {"source": str(tsv), "format": "tsv"}
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"en": "Hello.", "fr": "Bonjour."}\n{"fr": "Oui.", "en": "Yes."}\n',
                      encoding="utf-8")
     assert C.parallel_from_file(jsonl).hash() == p.hash()
+    assert p.select(["fr", "en"]).languages == ["fr", "en"]
+    with pytest.raises(ValueError, match=r"languages de are not among its columns \['en', 'fr'\]"):
+        p.select(["en", "de"])
 
-    tsv.write_text("en\tfr\nHello.\tBonjour.\nYes.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"p\.tsv:3: 1 cells, expected 2"):
+
+@pytest.mark.parametrize("text, error", [
+    ("en\tfr\nHello.\tBonjour.\nYes.\n", r"p\.tsv:3: 1 cells, expected 2"),
+    ("en\tfr\nHello.\tBonjour.\tHallo.\n", r"p\.tsv:2: 3 cells, expected 2"),
+    ("en\ten\nHello.\tBonjour.\n", r"p\.tsv:1: duplicate language codes \['en'\]"),
+    ("en\txx\nHello.\tBonjour.\n", r"p\.tsv:1: column 2 is named 'xx', not an ISO 639-1"),
+    ("en\tFR\nHello.\tBonjour.\n", r"p\.tsv:1: column 2 is named 'FR'.*\('fr'\?\)"),
+    ("en\teng\nHello.\tBonjour.\n", r"column 2 is named 'eng', not an ISO 639-1"),
+    ("label\ttext\nen\tHello.\n", r"column 1 is named 'label'"),
+    ("en\nHello.\n", r"p\.tsv:1: 1 language column\(s\) \['en'\]; .* at least two"),
+    ("en\tfr\nHello.\t\n", r"p\.tsv:2: empty text for fr"),
+    ("en\tfr\nHello.\tBonjour.\n \t \n", r"p\.tsv:3: empty text for en, fr"),
+    ("en\tfr\n", r"p\.tsv: no rows after the header"),
+    ("", r"p\.tsv: no rows"),
+])
+def test_parallel_from_file_tsv_errors(tmp_path, text, error):
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=error):
         C.parallel_from_file(tsv)
-    tsv.write_text("en\ten\nHello.\tBonjour.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="non-empty and distinct"):
-        C.parallel_from_file(tsv)
-    jsonl.write_text('{"en": "Hello.", "fr": "Bonjour."}\n{"en": "Yes."}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"p\.jsonl:2: languages"):
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"en": "Hello.", "fr": "Bonjour."}\n{"en": "Yes."}\n',
+     r"p\.jsonl:2: languages differ .* \(extra \[\], missing \['fr'\]\)"),
+    ('{"en": "Hello.", "fr": "Bonjour."}\n{"en": "Yes.", "fr": "Oui.", "text": "x"}\n',
+     r"p\.jsonl:2: languages differ from the first row's \['en', 'fr'\] \(extra \['text'\], missing \[\]\)"),
+    ('{"en": "Hello.", "fr": "Bonjour."}\n{"en": "Yes.", "fr": "Oui.", "fr": "Si."}\n',
+     r"p\.jsonl:2: duplicate language codes \['fr'\]"),
+    ('{"en": "Hello.", "fr": "Bonjour."}\n{"en": "Yes.", "de": "Ja."}\n',
+     r"p\.jsonl:2: languages differ .* \(extra \['de'\], missing \['fr'\]\)"),
+    ('{"en": "Hello.", "en": "Hi.", "fr": "Bonjour."}\n', r"p\.jsonl:1: duplicate language codes \['en'\]"),
+    ('{"en": "Hello.", "fr": "  "}\n', r"p\.jsonl:1: empty text for fr"),
+    ('{"en": "Hello.", "fr": 3}\n', r"p\.jsonl:1: expected a JSON object of language code -> text"),
+    ('[["en", "Hello."], ["fr", "Bonjour."]]\n', r"p\.jsonl:1: expected a JSON object"),
+    ('{"en": "Hello.", "fr": "Bonjour."\n', r"p\.jsonl:1: invalid JSON"),
+    ('{"en": "Hello.", "zz": "Bonjour."}\n', r"p\.jsonl:1: column 2 is named 'zz'"),
+])
+def test_parallel_from_file_jsonl_errors(tmp_path, text, error):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=error):
         C.parallel_from_file(jsonl)
+
+
+def test_iso_639_1_codes():
+    assert len(C.ISO_639_1) == 183
+    assert all(re.fullmatch("[a-z]{2}", code) for code in C.ISO_639_1)
+    assert set(C.BIBLE_VERSIONS) <= C.ISO_639_1
+    assert set(C.udhr_parallel().languages) <= C.ISO_639_1
+
+
+def _aligned(n):
+    return C.Parallel({"en": [f"sentence {i}" for i in range(n)], "fr": [f"phrase {i}" for i in range(n)],
+                       "de": [f"Satz {i}" for i in range(n)]}, [f"r:{i}" for i in range(n)], {"source": "mem"})
+
+
+def test_split_parallel_deterministic_and_disjoint():
+    par = _aligned(40)
+    dev, test = C.split_parallel(par, 10, 15, seed=0)
+    assert (len(dev), len(test)) == (10, 15) and not set(dev.keys) & set(test.keys)
+    assert dev.languages == test.languages == ["en", "fr", "de"]
+    for split in (dev, test):  # rows stay aligned and in file order
+        rows = [int(k.split(":")[1]) for k in split.keys]
+        assert rows == sorted(rows) and split.texts["fr"] == [f"phrase {i}" for i in rows]
+    assert dev.description == {"source": "mem", "corpus_hash": par.hash(), "n_rows": 40, "split": "dev",
+                               "seed": 0, "n": 10}
+    again = C.split_parallel(par, 10, 15, seed=0)
+    assert again[0].hash() == dev.hash() and again[1].hash() == test.hash()
+    other = C.split_parallel(par, 10, 15, seed=1)
+    assert other[0].keys != dev.keys
+    # smaller samples are part of larger ones; dev does not depend on n_test nor test on n_dev
+    small_dev, small_test = C.split_parallel(par, 5, 20, seed=0)
+    assert set(small_dev.keys) < set(dev.keys) and set(test.keys) < set(small_test.keys)
+    # the split is a function of the rows' content, not of their order or of the column order
+    order = list(range(40))[::-1]
+    shuffled = C.Parallel({c: [par.texts[c][i] for i in order] for c in ("de", "en", "fr")},
+                          [f"x:{i}" for i in order])
+    s_dev, s_test = C.split_parallel(shuffled, 10, 15, seed=0)
+    assert sorted(s_dev.texts["en"]) == sorted(dev.texts["en"])
+    assert sorted(s_test.texts["en"]) == sorted(test.texts["en"])
+
+
+def test_split_parallel_caps_and_errors():
+    dev, test = C.split_parallel(_aligned(9), 100, 200, seed=0)  # too few rows: all used, 1:2
+    assert (len(dev), len(test)) == (3, 6) and not set(dev.keys) & set(test.keys)
+    assert dev.description["n_rows"] == 9
+    with pytest.raises(ValueError, match=r"mem: 1 row\(s\), too few for both a dev and a test split"):
+        C.split_parallel(_aligned(1), 5, 5)
+    with pytest.raises(ValueError, match="mem: 2 row"):
+        C.split_parallel(_aligned(2), 1, 100)  # round(2 * 1 / 101) = 0 dev rows
+    with pytest.raises(ValueError, match="n_dev=0 and n_test=5 must be at least 1"):
+        C.split_parallel(_aligned(10), 0, 5)
+
+
+def test_sample_per_label(tmp_path):
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("".join(f"{l}\t{l} sentence {i}\n" for l in ("en", "fr", "de") for i in range(6)) + "de\tnur eins\n",
+                   encoding="utf-8")
+    corpus = C.load_corpus(tsv)
+    sample = C.sample_per_label(corpus, ["fr", "de"], 4, seed=0)
+    assert sample.label_names == ["fr", "de"] and sample.n_per_label == {"fr": 4, "de": 4}
+    assert sample.description["sample_of"] == corpus.hash() and sample.description["source"] == str(tsv)
+    assert sample.description["n_max_per_label"] == 4 and sample.description["seed"] == 0
+    assert set(sample.keys) <= set(corpus.keys)
+    assert C.sample_per_label(corpus, ["fr", "de"], 4, seed=0).hash() == sample.hash()
+    assert set(C.sample_per_label(corpus, ["fr", "de"], 2, seed=0).keys) < set(sample.keys)
+    assert len(C.sample_per_label(corpus, ["en", "de"], 100).texts) == 13  # fewer than n: all
+    with pytest.raises(ValueError, match=r"d\.tsv: no sentences labelled ru, ja \(labels present: en, fr, de\)"):
+        C.sample_per_label(corpus, ["fr", "ru", "ja"], 4)

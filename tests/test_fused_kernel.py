@@ -107,7 +107,7 @@ def test_reference_matches_hand_loop(act, gated):
     steer = torch.rand(B, T, generator=gen) < 0.5
     pool = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
 
-    h, pool_max, pool_sum = fused_mlp_ref(up, gate, act=act, override=(mask, mul, add),
+    h, pool_max, pool_sum, _, _ = fused_mlp_ref(up, gate, act=act, override=(mask, mul, add),
                                           steer_tokens=steer, pool_tokens=pool)
 
     want_h = torch.zeros(B, T, M, dtype=torch.float64)
@@ -171,8 +171,8 @@ def test_override_pool_max_and_counts_exact(verb, dtype, shape):
     pool = lengths_to_tokens([T, 7, 0], T)  # row 2 has no token
     kwargs = dict(act="relu", override=override, steer_tokens=steer, pool_tokens=pool)
 
-    h, pool_max, pool_sum = kernel(up, **kwargs)
-    ref_h, ref_max, ref_sum = fused_mlp_ref(up, **kwargs)
+    h, pool_max, pool_sum, _, _ = kernel(up, **kwargs)
+    ref_h, ref_max, ref_sum, _, _ = fused_mlp_ref(up, **kwargs)
     assert h.dtype == dtype and h.shape == (B, T, M) and h.is_contiguous()
     assert pool_max.dtype == pool_sum.dtype == torch.float32
     assert_same(h, ref_h)
@@ -184,7 +184,7 @@ def test_override_pool_max_and_counts_exact(verb, dtype, shape):
     assert ((pool_sum - ref_sum).abs() <= T * EPS32 * magnitude).all()
 
     # counts: a neuron tensor of ones sums to the number of pooled tokens, exactly
-    _, _, counts = kernel(torch.ones_like(up), act="relu", pool_tokens=pool)
+    _, _, counts, _, _ = kernel(torch.ones_like(up), act="relu", pool_tokens=pool)
     assert_same(counts, pool.sum(1, dtype=torch.float32)[:, None].expand(B, M))
 
 
@@ -199,8 +199,8 @@ def test_activations_fp32_within_few_ulp(act, gated):
     kwargs = dict(act=act, override=random_override(M, gen),
                   steer_tokens=bools(B, T, gen=gen, p=0.5), pool_tokens=pool)
 
-    h, pool_max, pool_sum = kernel(up, gate, **kwargs)
-    ref_h, ref_max, ref_sum = fused_mlp_ref(up, gate, **kwargs)
+    h, pool_max, pool_sum, _, _ = kernel(up, gate, **kwargs)
+    ref_h, ref_max, ref_sum, _, _ = fused_mlp_ref(up, gate, **kwargs)
 
     bound = ulp_bound(ref_h, up, gate)  # [B, T, M]
     assert ((h - ref_h).abs() <= 4 * EPS32 * bound).all()
@@ -337,8 +337,8 @@ def test_without_pool_tokens_and_steer_everywhere():
     B, T, M = 1, 5, 33
     up = randn(B, T, M, gen=gen).abs()
     mask, mul, add = verb_override("scale", M, gen)
-    h, pool_max, pool_sum = kernel(up, act="relu", override=(mask, mul, add))
-    assert pool_max is None and pool_sum is None
+    h, pool_max, pool_sum, act_pos, act_sum = kernel(up, act="relu", override=(mask, mul, add))
+    assert pool_max is None and pool_sum is None and act_pos is None and act_sum is None
     assert_same(h, torch.where(mask, up * mul, up))
 
 
@@ -353,14 +353,15 @@ def test_fake_implementation_shapes(dtype, with_pool):
     override = (torch.ones(M, dtype=torch.bool), torch.ones(M), torch.zeros(M))
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (up, gate, pool, *override)]
-        h, pool_max, pool_sum = kernel(fake[0], fake[1], act="silu", override=tuple(fake[3:]),
-                                       pool_tokens=fake[2] if with_pool else None)
+        h, pool_max, pool_sum, act_pos, act_sum = kernel(fake[0], fake[1], act="silu", override=tuple(fake[3:]),
+                                                         pool_tokens=fake[2] if with_pool else None,
+                                                         act_stats=with_pool)
     assert (h.shape, h.dtype) == ((B, T, M), dtype)
     if with_pool:
-        assert pool_max.shape == pool_sum.shape == (B, M)
-        assert pool_max.dtype == pool_sum.dtype == torch.float32
+        assert pool_max.shape == pool_sum.shape == act_pos.shape == act_sum.shape == (B, M)
+        assert pool_max.dtype == pool_sum.dtype == act_pos.dtype == act_sum.dtype == torch.float32
     else:
-        assert pool_max is None and pool_sum is None
+        assert pool_max is None and pool_sum is None and act_pos is None and act_sum is None
 
 
 def test_opcheck():
@@ -376,9 +377,9 @@ def test_opcheck():
         utils.append("test_aot_dispatch_dynamic")
     tables = tuple(torch.stack([x, x.flip(0), torch.zeros_like(x)]) for x in (mask, mul, add))  # [3, M]
     rows = torch.tensor([2, 0], device=DEVICE)
-    for args in ((up, gate, "silu", mask, mul, add, steer, pool, None),
-                 (up, gate, "silu", *tables, steer, pool, rows),
-                 (up, None, "gelu", None, None, None, None, None, None)):
+    for args in ((up, gate, "silu", mask, mul, add, steer, pool, None, False, False),
+                 (up, gate, "silu", *tables, steer, pool, rows, True, True),
+                 (up, None, "gelu", None, None, None, None, None, None, False, False)):
         torch.library.opcheck(torch.ops.steer.fused_mlp.default, args, test_utils=utils)
 
 
@@ -386,9 +387,9 @@ def test_dispatch():
     gen = torch.Generator().manual_seed(11)
     up, gate = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 4, 8, generator=gen)
     pool = torch.ones(2, 4, dtype=torch.bool)
-    ref = fused_mlp_ref(up, gate, act="gelu", pool_tokens=pool)
+    ref = fused_mlp_ref(up, gate, act="gelu", pool_tokens=pool, act_stats=True)
     for backend in ("auto", "torch"):  # CPU tensors take the reference
-        for a, b in zip(fused_mlp(up, gate, act="gelu", pool_tokens=pool, backend=backend), ref):
+        for a, b in zip(fused_mlp(up, gate, act="gelu", pool_tokens=pool, act_stats=True, backend=backend), ref):
             assert_same(a, b)
     with pytest.raises(ValueError, match="backend"):
         fused_mlp(up, gate, act="gelu", backend="cuda")
@@ -430,8 +431,8 @@ def test_per_row_tables_equal_each_row_alone(gated, steer_all):
     steer = None if steer_all else bools(B, T, gen=gen, p=0.5)
     pool = bools(B, T, gen=gen, p=0.8)
     for run in (kernel, fused_mlp_ref):
-        h, pmax, psum = run(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer,
-                            pool_tokens=pool, override_rows=rows)
+        h, pmax, psum, _, _ = run(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer,
+                                  pool_tokens=pool, override_rows=rows)
         for b, r in enumerate(rows.tolist()):
             one = lambda x: None if x is None else x[b:b + 1]  # noqa: E731
             alone = run(one(up), one(gate), act="silu", pool_tokens=one(pool), steer_tokens=one(steer),
@@ -446,3 +447,67 @@ def test_per_row_tables_equal_each_row_alone(gated, steer_all):
                         override_rows=rows)[0]
     torch.testing.assert_close(kernel(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer,
                                       override_rows=rows)[0], ref, rtol=2e-6, atol=2e-6)
+
+
+# --- the activation site and LAPE's statistics -------------------------------------------------
+
+@pytest.mark.parametrize("run", ["kernel", "reference"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_activation_site_and_stats_match_hand_loop(run, gated, per_row):
+    """override_site="activation" overrides act(gate) before `* up` (ungated: the activation is
+    the neuron); act_pos / act_sum count and sum the activation as used, over the pooled tokens.
+    Oracle: plain Python loops over rows, positions and neurons."""
+    fn = kernel if run == "kernel" else fused_mlp_ref
+    gen = torch.Generator().manual_seed(21)
+    B, T, M = 3, 19, 37
+    up = randn(B, T, M, gen=gen)
+    gate = randn(B, T, M, gen=gen) if gated else None
+    mask, mul, add = random_override(M, gen)
+    rows = None
+    if per_row:
+        mask, mul, add = (torch.stack([x, x.roll(5)]) for x in (mask, mul, add))  # [R, M]
+        rows = torch.tensor([1, 0, 1], device=DEVICE)
+    steer, pool = bools(B, T, gen=gen, p=0.6), bools(B, T, gen=gen, p=0.7)
+    out = fn(up, gate, act="silu", override=(mask, mul, add), steer_tokens=steer, pool_tokens=pool,
+             override_rows=rows, override_site="activation", act_stats=True)
+    u = up.double().cpu()
+    g = (gate if gated else up).double().cpu()
+    want_h = torch.empty(B, T, M, dtype=torch.float64)
+    want_pos = torch.zeros(B, M, dtype=torch.float64)
+    want_sum = torch.zeros(B, M, dtype=torch.float64)
+    for b in range(B):
+        r = b if rows is None else int(rows[b])
+        mk, ml, ad = ((mask, mul, add) if rows is None else (mask[r], mul[r], add[r]))
+        for t in range(T):
+            for m in range(M):
+                a = float(g[b, t, m]) / (1 + math.exp(-float(g[b, t, m])))
+                if bool(steer[b, t]) and bool(mk[m]):
+                    a = a * float(ml[m]) + float(ad[m])
+                want_h[b, t, m] = a * float(u[b, t, m]) if gated else a
+                if bool(pool[b, t]):
+                    want_pos[b, m] += a > 0
+                    want_sum[b, m] += a
+    torch.testing.assert_close(out.h.double().cpu(), want_h, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.act_pos.double().cpu(), want_pos)
+    torch.testing.assert_close(out.act_sum.double().cpu(), want_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_site_equals_neuron_site_when_ungated_and_zeroing():
+    """Zeroing the activation of a gated MLP zeroes the neuron (0 * up); setting it to v makes
+    the neuron v * up, which no neuron-site override can express for every up."""
+    gen = torch.Generator().manual_seed(22)
+    up, gate = randn(2, 6, 24, gen=gen), randn(2, 6, 24, gen=gen)
+    mask = torch.zeros(24, dtype=torch.bool, device=DEVICE)
+    mask[::3] = True
+    zero = (mask, torch.zeros(24, device=DEVICE), torch.zeros(24, device=DEVICE))
+    a = kernel(up, gate, act="gelu_tanh", override=zero, override_site="activation").h
+    n = kernel(up, gate, act="gelu_tanh", override=zero).h
+    assert_same(a, n)
+    setv = (mask, torch.zeros(24, device=DEVICE), torch.full((24,), 0.5, device=DEVICE))
+    h = kernel(up, gate, act="gelu_tanh", override=setv, override_site="activation").h
+    assert_same(h[..., mask], (0.5 * up[..., mask].float()).to(h.dtype))
+    with pytest.raises(ValueError, match="override_site"):
+        kernel(up, gate, act="silu", override=zero, override_site="residual")
+    with pytest.raises(ValueError, match="pool_tokens"):
+        kernel(up, gate, act="silu", act_stats=True)

@@ -34,7 +34,8 @@ from tiny import tiny_model, tiny_tokenizer
 TESTS = Path(__file__).parent
 # small enough to be quick, large enough for several windows and batches per rank:
 # 90 sentences, 20 calibrate, the other 70 in windows of 32 -> 7 + 7 + 2 = 16 batches of <= 5
-STREAM = dict(bins=8, calibration=20, batch_size=5, window=32, progress=False)
+# LAPE / DiffMean token sums ride along: merged across ranks and checkpoints like the histograms
+STREAM = dict(bins=8, calibration=20, batch_size=5, window=32, progress=False, token_stats=("activation", "residual"))
 CLI_STREAM = ["--mode", "stream", "--bins", "8", "--calibration", "20", "--batch-size", "5",
               "--window", "32", "-k", "3"]
 
@@ -74,6 +75,14 @@ def assert_same_state(a: StreamState, b: StreamState, exact_sums: bool = False):
     else:  # float64 sums added in another order
         torch.testing.assert_close(a.sums, b.sums, rtol=1e-12, atol=1e-12)
     assert a.label_names == b.label_names
+    assert (a.token_stats is None) == (b.token_stats is None)
+    if a.token_stats is not None:
+        for key, t in a.token_stats.tensors().items():
+            other = b.token_stats.tensors()[key]
+            if t.dtype == torch.int64 or exact_sums:
+                assert torch.equal(t, other), key
+            else:
+                torch.testing.assert_close(t, other, rtol=1e-12, atol=1e-9)
 
 
 # --- two gloo processes ------------------------------------------------------------------------

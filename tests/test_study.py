@@ -7,6 +7,7 @@ and each split has its own sentences. A log records which split each corpus call
 records only and before anything of the test split is loaded.
 """
 import json
+import logging
 import random
 from collections import Counter
 
@@ -16,6 +17,7 @@ import torch
 from steer.cli import study as cli
 from steer.experiments.study import config, control, protocol
 from steer.experiments.study.report import render_only
+from steer.core import corpus as C
 from steer.core.corpus import Parallel
 from steer.core.experts import ExpertSet, random_control, values_sha
 
@@ -36,6 +38,7 @@ TRANSFORMS = {
     "zh": lambda s: s.upper(),
     "es": lambda s: _shift(s, 3) + " ñ",
     "ru": lambda s: "".join(chr(0x430 + (ord(c) - 97) % 32) if "a" <= c <= "z" else c for c in s),
+    "it": lambda s: _shift(s, 7) + " à",
 }
 
 
@@ -322,3 +325,95 @@ def test_generation_section_and_render_only(tmp_path, fake):
     render_only(out / "results.json")
     assert "## Variants of this run" in (out / "report.md").read_text()
     assert "(variant/report.md)" in (out / "report.md").read_text()
+
+
+# --- the user's corpora (--eval-corpus, --discovery-corpus) -------------------------------------
+
+def _write_parallel(path, languages, n):
+    """An aligned TSV: a header of codes, then row i = every language's form of base sentence i."""
+    rows = ["\t".join(TRANSFORMS[l](s) for l in languages) for s in _base("eval file", n, 0)]
+    path.write_text("\n".join(["\t".join(languages), *rows]) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _write_labelled(path, languages, n):
+    path.write_text("".join(f"{l}\t{TRANSFORMS[l](s)}\n" for l in languages for s in _base("disc file", n, 0)),
+                    encoding="utf-8")
+    return str(path)
+
+
+def test_eval_corpus_end_to_end(tmp_path, fake, caplog):
+    tsv = _write_parallel(tmp_path / "eval.tsv", ["fr", "ru", "zh", "it"], 24)
+    cfg = _config(tmp_path, eval_corpus=tsv, targets=["fr", "ru"], n_dev=8, n_test=40, control_seeds=1)
+    del cfg["languages"]  # the file's columns
+    with caplog.at_level(logging.INFO, logger=protocol.__name__):
+        res = protocol.run_study(cfg)
+    assert res["config"]["languages"] == ["fr", "ru", "zh", "it"] and res["config"]["eval_corpus"] == tsv
+    assert {f for f, _ in fake.log} == {"bible_corpus", "bible_paraphrases", "udhr_parallel"}  # discovery from the Bible
+    dev, test = C.split_parallel(C.parallel_from_file(tsv), 8, 40, seed=0)
+    assert (len(dev), len(test)) == (4, 20)  # 24 rows, shared 8 : 40
+    for split, par in (("dev", dev), ("test", test)):
+        entry = res["corpora"][split]
+        assert entry["hash"] == par.hash() and entry["n"] == len(par)
+        assert entry["description"]["source"] == tsv and entry["description"]["split"] == split
+        assert entry["description"]["corpus_hash"] == C.parallel_from_file(tsv).hash()
+    assert not set(dev.keys) & set(test.keys)
+    assert res["control"]["rows"] == 6 and res["test"]["ru"]["k"] in (2, 5)
+    # the controls run for the languages they have, and say what they skipped
+    assert set(res["paraphrases"]["fr"]) == {"fr"} and set(res["corpora"]["paraphrases"]) == {"fr"}
+    assert set(res["udhr"]) == {"pre", "fr", "ru"}
+    assert "paraphrases: en, es, de not among the languages, skipped" in caplog.text
+    assert "udhr: it not in the UDHR, skipped" in caplog.text
+
+
+def test_discovery_corpus_end_to_end(tmp_path, fake):
+    disc = _write_labelled(tmp_path / "disc.tsv", ["en", "fr", "de", "zh", "es"], 14)
+    res = protocol.run_study(_config(tmp_path, discovery_corpus=disc, n_discovery=10, paraphrases=False, udhr=False,
+                                     control_seeds=1))
+    assert ("bible_corpus", "discovery") not in fake.log and ("bible_parallel", "dev") in fake.log
+    entry = res["corpora"]["discovery"]
+    assert entry["n"] == 30 and entry["description"]["n_per_label"] == {"fr": 10, "de": 10, "zh": 10}
+    assert entry["description"]["source"] == disc and entry["description"]["seed"] == 0
+    assert entry["hash"] == C.sample_per_label(C.load_corpus(disc), ["fr", "de", "zh"], 10).hash()
+    assert res["experts"]["targets"]["fr"]["n_pos"] == 10 and res["experts"]["targets"]["fr"]["n_neg"] == 20
+
+
+def test_corpus_errors_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(protocol, "load_model", no_model)
+    disc = _write_labelled(tmp_path / "disc.tsv", ["en", "fr", "de"], 5)
+    tsv = _write_parallel(tmp_path / "eval.tsv", ["en", "fr", "de"], 6)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("en\tfr\tde\na\tb\tc\na\t\tc\n", encoding="utf-8")
+    cases = [
+        (dict(discovery_corpus=disc), r"disc\.tsv: no sentences labelled zh \(labels present: en, fr, de\)"),
+        (dict(discovery_corpus=str(tmp_path / "none")), r"discovery_corpus='.*none': no such file or folder"),
+        (dict(eval_corpus=tsv), r"eval\.tsv: languages zh are not among its columns \['en', 'fr', 'de'\]"),
+        (dict(eval_corpus=str(tmp_path / "none.tsv")), r"eval_corpus='.*none\.tsv': no such file"),
+        (dict(eval_corpus=str(bad), languages=None), r"bad\.tsv:3: empty text for fr"),
+        (dict(eval_corpus=tsv, languages=None, n_dev=1, n_test=200), r"eval\.tsv: 6 row\(s\), too few"),
+        (dict(languages=["fr", "de", "nl"]), r"languages nl have no Bible version .* --eval-corpus"),
+        (dict(negatives=["nl"]), r"targets and negatives nl have no Bible version .* --discovery-corpus"),
+    ]
+    for options, error in cases:
+        cfg = {k: v for k, v in _config(tmp_path, **options).items() if v is not None}
+        with pytest.raises(ValueError, match=error):
+            protocol.run_study(cfg)
+
+
+def test_cli_corpus_options(tmp_path):
+    from steer.cli import parser
+
+    tsv = _write_parallel(tmp_path / "eval.tsv", ["en", "fr", "de", "it"], 4)
+    p = parser()
+    cfg = cli.config_from_args(p.parse_args(["study", "--eval-corpus", tsv, "--discovery-corpus", "d.tsv"]))
+    assert cfg.eval_corpus == tsv and cfg.discovery_corpus == "d.tsv" and cfg.languages == ["en", "fr", "de", "it"]
+    cfg = cli.config_from_args(p.parse_args(["study", "--eval-corpus", tsv, "--languages", "fr,de,it"]))
+    assert cfg.languages == ["fr", "de", "it"]  # an explicit list wins
+    cfg = cli.config_from_args(p.parse_args(["study", "--full", "--eval-corpus", tsv]))
+    assert cfg.languages == ["en", "fr", "de", "it"]  # over --full's Bible languages
+    assert cli.config_from_args(p.parse_args(["study"])).eval_corpus is None
+    with pytest.raises(ValueError, match="eval_corpus='nowhere.tsv': no such file"):
+        cli.config_from_args(p.parse_args(["study", "--eval-corpus", "nowhere.tsv"]))

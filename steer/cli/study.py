@@ -24,9 +24,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=f"built-in name or local checkpoint (default {d.model})")
     p.add_argument("--targets", type=csv_list, default=None, help=f"target languages (default {','.join(d.targets)})")
     p.add_argument("--languages", type=csv_list, default=None,
-                   help=f"evaluated Bible languages (default {','.join(d.languages)})")
+                   help=f"evaluated languages (default {','.join(d.languages)}; with --eval-corpus, its columns)")
     p.add_argument("--negatives", type=csv_list, default=None,
                    help="negative languages besides the other targets (default zh)")
+    p.add_argument("--eval-corpus", metavar="FILE", default=None,
+                   help="aligned text for dev and test instead of the Bible: .tsv with a header row of ISO 639-1 "
+                        "codes and one translation per column, or .jsonl with one {code: text} object per line; "
+                        "rows are cut into dev and test by a seeded hash (at most --n-dev / --n-test)")
+    p.add_argument("--discovery-corpus", metavar="FILE", default=None,
+                   help="labelled text to find experts in instead of the Bible (.tsv label<TAB>text, .jsonl, or a "
+                        "folder of <code>.txt; labels are ISO 639-1 codes): every target and negative must be "
+                        "there; at most --n-discovery sentences per language, a seeded sample")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="sundar2025 (default): AUROC > 0.5, top-k, forced to the mean positive response; "
                         "finding-experts: AP, forced to the median")

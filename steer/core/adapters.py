@@ -58,11 +58,12 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
-def _in_features(module: nn.Module) -> int:
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear-like module."""
     if isinstance(module, nn.Linear):
-        return module.in_features
+        return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":  # GPT-2: weight is [in, out]
-        return module.weight.shape[0]
+        return tuple(module.weight.shape)
     raise TypeError(f"cannot read the input width of {type(module).__name__}; expected a Linear-like module")
 
 
@@ -91,10 +92,11 @@ class NeuronSites:
         self.modules = [model.get_submodule(n) for n in self.names]
         # the module whose forward call runs the layers (OPT's LM head skips its base model's)
         self.stack = model.get_submodule(self.adapter.layers.rpartition(".")[0]) if self.adapter else model.base_model
-        widths = {_in_features(m) for m in self.modules}
+        widths = {_features(m)[0] for m in self.modules}
         if len(widths) != 1:
             raise ValueError(f"layers have different MLP widths {sorted(widths)}; steer needs one width")
         self.width = widths.pop()
+        self.hidden = _features(self.modules[0])[1]  # the residual stream's width
         self.flat_tokens = self.adapter is not None and self.adapter.flat_tokens
 
     @property
@@ -105,6 +107,11 @@ class NeuronSites:
     def n_neurons(self) -> int:
         return self.n_layers * self.width
 
+    def width_of(self, site: str) -> int:
+        """Units per layer at an intervention site (steer.core.intervention.SITES): the MLP width,
+        or the hidden size for the residual stream."""
+        return self.hidden if site == "residual" else self.width
+
     @property
     def device(self) -> torch.device:
         """Where the neuron tensors (and so interventions, pooled responses and states) live: the
@@ -114,7 +121,8 @@ class NeuronSites:
     def layer_parts(self, layer: int) -> dict[str, nn.Module | None]:
         """The up / gate / act / down modules of one layer (declared adapters only)."""
         if self.adapter is None:
-            raise ValueError("layer parts are known only for declared adapters, not for neuron_module=")
+            raise ValueError("layer parts (the activation, the decoder layers) are known only for declared "
+                             "adapters, not for neuron_module=")
         root = self.model.get_submodule(f"{self.adapter.layers}.{layer}")
         a = self.adapter
         return {
@@ -123,6 +131,12 @@ class NeuronSites:
             "act": root.get_submodule(a.act),
             "down": root.get_submodule(a.down),
         }
+
+    def decoder_layer(self, layer: int) -> nn.Module:
+        """The decoder layer whose output is the residual stream after `layer` (declared adapters)."""
+        if self.adapter is None:
+            self.layer_parts(layer)  # the error
+        return self.model.get_submodule(f"{self.adapter.layers}.{layer}")
 
     def view(self, h: torch.Tensor, batch: int) -> torch.Tensor:
         """The neuron tensor as [batch, pos, neuron] (OPT hands its MLP [batch * pos, neuron])."""

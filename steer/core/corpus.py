@@ -21,6 +21,11 @@ pure function of sha256(seed, book, chapter, verse), so it does not depend on th
 for, every language gets the same verses in a split, and no verse used to find experts is ever
 used to evaluate them. `n` sentences of a split are the n verses with the smallest second hash,
 so smaller samples are prefixes of larger ones.
+
+The user's files get the same guarantees from their content: `split_parallel` cuts an aligned
+file (`parallel_from_file`: ISO 639-1 columns, strict) into disjoint dev and test rows, and
+`sample_per_label` draws at most n sentences per label of a labelled corpus, both ranking rows
+by sha256(seed, text), so neither depends on the order of the lines.
 """
 from __future__ import annotations
 
@@ -238,6 +243,16 @@ class Parallel:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def select(self, languages: Sequence[str]) -> Parallel:
+        """The same rows in `languages` only (in that order); a language not a column is a
+        ValueError naming it."""
+        missing = [language for language in languages if language not in self.texts]
+        if missing:
+            raise ValueError(f"{self.description.get('source', 'parallel corpus')}: languages "
+                             f"{', '.join(missing)} are not among its columns {self.languages}")
+        return Parallel({language: self.texts[language] for language in languages}, self.keys,
+                        dict(self.description))
 
     def hash(self) -> str:
         """sha256 hex of (languages, texts)."""
@@ -580,47 +595,161 @@ def open_corpus(path: str | Path, *, labels: Sequence[str] | None = None, **opti
     return CorpusFile(path, labels=labels, **options)
 
 
+# ISO 639-1: the 183 two-letter language codes in force (deprecated ones such as iw, in, sh left
+# out). Parallel files name their columns with these, as the Bible and UDHR loaders do.
+ISO_639_1 = frozenset("""
+aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de
+dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id
+ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu
+lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu
+rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr
+ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu
+""".split())
+
+
+class _Pairs(list):
+    """A JSON object's (key, value) pairs in file order, duplicate keys kept (json's hook)."""
+
+
+def _check_codes(where: str, codes: Sequence[str]) -> None:
+    """Refuse column names that are not at least two distinct ISO 639-1 codes."""
+    if len(codes) < 2:
+        raise ValueError(f"{where}: {len(codes)} language column(s) {list(codes)}; a parallel "
+                         "corpus needs at least two")
+    for j, code in enumerate(codes, start=1):
+        if code not in ISO_639_1:
+            hint = f" ({code.strip().lower()!r}?)" if code.strip().lower() in ISO_639_1 else ""
+            raise ValueError(f"{where}: column {j} is named {code!r}, not an ISO 639-1 language "
+                             f"code (two lowercase letters, e.g. en, fr){hint}")
+    duplicates = [code for code, c in Counter(codes).items() if c > 1]
+    if duplicates:
+        raise ValueError(f"{where}: duplicate language codes {duplicates}")
+
+
+def _json_row(path: Path, number: int, line: str, languages: list[str] | None) -> dict[str, str]:
+    """The {code: text} object of one JSONL line (duplicate keys refused)."""
+    try:
+        pairs = json.loads(line, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+    if not isinstance(pairs, _Pairs) or not all(isinstance(v, str) for _, v in pairs):
+        raise ValueError(f"{path}:{number}: expected a JSON object of language code -> text")
+    codes = [code for code, _ in pairs]
+    if languages is None or len(set(codes)) != len(codes):
+        _check_codes(f"{path}:{number}", codes)
+    elif set(codes) != set(languages):
+        extra, missing = sorted(set(codes) - set(languages)), sorted(set(languages) - set(codes))
+        raise ValueError(f"{path}:{number}: languages differ from the first row's {languages} "
+                         f"(extra {extra}, missing {missing})")
+    return dict(pairs)
+
+
 def parallel_from_file(path: str | Path) -> Parallel:
-    """TSV with a header row of language codes, or JSONL with one {language: text} per line."""
+    """An aligned corpus from a file: TSV with a header row of language codes and one row per
+    sentence, or JSONL with one {language code: text} object per line (keys "<stem>:<line>").
+
+    Strict, as an evaluation corpus must be: columns are distinct ISO 639-1 codes, every row has
+    one text per column (a JSONL object exactly the first row's codes) and no text is empty;
+    anything else is a ValueError naming file:line. Blank lines are skipped.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".tab", ".jsonl", ".ndjson"):
         raise ValueError(f"{path}: unknown parallel format {suffix!r} (expected .tsv, .tab, "
                          ".jsonl or .ndjson)")
+    tsv = suffix in (".tsv", ".tab")
     languages: list[str] | None = None
     rows, keys = [], []
     for number, line in _lines(path):
-        if not line.strip():
+        if not line.strip() and not (tsv and "\t" in line):
             continue
-        if suffix in (".tsv", ".tab"):
+        if tsv:
             cells = [cell.strip() for cell in line.split("\t")]
+            if languages is None:  # the header
+                _check_codes(f"{path}:{number}", cells)
+                languages = cells
+                continue
+            if len(cells) != len(languages):
+                raise ValueError(f"{path}:{number}: {len(cells)} cells, expected {len(languages)} "
+                                 f"(one per language of the header {languages})")
         else:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
-                raise ValueError(f"{path}:{number}: expected a JSON object of language -> text")
-            if languages is None:
-                languages = list(obj)
-            elif set(obj) != set(languages):
-                raise ValueError(f"{path}:{number}: languages {sorted(obj)} differ from the "
-                                 f"first line's {sorted(languages)}")
+            obj = _json_row(path, number, line, languages)
+            languages = list(obj) if languages is None else languages
             cells = [obj[language].strip() for language in languages]
-        if languages is None:  # TSV header
-            languages = cells
-            continue
-        if len(cells) != len(languages):
-            raise ValueError(f"{path}:{number}: {len(cells)} cells, expected {len(languages)} "
-                             f"(one per language of the header)")
+        empty = [language for language, cell in zip(languages, cells) if not cell]
+        if empty:
+            raise ValueError(f"{path}:{number}: empty text for {', '.join(empty)}")
         rows.append(cells)
         keys.append(f"{path.stem}:{number}")
-    if languages is None or not rows:
-        raise ValueError(f"{path}: no rows")
-    if any(not language for language in languages) or len(set(languages)) != len(languages):
-        raise ValueError(f"{path}: language names must be non-empty and distinct, got {languages}")
+    if not rows:
+        raise ValueError(f"{path}: no rows" + (" after the header" if languages else ""))
     texts = {language: [row[j] for row in rows] for j, language in enumerate(languages)}
     return Parallel(texts, keys, {"source": str(path), "format": suffix.lstrip(".")})
+
+
+def _row_unit(seed: int, *parts) -> float:
+    """A uniform number in [0, 1) from sha256 of (seed, content): what a file's rows and
+    sentences are ranked by, so a split or sample does not depend on their order in the file."""
+    return _unit("row", seed, _digest(parts))
+
+
+def split_parallel(par: Parallel, n_dev: int, n_test: int, seed: int = 0) -> tuple[Parallel, Parallel]:
+    """Disjoint dev and test rows of an aligned corpus, a pure function of its rows and the seed.
+
+    Rows are ranked by `_row_unit` of every column's text (by language code, so the row order and
+    the column order of the file do not matter); dev takes the n_dev lowest, test the n_test
+    highest. With at least n_dev + n_test rows, dev does not depend on n_test nor test on n_dev,
+    and a smaller sample is part of a larger one (as the Bible's splits); with fewer, every row is
+    used, shared n_dev : n_test. Each split keeps the file's row order; the description names the
+    whole corpus's hash. Either split empty is a ValueError.
+    """
+    if n_dev < 1 or n_test < 1:
+        raise ValueError(f"n_dev={n_dev} and n_test={n_test} must be at least 1")
+    n = len(par)
+    if n < n_dev + n_test:
+        n_dev = round(n * n_dev / (n_dev + n_test))
+        n_test = n - n_dev
+    source = par.description.get("source", "parallel corpus")
+    if not n_dev or not n_test:
+        raise ValueError(f"{source}: {n} row(s), too few for both a dev and a test split")
+    columns = sorted(par.texts)
+    units = [_row_unit(seed, *([c, par.texts[c][i]] for c in columns)) for i in range(n)]
+    ranked = sorted(range(n), key=lambda i: (units[i], i))
+    splits = []
+    for split, rows in (("dev", ranked[:n_dev]), ("test", ranked[n - n_test:])):
+        rows = sorted(rows)
+        splits.append(Parallel({c: [t[i] for i in rows] for c, t in par.texts.items()},
+                               [par.keys[i] for i in rows],
+                               {**par.description, "corpus_hash": par.hash(), "n_rows": n,
+                                "split": split, "seed": seed, "n": len(rows)}))
+    return splits[0], splits[1]
+
+
+def sample_per_label(corpus: Corpus, labels: Sequence[str], n: int, seed: int = 0) -> Corpus:
+    """The sentences of `labels` (in that order; other labels left out), at most n per label.
+
+    A label with more than n keeps the n of lowest `_row_unit` (label, text), in corpus order: a
+    pure function of the content and the seed, a smaller sample part of a larger one. Labels
+    without sentences are a ValueError naming them.
+    """
+    counts = corpus.n_per_label
+    missing = [label for label in labels if not counts.get(label)]
+    if missing:
+        raise ValueError(f"{corpus.description.get('source', 'corpus')}: no sentences labelled "
+                         f"{', '.join(missing)} (labels present: {', '.join(l for l, c in counts.items() if c)})")
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(corpus.labels):
+        by_label.setdefault(label, []).append(i)
+    keep = []
+    for label in labels:
+        rows = by_label[label]
+        if len(rows) > n:
+            rows = sorted(sorted(rows, key=lambda i: (_row_unit(seed, label, corpus.texts[i]), i))[:n])
+        keep += rows
+    return Corpus([corpus.texts[i] for i in keep], [corpus.labels[i] for i in keep],
+                  [corpus.keys[i] for i in keep],
+                  {**corpus.description, "sample_of": corpus.hash(), "n_max_per_label": n, "seed": seed},
+                  order=list(labels))
 
 
 # ---------------------------------------------------------------------------------------------

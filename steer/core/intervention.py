@@ -1,11 +1,17 @@
-"""Interventions on neurons: dense per-layer override buffers, and the positions they steer.
+"""Interventions: dense per-layer override buffers, the site they override and the positions.
 
 An `Intervention` holds three dense buffers per model, each [layers, width]:
-`mask` (which neurons are overridden), `mul` and `add`. At a steered position every masked
-neuron becomes `h * mul + add` (computed in fp32, cast back), which covers the four operations:
+`mask` (which units are overridden), `mul` and `add`. At a steered position every masked
+unit becomes `h * mul + add` (computed in fp32, cast back), which covers the four operations:
 
     set v    mul 0, add v        scale s  mul s, add 0
     add v    mul 1, add v        zero     mul 0, add 0
+
+The `site` says which units (`SITES`; the width follows from it, `NeuronSites.width_of`):
+"neuron" the input of the MLP's down projection (the experts' site), "activation" the
+activation `act(gate)` before its product with `up` (LAPE's deactivate / activate; for ungated
+MLPs the same value as the neuron), "residual" the output of a decoder layer, [layers, hidden]
+(DiffMean: `add` holds strength x direction on every unit of one layer, mul 1).
 
 Buffers are updated in place, so a compiled graph or a patched model that holds them sees a new
 expert set without being rebuilt. `positions` chooses where the override applies:
@@ -33,23 +39,32 @@ from torch import nn
 from steer.core.adapters import NeuronSites
 
 POSITIONS = ("all", "last", "prompt", "generated")
+SITES = ("neuron", "activation", "residual")
+
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise ValueError(f"site={site!r}; choose one of {SITES}")
+    return site
 
 
 class Intervention:
-    """Dense override buffers `mask`, `mul`, `add`, each [n_layers, width]."""
+    """Dense override buffers `mask`, `mul`, `add`, each [n_layers, width], at one `site`."""
 
-    def __init__(self, n_layers: int, width: int, positions: str = "all", device: str | torch.device = "cpu"):
+    def __init__(self, n_layers: int, width: int, positions: str = "all", device: str | torch.device = "cpu",
+                 site: str = "neuron"):
         if positions not in POSITIONS:
             raise ValueError(f"positions={positions!r}; choose one of {POSITIONS}")
-        self.positions = positions
+        self.positions, self.site = positions, check_site(site)
         self.mask = torch.zeros(n_layers, width, dtype=torch.bool, device=device)
         self.mul = torch.ones(n_layers, width, dtype=torch.float32, device=device)
         self.add = torch.zeros(n_layers, width, dtype=torch.float32, device=device)
 
     @classmethod
-    def for_model(cls, model: nn.Module, positions: str = "all", neuron_module: str | None = None) -> "Intervention":
+    def for_model(cls, model: nn.Module, positions: str = "all", neuron_module: str | None = None,
+                  site: str = "neuron") -> "Intervention":
         sites = NeuronSites(model, neuron_module)
-        return cls(sites.n_layers, sites.width, positions, device=sites.device)
+        return cls(sites.n_layers, sites.width_of(site), positions, device=sites.device, site=site)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -100,8 +115,8 @@ class Intervention:
 
     def copy_(self, other: "Intervention") -> "Intervention":
         """Take another intervention's buffers in place (no recompilation for holders of these)."""
-        if other.shape != self.shape:
-            raise ValueError(f"intervention shape {other.shape} differs from {self.shape}")
+        if other.shape != self.shape or other.site != self.site:
+            raise ValueError(f"intervention {other.shape} at the {other.site} differs from {self.shape} at the {self.site}")
         self.mask.copy_(other.mask)
         self.mul.copy_(other.mul)
         self.add.copy_(other.add)
@@ -113,7 +128,8 @@ class Intervention:
 
     def __repr__(self) -> str:
         layers = self.mask.any(1).nonzero().flatten().tolist()
-        return f"Intervention({len(self)} neurons in layers {layers}, positions={self.positions!r})"
+        site = "" if self.site == "neuron" else f", site={self.site!r}"
+        return f"Intervention({len(self)} units in layers {layers}, positions={self.positions!r}{site})"
 
 
 def steered_tokens(positions: str | torch.Tensor, attention_mask: torch.Tensor,
@@ -146,10 +162,12 @@ class InterventionSets:
     set (host side, between batches); the forward reads only the tensors (`table`, `codes`).
     """
 
-    def __init__(self, n_layers: int, width: int, sets: int, capacity: int, device: str | torch.device = "cpu"):
+    def __init__(self, n_layers: int, width: int, sets: int, capacity: int, device: str | torch.device = "cpu",
+                 site: str = "neuron"):
         if sets < 1 or capacity < 0:
             raise ValueError(f"sets ({sets}) must be >= 1 and capacity ({capacity}) >= 0")
         self.n_layers, self.width, self.sets, self.capacity = n_layers, width, sets, capacity
+        self.site = check_site(site)  # every set overrides this site
         self.layer = torch.full((capacity,), n_layers, dtype=torch.long, device=device)
         self.unit = torch.zeros(capacity, dtype=torch.long, device=device)
         self.set = torch.full((capacity,), sets, dtype=torch.long, device=device)
@@ -166,7 +184,7 @@ class InterventionSets:
         n_layers, width = interventions[0].shape
         total = sum(len(iv) for iv in interventions)
         out = cls(n_layers, width, len(interventions), total if capacity is None else capacity,
-                  device=interventions[0].mask.device)
+                  device=interventions[0].mask.device, site=interventions[0].site)
         for i, iv in enumerate(interventions):
             out.put(i, iv)
         return out
@@ -183,6 +201,8 @@ class InterventionSets:
         if iv is not None and iv.shape != self.shape:
             raise ValueError(f"intervention is for {iv.shape[0]} x {iv.shape[1]} neurons; these sets are for "
                              f"{self.n_layers} x {self.width}")
+        if iv is not None and iv.site != self.site:
+            raise ValueError(f"an intervention at the {iv.site} in sets at the {self.site}: one batch steers one site")
         new = 0 if iv is None else len(iv)
         if sum(self.sizes) - self.sizes[index] + new > self.capacity:
             raise ValueError(f"set {index} needs {new} neurons; {self.capacity - sum(self.sizes) + self.sizes[index]} "

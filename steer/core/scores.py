@@ -20,6 +20,7 @@ import torch
 from steer.core import artifacts
 from steer.core.metrics import score_splits
 from steer.core.stream import StreamState, shortlist
+from steer.core.token_stats import TokenStats
 
 RESPONSES_VERSION = 1  # steer.responses files (artifacts.py); unversioned older ones are read
 COUNTS = ("n_pos", "n_neg")  # per split [S], beside the per-neuron statistics
@@ -65,6 +66,7 @@ class Responses:
     label_names: list[str]
     keys: list[str]
     settings: dict = field(default_factory=dict)
+    token_stats: TokenStats | None = None  # LAPE / DiffMean sums of the same pass, if asked for
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,8 +95,11 @@ class Responses:
         """Write atomically as a steer.responses file (steer/core/artifacts.py: safetensors, format
         version, sha256); label names, keys and settings go to its metadata."""
         meta = {"label_names": self.label_names, "keys": self.keys, "settings": self.settings}
-        artifacts.save(path, {"values": self.values, "label_ids": self.label_ids}, meta,
-                       kind="responses", version=RESPONSES_VERSION)
+        tensors = {"values": self.values, "label_ids": self.label_ids}
+        if self.token_stats is not None:
+            meta["token_stats"] = {"kinds": list(self.token_stats.kinds), "hidden": self.token_stats.hidden}
+            tensors.update({f"token_stats.{k}": v for k, v in self.token_stats.tensors().items()})
+        artifacts.save(path, tensors, meta, kind="responses", version=RESPONSES_VERSION)
 
     @classmethod
     def load(cls, path, *, shape: tuple[int, int] | None = None) -> "Responses":
@@ -118,7 +123,15 @@ class Responses:
         if missing or len(meta["keys"]) != n or (n and not 0 <= int(ids.min()) <= int(ids.max()) < len(meta["label_names"])):
             raise ValueError(f"{path} is not a valid responses file ({n} sentences; metadata "
                              f"missing {missing} or keys / label ids that do not match)")
-        return cls(t["values"], ids, meta["label_names"], meta["keys"], meta["settings"])
+        stats = None
+        if meta.get("token_stats"):
+            stats = TokenStats(meta["label_names"], meta["token_stats"]["kinds"], *t["values"].shape[1:],
+                               meta["token_stats"]["hidden"])
+            try:
+                stats.load_({k.removeprefix("token_stats."): v for k, v in t.items() if k.startswith("token_stats.")})
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+        return cls(t["values"], ids, meta["label_names"], meta["keys"], meta["settings"], stats)
 
 
 @dataclass(frozen=True)

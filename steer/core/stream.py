@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from steer.core import artifacts
+from steer.core.token_stats import TokenStats
 from steer.kernels.histogram import histogram_update
 
 KIND, VERSION = "stream", 2  # steer.stream files, format 2 (artifacts.py)
@@ -204,10 +205,15 @@ class StreamState:
         self.nonfinite = torch.zeros(M, dtype=torch.int64, device=dev)  # [M]
         self.lo = torch.full((M,), math.inf, dtype=torch.float32, device=dev)  # [M]
         self.hi = torch.full((M,), -math.inf, dtype=torch.float32, device=dev)  # [M]
+        # LAPE / DiffMean token sums collected in the same pass (settings["token_stats"]: kinds)
+        kinds, s = self.settings.get("token_stats"), self.settings
+        self.token_stats = TokenStats(names, kinds, s["layers"], s["width"], s["hidden"], dev) if kinds else None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
+        extra = {} if self.token_stats is None else {
+            f"token_stats.{k}": v for k, v in self.token_stats.tensors().items()}
         return {"edges": self.edges, "counts": self.counts, "sums": self.sums, "n": self.n,
-                "nonfinite": self.nonfinite, "lo": self.lo, "hi": self.hi}
+                "nonfinite": self.nonfinite, "lo": self.lo, "hi": self.hi, **extra}
 
     @property
     def nbytes(self) -> int:
@@ -258,6 +264,8 @@ class StreamState:
         self.nonfinite += other.nonfinite.to(dev)
         self.lo = torch.minimum(self.lo, other.lo.to(dev))
         self.hi = torch.maximum(self.hi, other.hi.to(dev))
+        if self.token_stats is not None:
+            self.token_stats.merge(other.token_stats)
         return self
 
     __iadd__ = merge
@@ -300,7 +308,16 @@ class StreamState:
             state = cls(tensors["edges"], meta["label_names"], meta["settings"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a valid stream state: {e}") from None
+        if state.token_stats is not None:
+            prefix = "token_stats."
+            try:
+                state.token_stats.load_({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+            state.token_stats.to_(device)
         for key, empty in state._tensors().items():
+            if key.startswith("token_stats."):
+                continue
             stored = tensors.get(key)
             if stored is None or stored.shape != empty.shape or stored.dtype != empty.dtype:
                 got = "missing" if stored is None else f"{tuple(stored.shape)} {stored.dtype}"

@@ -1,20 +1,25 @@
 """How steer reaches into a model's forward: one protocol, two implementations.
 
 A backend is attached to a model (at most one at a time; `attached(model)` finds it) and, in
-every forward of the model, does two things to each layer's neuron tensor (the input of the
-MLP's down projection):
+every forward of the model, does two things to each layer:
 - steer: the override of an `Intervention` (`steer(iv)` / `unsteer()`), at the positions it
   names, with the real-token mask and cache use of the call (`CallInfo`); or, per row, the
-  sets of an `InterventionSets` with a set index per row (`steer(sets, rows)`: `override`);
-- pool: each sentence's max or mean over chosen tokens into `pooled` [B, L, M] fp32
-  (`start_pooling(tokens, how)` before a forward, `stop_pooling()` after).
+  sets of an `InterventionSets` with a set index per row (`steer(sets, rows)`: `override`).
+  The intervention's site says where: the neuron tensor (the input of the MLP's down
+  projection), the activation before `* up`, or the residual stream (a decoder layer's output);
+- pool: each sentence's max or mean of the neuron tensor over chosen tokens into `pooled`
+  [B, L, M] fp32 (`start_pooling(tokens, how)` before a forward, `stop_pooling()` after), and on
+  request the token statistics of LAPE and DiffMean over the same tokens into `stats`:
+  `act_pos` / `act_sum` [B, L, M] (positive activations, their sum) and `resid_sum` [B, L, D].
 Implementations:
-- `HookBackend`: one forward pre-hook per down projection (plus one on the layer stack). The
-  simplest correct means: the reference, and the tests' oracle for the fused path.
+- `HookBackend`: one forward pre-hook per down projection (plus one on the layer stack, and
+  forward hooks on the activations once the activation site is used). The simplest correct
+  means: the reference, and the tests' oracle for the fused path.
 - `FusedPatch` (`steer.patch`): each MLP swapped for a module whose neuron tensor comes from one
-  fused op that applies the override and pools in the same pass.
-The semantics (override, pooling) are the kernels' reference functions (`kernels/fused_mlp_ref.py`):
-written once, used by both. `intervene(model, iv)` steers through the attached backend, or
+  fused op that applies the override (neuron or activation site) and pools in the same pass.
+The residual site is a forward hook on every decoder layer in both, added the first time it is
+used. The semantics (override, pooling, activation statistics) are the kernels' reference
+functions (`kernels/fused_mlp_ref.py`): written once, used by every site and both backends. `intervene(model, iv)` steers through the attached backend, or
 attaches hooks for the duration of its `with` block; collection pools the same way.
 """
 from __future__ import annotations
@@ -30,10 +35,11 @@ from torch import nn
 
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention, InterventionSets, steered_tokens
-from steer.kernels.fused_mlp_ref import apply_override, pool
+from steer.kernels.fused_mlp_ref import activation_stats, apply_override, pool, pool_sum
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hooks", "fused")
+STATS = ("activation", "residual")  # token statistics a pooling pass may add (LAPE, DiffMean)
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Backend]" = weakref.WeakKeyDictionary()
 
@@ -113,23 +119,59 @@ class Backend:
         self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, for the next forward
         self.pooling = "max"
         self.pooled: torch.Tensor | None = None  # [B, L, M] fp32, written layer by layer
+        self.stats: dict[str, torch.Tensor] = {}  # act_pos, act_sum [B, L, M]; resid_sum [B, L, D]
+        self.residual_handles: list = []  # forward hooks on the decoder layers, once needed
         _ATTACHED[model] = self
 
     def steer(self, intervention: Intervention | InterventionSets, rows: torch.Tensor | None = None) -> None:
         """Apply `intervention` from the next forward on; InterventionSets need `rows` [B], the
         set of each row (replace it, or change it in place, between batches)."""
-        if intervention.shape != (self.sites.n_layers, self.sites.width):
+        width = self.sites.width_of(intervention.site)
+        if intervention.shape != (self.sites.n_layers, width):
+            unit = "hidden units" if intervention.site == "residual" else "neurons"
             raise ValueError(
-                f"intervention is for {intervention.shape[0]} layers x {intervention.shape[1]} neurons; "
-                f"the model has {self.sites.n_layers} x {self.sites.width}")
+                f"intervention is for {intervention.shape[0]} layers x {intervention.shape[1]} {unit}; "
+                f"the model has {self.sites.n_layers} x {width} at the {intervention.site}")
         if isinstance(intervention, InterventionSets) != (rows is not None):
             raise ValueError("rows (a set index per row) go with InterventionSets, and only with them")
         if rows is not None and (rows.dim() != 1 or rows.dtype != torch.long):
             raise ValueError(f"rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
+        self.use_site(intervention.site)
         self.intervention, self.rows = intervention, rows
 
     def unsteer(self) -> None:
         self.intervention = self.rows = None
+
+    def use_site(self, site: str) -> None:
+        """Make the backend able to reach `site` (an intervention site or a statistic's):
+        the residual stream needs hooks on the decoder layers, added once."""
+        if site == "residual" and not self.residual_handles:
+            self.residual_handles = [self.sites.decoder_layer(layer).register_forward_hook(self._residual_hook(layer))
+                                     for layer in range(self.sites.n_layers)]
+
+    def steers(self, site: str, layer: int) -> bool:
+        """Whether the current call overrides `site` in `layer` (sets: always, as rows vary)."""
+        iv = self.intervention
+        return iv is not None and iv.site == site and (self.rows is not None or bool(iv.mask[layer].any()))
+
+    def _residual_hook(self, layer: int):
+        def hook(module, args, output):
+            tuple_out = isinstance(output, tuple)
+            hidden = output[0] if tuple_out else output
+            steered = self.steers("residual", layer)
+            if not steered and "resid_sum" not in self.stats:
+                return None
+            h = self.sites.view(hidden, self.info.attention_mask.shape[0])  # [B, T, D]
+            if steered:
+                (mask, mul, add), rows, tokens = self.override(layer)
+                h = apply_override(h, mask, mul, add, tokens, rows)
+            if "resid_sum" in self.stats:
+                self.stats["resid_sum"][:, layer] = pool_sum(h, self.pool_tokens)
+            if not steered:
+                return None
+            return (h.view(hidden.shape),) + tuple(output[1:]) if tuple_out else h.view(hidden.shape)
+
+        return hook
 
     def override(self, layer: int):
         """What the current call does to `layer`: ((mask, mul, add), rows, steered tokens) for the
@@ -148,14 +190,28 @@ class Backend:
             rows = rows.repeat_interleave(batch // rows.shape[0])
         return iv.table(layer), rows, self.info.steered(iv.codes[rows])
 
-    def start_pooling(self, tokens: torch.Tensor, how: str) -> torch.Tensor:
-        """Pool the next forward over `tokens` [B, T]; returns the [B, L, M] buffer it fills."""
+    def start_pooling(self, tokens: torch.Tensor, how: str, stats: tuple[str, ...] = ()) -> torch.Tensor:
+        """Pool the next forward over `tokens` [B, T]; returns the [B, L, M] buffer it fills.
+        stats: any of STATS, filled into `self.stats` over the same tokens."""
+        unknown = set(stats) - set(STATS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
+        for site in stats:
+            self.use_site(site)
         self.pool_tokens, self.pooling = tokens, how
-        self.pooled = torch.empty(tokens.shape[0], self.sites.n_layers, self.sites.width, device=tokens.device)
+        B, L, dev = tokens.shape[0], self.sites.n_layers, tokens.device
+        self.pooled = torch.empty(B, L, self.sites.width, device=dev)
+        self.stats = {}
+        if "activation" in stats:
+            self.stats.update(act_pos=torch.empty(B, L, self.sites.width, device=dev),
+                              act_sum=torch.empty(B, L, self.sites.width, device=dev))
+        if "residual" in stats:
+            self.stats["resid_sum"] = torch.empty(B, L, self.sites.hidden, device=dev)
         return self.pooled
 
     def stop_pooling(self) -> None:
         self.pool_tokens = self.pooled = None
+        self.stats = {}
 
     @property
     def idle(self) -> bool:
@@ -163,24 +219,37 @@ class Backend:
 
     def remove(self) -> None:
         """Detach from the model; it runs as if steer had never touched it."""
+        for h in self.residual_handles:
+            h.remove()
+        self.residual_handles = []
         self.info.handle.remove()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
 
 class HookBackend(Backend):
-    """Forward pre-hooks on every down projection: override, then pool, the neuron tensor."""
+    """Forward pre-hooks on every down projection: override, then pool, the neuron tensor; forward
+    hooks on every activation module, once the activation site is used."""
 
     kind = "hooks"
 
     def __init__(self, model: nn.Module, neuron_module: str | None = None):
         super().__init__(model, neuron_module)
         self.handles = [m.register_forward_pre_hook(self._hook(layer)) for layer, m in enumerate(self.sites.modules)]
+        self.act_handles: list = []
+
+    def use_site(self, site: str) -> None:
+        super().use_site(site)
+        if site == "activation" and not self.act_handles:
+            acts = [self.sites.layer_parts(layer)["act"] for layer in range(self.sites.n_layers)]
+            if len({id(a) for a in acts}) != len(acts):
+                raise ValueError("the layers share one activation module: the activation site needs one per layer")
+            self.act_handles = [a.register_forward_hook(self._act_hook(layer)) for layer, a in enumerate(acts)]
 
     def _hook(self, layer: int):
         def pre_hook(module, args):
-            iv, tokens = self.intervention, self.pool_tokens
-            steered = iv is not None and (self.rows is not None or bool(iv.mask[layer].any()))
+            tokens = self.pool_tokens
+            steered = self.steers("neuron", layer)
             if tokens is None and not steered:
                 return None
             h = self.sites.view(args[0], self.info.attention_mask.shape[0])  # [B, T, M]
@@ -194,10 +263,25 @@ class HookBackend(Backend):
 
         return pre_hook
 
+    def _act_hook(self, layer: int):
+        def hook(module, args, output):
+            steered = self.steers("activation", layer)
+            if not steered and "act_pos" not in self.stats:
+                return None
+            a = self.sites.view(output, self.info.attention_mask.shape[0])  # [B, T, M]
+            if steered:
+                (mask, mul, add), rows, steer_tokens = self.override(layer)
+                a = apply_override(a, mask, mul, add, steer_tokens, rows)
+            if "act_pos" in self.stats:
+                self.stats["act_pos"][:, layer], self.stats["act_sum"][:, layer] = activation_stats(a, self.pool_tokens)
+            return a.view(output.shape) if steered else None
+
+        return hook
+
     def remove(self) -> None:
-        for h in self.handles:
+        for h in self.handles + self.act_handles:
             h.remove()
-        self.handles = []
+        self.handles, self.act_handles = [], []
         super().remove()
 
 

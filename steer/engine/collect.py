@@ -55,6 +55,8 @@ from steer.core.metrics import check_k, score_splits
 from steer.core.runtime import dtype_name
 from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_scores
 from steer.core.stream import StreamState, calibrate_edges
+from steer.core.token_stats import KINDS as TOKEN_STATS
+from steer.core.token_stats import TokenStats
 from steer.engine import backends
 from steer.engine.batching import (
     MAX_TOKENS,
@@ -106,17 +108,22 @@ def check_stream(bins: int, calibration: int, checkpoint, checkpoint_every: int,
 
 
 class _Forward:
-    """The base model over padded batches, returning pooled responses [B, L, M] fp32.
+    """The base model over padded batches, returning pooled responses [B, L, M] fp32; with
+    `stats` (LAPE's "activation", DiffMean's "residual"), `add_stats` adds the batch's token
+    statistics, computed in the same forward, to a `TokenStats`.
 
     A context manager: entering finds the model's backend (`steer.engine.backends.use`: the attached one,
     or hooks / the fused patch added for the duration), leaving removes what it added.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, sites: NeuronSites, pooling: str, backend: str):
+    def __init__(self, model: nn.Module, tokenizer, sites: NeuronSites, pooling: str, backend: str,
+                 stats: tuple[str, ...] = ()):
         self.model, self.tokenizer, self.sites = model, tokenizer, sites
-        self.pooling, self.kind = pooling, backend
+        self.pooling, self.kind, self.stats = pooling, backend, tuple(stats)
         self.device = input_device(model)
         self.backend, self.owned = None, False
+        self.batch_stats: dict[str, torch.Tensor] = {}  # the last batch's, [B, L, *]
+        self.batch_tokens: torch.Tensor | None = None  # [B] pooled tokens of each row
 
     def __enter__(self) -> "_Forward":
         self.backend, self.owned = backends.use(self.model, self.kind)
@@ -129,23 +136,32 @@ class _Forward:
     def __call__(self, ids: list[list[int]], pooled: list[list[bool]]) -> torch.Tensor:
         side, dev = self.tokenizer.padding_side, self.device
         input_ids, mask = pad_batch(ids, self.tokenizer.pad_token_id or 0, side, dev)  # [B, T]
-        out = self.backend.start_pooling(pad(pooled, False, side).to(dev), self.pooling)  # [B, L, M]
+        tokens = pad(pooled, False, side).to(dev)  # [B, T]
+        out = self.backend.start_pooling(tokens, self.pooling, self.stats)  # [B, L, M]
         try:
             with torch.inference_mode():
                 self.model.base_model(**base_inputs(self.model, input_ids, mask))
+            self.batch_stats, self.batch_tokens = self.backend.stats, tokens.sum(1)
         finally:
             self.backend.stop_pooling()
         return out
+
+    def add_stats(self, stats: TokenStats | None, label_ids: list[int]) -> None:
+        """Add the last batch's token statistics to `stats` (None: not collected)."""
+        if stats is not None:
+            stats.update(self.batch_stats, self.batch_tokens, torch.tensor(label_ids))
 
 
 def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str], sites: NeuronSites, *,
                    pooling: str = "max", batch_size: int = 16, skip_special: bool = True,
                    max_length: int | None = None, backend: str = "hooks", progress: bool = True,
                    desc: str = "collect", run: Run | None = None, too_long: str = "truncate",
-                   max_tokens: int | None = MAX_TOKENS):
+                   max_tokens: int | None = MAX_TOKENS, token_stats: TokenStats | None = None,
+                   label_ids: list[int] | None = None):
     """Yield (rows, pooled [B, L, M] fp32 on the model's device) for the batches of `texts` planned
     by `batches` (at most batch_size sentences and max_tokens padded tokens, longest first; all
-    of them tokenized up front: the exact mode's in-memory path)."""
+    of them tokenized up front: the exact mode's in-memory path). With `token_stats`, each
+    batch's token statistics are added to it under the texts' `label_ids`."""
     check_batching(pooling, too_long, batch_size, max_tokens=max_tokens)
     if not texts:
         return
@@ -158,9 +174,12 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
     bar.plan(len(ids), sum(map(len, ids)))
     start = time.perf_counter()
     try:
-        with _Forward(model, tokenizer, sites, pooling, backend) as forward:
+        kinds = token_stats.kinds if token_stats is not None else ()
+        with _Forward(model, tokenizer, sites, pooling, backend, kinds) as forward:
             for rows in batches([len(t) for t in ids], batch_size, max_tokens):
                 out = forward([ids[i] for i in rows], [pooled[i] for i in rows])
+                if token_stats is not None:
+                    forward.add_stats(token_stats, [label_ids[i] for i in rows])
                 yield rows, out
                 n = sum(len(ids[i]) for i in rows)
                 run.tokens += n
@@ -185,10 +204,12 @@ def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **optio
 def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max", batch_size: int = 16,
             skip_special: bool = True, max_length: int | None = None, neuron_module: str | None = None,
             backend: str = "hooks", progress: bool = True, too_long: str = "truncate",
-            max_tokens: int | None = MAX_TOKENS) -> Responses:
+            max_tokens: int | None = MAX_TOKENS, token_stats: tuple[str, ...] = ()) -> Responses:
     """Run `corpus` through the base model and return every sentence's pooled neuron responses.
 
     backend: "hooks" (reference pre-hooks) or "fused" (the fused MLP op, `steer.patch`).
+    token_stats: any of "activation" (LAPE) and "residual" (DiffMean): per-label token sums
+    collected in the same pass (`Responses.token_stats`, steer/core/token_stats.py).
     batch_size / max_tokens: at most that many sentences and padded tokens a batch (None: no
     token budget), longest first (`batches`); a longer sentence runs alone. Responses do not
     depend on them (up to fp rounding).
@@ -205,16 +226,34 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
     if not isinstance(corpus, Corpus):
         corpus = corpus.load()
     sites = NeuronSites(model, neuron_module)
+    stats = _token_stats(sites, corpus.label_names, token_stats)
     values = torch.empty(len(corpus), sites.n_layers, sites.width)  # [N, L, M]
     run = Run()
     for rows, pooled in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, pooling=pooling,
                                        batch_size=batch_size, skip_special=skip_special, max_length=max_length,
                                        backend=backend, progress=progress, run=run, too_long=too_long,
-                                       max_tokens=max_tokens):
+                                       max_tokens=max_tokens, token_stats=stats, label_ids=corpus.label_ids.tolist()):
         values[rows] = pooled.cpu()
     settings = _settings(model, sites, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
                          backend=backend, max_length=max_length, too_long=too_long)
-    return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings)
+    return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings,
+                     stats.to_("cpu") if stats is not None else None)
+
+
+def _check_token_stats(sites: NeuronSites, kinds) -> tuple[str, ...]:
+    """The token statistics asked for, in canonical order, checked before any forward."""
+    unknown = set(kinds or ()) - set(TOKEN_STATS)
+    if unknown:
+        raise ValueError(f"token_stats {sorted(unknown)}: choose from {TOKEN_STATS}")
+    if kinds and sites.adapter is None:
+        sites.layer_parts(0)  # raises: the activation and the decoder layers need a declared adapter
+    return tuple(k for k in TOKEN_STATS if k in set(kinds or ()))
+
+
+def _token_stats(sites: NeuronSites, label_names, kinds) -> TokenStats | None:
+    """An empty `TokenStats` of `kinds` for this model (None for no kinds)."""
+    kinds = _check_token_stats(sites, kinds)
+    return TokenStats(label_names, kinds, sites.n_layers, sites.width, sites.hidden, sites.device) if kinds else None
 
 
 def calibration_sample(n: int, k: int, seed: int = 0) -> list[int]:
@@ -318,7 +357,7 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
                    progress: bool = True, window: int = WINDOW, too_long: str = "truncate",
                    checkpoint: str | Path | None = None, checkpoint_every: int = 0,
                    resume: bool = False, group: Group | None = None,
-                   max_tokens: int | None = MAX_TOKENS) -> StreamState:
+                   max_tokens: int | None = MAX_TOKENS, token_stats: tuple[str, ...] = ()) -> StreamState:
     """Fixed-memory statistics of every neuron (`StreamState`, steer/core/stream.py) in one pass.
 
     A seeded random sample of `calibration` sentences runs first: its responses fix every
@@ -326,6 +365,8 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     streams through `plan_batches` (windows of `window` sentences bucketed by length, batches of
     at most `batch_size` sentences and `max_tokens` padded tokens, None: no token budget).
     corpus: a `Corpus` or a `CorpusFile` (anything with records(), label_names, hash(), len).
+    token_stats: any of "activation" (LAPE) and "residual" (DiffMean): per-label token sums in
+    the same pass (`StreamState.token_stats`), checkpointed and merged across ranks with it.
 
     checkpoint / checkpoint_every: every `checkpoint_every` batches (per rank), and after the
     calibration and at the end, the state and the position are written atomically to
@@ -341,14 +382,16 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     check_batching(pooling, too_long, batch_size, window, max_tokens)
     check_stream(bins, calibration, checkpoint, checkpoint_every, resume)
     sites = NeuronSites(model, neuron_module)
+    kinds = _check_token_stats(sites, token_stats)
     cal = calibration_sample(len(corpus), calibration, seed)
     settings = _settings(model, sites, corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
-                         pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long)
+                         pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long,
+                         **({"token_stats": list(kinds), "hidden": sites.hidden} if kinds else {}))
     batching = {"batch_size": batch_size, "max_tokens": max_tokens, "skip_special": skip_special,
                 "limit": token_limit(model, max_length), "too_long": too_long}
     run = _StreamPass(group, checkpoint, {"batch_size": batch_size, "window": window, "max_tokens": max_tokens},
                       show=progress and group.is_main)
-    with _Forward(model, tokenizer, sites, pooling, backend) as forward:
+    with _Forward(model, tokenizer, sites, pooling, backend, kinds) as forward:
         run.begin(forward, tokenizer, corpus, cal, bins, settings, resume, batching)
         if checkpoint_every and not resume:
             run.checkpoint(0)
@@ -425,6 +468,7 @@ class _StreamPass:
                               on_window=planned, **batching):
             if self.group.owns(b.index):
                 self.state.update(forward(b.ids, b.pooled).flatten(1), torch.tensor(b.labels))
+                forward.add_stats(self.state.token_stats, b.labels)
                 self.delta.tokens += b.tokens
                 _note(self.delta, b, batching["limit"])
             bar.update(len(b.rows), b.tokens)
@@ -477,17 +521,21 @@ def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, 
     records = [r for r in islice(corpus.records(), cal[-1] + 1) if r.index in wanted]
     where = {r.index: j for j, r in enumerate(records)}
     sample = torch.empty(len(records), forward.sites.n_neurons, device=forward.sites.device)  # [S, L*M]
+    stats = _token_stats(forward.sites, label_names, forward.stats)
     bar = _Progress(len(records), "calibrate", progress)
     for b in plan_batches(records, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                           window=len(records), skip_special=skip_special, limit=limit,
                           too_long=too_long, on_window=bar.window):
         sample[[where[i] for i in b.rows]] = forward(b.ids, b.pooled).flatten(1)
+        forward.add_stats(stats, b.labels)
         run.tokens += b.tokens
         _note(run, b, limit)
         bar.update(len(b.rows), b.tokens)
     bar.close()
     state = StreamState(calibrate_edges(sample, bins), label_names, settings)
     state.update(sample, torch.tensor([r.label for r in records]))
+    if stats is not None:
+        state.token_stats.merge(stats)
     return state
 
 

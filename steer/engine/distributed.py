@@ -13,8 +13,8 @@ What a distributed streaming run does (steer/engine/collect.py, steer/core/strea
 - the deterministic batch order (windows of sentences sorted by length, cut into batches) is the
   same on every rank and for any number of ranks; rank r runs the batches i with i % world == r,
   so every batch has the same composition and padding as in a one-process run;
-- at a checkpoint every rank `reduce_state`s onto rank 0 (counts / sums / n / nonfinite summed,
-  lo / hi by MIN / MAX), rank 0 writes the merged state and the position (batches done), and the
+- at a checkpoint every rank `reduce_state`s onto rank 0 (counts / sums / n / nonfinite and the
+  LAPE / DiffMean token sums summed, lo / hi by MIN / MAX), rank 0 writes the merged state and the position (batches done), and the
   other ranks restart from zero; a checkpoint therefore resumes under any number of ranks;
 - at the end `all_reduce_state` leaves the merged state on every rank;
 - the refine pass is sharded the same way; `gather_rows` collects the short-list responses on
@@ -101,6 +101,10 @@ class Group:
             buf = t.to(self.device)
             dist.all_reduce(buf, op=op)
             setattr(state, name, buf.to(t.device))
+        for t in _token_sums(state):
+            buf = t.to(self.device)
+            dist.all_reduce(buf)
+            t.copy_(buf)
 
     def reduce_state(self, state) -> None:
         """Merge every rank's state onto rank 0; the other ranks' states restart from zero."""
@@ -112,6 +116,13 @@ class Group:
             dist.reduce(buf, dst=0, op=op)
             if self.is_main:
                 setattr(state, name, buf.to(t.device))
+        for t in _token_sums(state):
+            buf = t.to(self.device)
+            dist.reduce(buf, dst=0)
+            if self.is_main:
+                t.copy_(buf)
+            else:
+                t.zero_()
         if not self.is_main:
             state.counts.zero_()
             state.sums.zero_()
@@ -156,6 +167,11 @@ class Group:
 
     def _object_device(self):
         return self.device if dist.get_backend() == "nccl" else None
+
+
+def _token_sums(state) -> list:
+    """The LAPE / DiffMean token sums a stream state carries (summed across ranks like its counts)."""
+    return [] if state.token_stats is None else list(state.token_stats.tensors().values())
 
 
 def current() -> Group:

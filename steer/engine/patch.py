@@ -80,12 +80,17 @@ class FusedPatch(Backend):
         shape = up.shape
         up = self.sites.view(up, batch)  # [B, T, M]
         gate = None if gate is None else self.sites.view(gate, batch)
-        override, rows, tokens = self.override(layer) or (None, None, None)
-        h, pool_max, pool_sum = self.op(up, gate, act=self.acts[layer], override=override, steer_tokens=tokens,
-                                        pool_tokens=self.pool_tokens, override_rows=rows)
+        iv = self.intervention
+        mlp_site = iv is not None and iv.site != "residual"
+        override, rows, tokens = self.override(layer) if mlp_site else (None, None, None)
+        out = self.op(up, gate, act=self.acts[layer], override=override, steer_tokens=tokens,
+                      pool_tokens=self.pool_tokens, override_rows=rows,
+                      override_site=iv.site if mlp_site else "neuron", act_stats="act_pos" in self.stats)
         if self.pool_tokens is not None:
-            self.pooled[:, layer] = pool_max if self.pooling == "max" else pool_mean(pool_sum, self.pool_tokens)
-        return h.view(shape)
+            self.pooled[:, layer] = out.pool_max if self.pooling == "max" else pool_mean(out.pool_sum, self.pool_tokens)
+        if "act_pos" in self.stats:
+            self.stats["act_pos"][:, layer], self.stats["act_sum"][:, layer] = out.act_pos, out.act_sum
+        return out.h.view(shape)
 
     def revert(self) -> None:
         """Put the original modules back; the model is as before the patch."""

@@ -1,11 +1,28 @@
-"""The study's configuration: `StudyConfig`, its validation, and what `--full` changes."""
+"""The study's configuration: `StudyConfig`, its validation, and what `--full` changes.
+
+The corpora are the Bible's (discovery, dev and test splits) unless `discovery_corpus` (a
+labelled file) or `eval_corpus` (an aligned file, cut into dev and test) replace them.
+`validate` reads those files and checks they hold what the run needs (every target and negative
+in the discovery corpus, every language a column of the eval corpus, non-empty splits), and that
+the languages still taken from the Bible have a Bible version: a bad corpus fails before the
+model loads. With an eval corpus, `languages` not given explicitly are its columns (`as_config`,
+where explicit values are told from defaults).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from steer.core.corpus import BIBLE_VERSIONS
+from steer.core.corpus import (
+    BIBLE_VERSIONS,
+    load_corpus,
+    parallel_from_file,
+    sample_per_label,
+    split_parallel,
+)
 from steer.core.experts import CONTROL_LAYERS, RECIPES
 from steer.core.runtime import DTYPES
 
@@ -53,6 +70,8 @@ class StudyConfig:
     threads: int | None = None
     progress: bool = True
     full: bool = False
+    eval_corpus: str | None = None  # aligned TSV/JSONL (parallel_from_file) for dev and test; None: the Bible
+    discovery_corpus: str | None = None  # labelled file or folder (load_corpus); None: the Bible
 
     def validate(self) -> "StudyConfig":
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -77,7 +96,45 @@ class StudyConfig:
         if not 0 < self.n_control <= self.n_test:
             raise ValueError(f"n_control={self.n_control} must be in 1..n_test={self.n_test}")
         self.k_grid = sorted(set(int(k) for k in self.k_grid))
+        self._check_corpora()
         return self
+
+    def _check_corpora(self) -> None:
+        """Each corpus holds what the run needs (see the module docstring)."""
+        discovery = list(dict.fromkeys(self.targets + self.negatives))
+        if self.discovery_corpus is None:
+            _bible_languages("targets and negatives", discovery, "--discovery-corpus")
+        else:
+            corpus = load_corpus(_readable(self.discovery_corpus, "discovery_corpus", folder=True))
+            sample_per_label(corpus, discovery, self.n_discovery, self.seed)
+        if self.eval_corpus is None:
+            _bible_languages("languages", self.languages, "--eval-corpus")
+        else:
+            par = parallel_from_file(_readable(self.eval_corpus, "eval_corpus"))
+            par.select(self.languages)
+            split_parallel(par, self.n_dev, self.n_test, self.seed)
+
+
+def _readable(path: str, option: str, folder: bool = False) -> Path:
+    """`path` as a Path if it is a readable file (or folder); else a ValueError naming `option`."""
+    p = Path(path)
+    if not (p.is_file() or (folder and p.is_dir())):
+        raise ValueError(f"{option}={path!r}: no such file{' or folder' if folder else ''}")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{option}={path!r}: not readable")
+    return p
+
+
+def _bible_languages(what: str, languages: list[str], option: str) -> None:
+    missing = [language for language in languages if language not in BIBLE_VERSIONS]
+    if missing:
+        raise ValueError(f"{what} {', '.join(missing)} have no Bible version (available: "
+                         f"{', '.join(BIBLE_VERSIONS)}); give their text with {option}")
+
+
+def eval_languages(path: str) -> list[str]:
+    """The language columns of an eval corpus: the study's default languages with it."""
+    return parallel_from_file(_readable(path, "eval_corpus")).languages
 
 
 #: what `--full` changes: the complete protocol, for a bigger machine
@@ -92,14 +149,20 @@ FULL = dict(
 
 
 def as_config(config) -> StudyConfig:
-    """A `StudyConfig` from itself, a dict or an argparse namespace (`full` first applies `FULL`)."""
+    """A `StudyConfig` from itself, a dict or an argparse namespace (`full` first applies `FULL`).
+
+    Values None count as not given. With an `eval_corpus` and no `languages`, the languages are
+    the file's columns (over `FULL`'s and the default; an explicit list wins)."""
     if isinstance(config, StudyConfig):
         return config
     if isinstance(config, argparse.Namespace):
         config = vars(config)
     config = dict(config)
     full = bool(config.get("full"))
-    base = {**(FULL if full else {}), **{k: v for k, v in config.items() if v is not None}}
+    given = {k: v for k, v in config.items() if v is not None}
+    base = {**(FULL if full else {}), **given}
+    if given.get("eval_corpus") and "languages" not in given:
+        base["languages"] = eval_languages(given["eval_corpus"])
     names = {f.name for f in dataclasses.fields(StudyConfig)}
     unknown = set(base) - names
     if unknown:

@@ -3,7 +3,13 @@
 discovery (experts on the discovery split) -> dev (the k sweep and `choose`) -> test (pre/post
 on the test split) -> random control -> paraphrases -> UDHR -> optional descriptive k sweep on
 test -> verdict and outputs. The stages share one `_Run`; each adds its part of the results dict.
-Nothing of the test split or the UDHR is loaded before `choose` has returned.
+Nothing of the test split or the UDHR is loaded before `choose` has returned (an eval corpus file
+is read whole to cut dev from it, but its test rows are only taken in the test stage).
+
+Corpora (`_discovery_corpus`, `_eval_split`): the Bible's splits, or the user's files
+(`discovery_corpus`: labelled text, at most n_discovery per language; `eval_corpus`: aligned rows
+cut into dev and test by `split_parallel`). The UDHR and the Bible paraphrases are extra
+corpora of their own, run for the languages they have.
 """
 from __future__ import annotations
 
@@ -27,6 +33,10 @@ from steer.core.corpus import (
     bible_corpus,
     bible_parallel,
     bible_paraphrases,
+    load_corpus,
+    parallel_from_file,
+    sample_per_label,
+    split_parallel,
     udhr_parallel,
 )
 from steer.core.experts import RECIPES, ExpertSet, package_version, random_control, values_sha
@@ -152,7 +162,7 @@ def stage_discovery(run: _Run) -> None:
     cfg, results = run.cfg, run.results
     with run.stage("discovery"):
         disc_langs = list(dict.fromkeys(cfg.targets + _negatives(cfg)))
-        corpus = bible_corpus(disc_langs, split="discovery", n_per_language=cfg.n_discovery, seed=cfg.seed)
+        corpus = _discovery_corpus(cfg, disc_langs)
         results["corpora"]["discovery"] = _corpus_entry(corpus)
         found = find_experts(run.model, run.tok, corpus, mode="exact", k=max(cfg.k_grid), recipe=cfg.recipe, targets=cfg.targets,
                              negatives=disc_langs, pooling=cfg.pooling, batch_size=cfg.batch_size,
@@ -169,7 +179,7 @@ def stage_dev(run: _Run) -> None:
     """2. The k sweep on dev (and the layer profile), from which `choose` makes every choice."""
     cfg, embedder, readout, dev_layers = run.cfg, run.embedder, run.readout, run.dev_layers
     with run.stage("dev sweep"):
-        dev = bible_parallel(cfg.languages, split="dev", n=cfg.n_dev, seed=cfg.seed)
+        dev = _eval_split(cfg, "dev")
         run.results["corpora"]["dev"] = _corpus_entry(dev)
         primary_centred = cfg.center
         base = embedder.parallel(dev, dev_layers)
@@ -201,7 +211,7 @@ def stage_test(run: _Run):
     cfg, embedder, layer, ks = run.cfg, run.embedder, run.layer, run.ks
     test_results: dict = {}
     with run.stage("test"):
-        test = bible_parallel(cfg.languages, split="test", n=cfg.n_test, seed=cfg.seed)
+        test = _eval_split(cfg, "test")
         run.results["corpora"]["test"] = _corpus_entry(test)
         pre = embedder.parallel(test, [layer])[layer]
         test_results["pre"] = {"distances": distances(pre, None),
@@ -250,6 +260,11 @@ def stage_paraphrases(run: _Run) -> None:
     with run.stage("paraphrases"):
         para: dict = {}
         langs = [l for l in BIBLE_PARAPHRASES if l in cfg.languages]
+        if len(langs) < len(BIBLE_PARAPHRASES):
+            log.info("paraphrases: %s not among the languages, skipped",
+                     ", ".join(l for l in BIBLE_PARAPHRASES if l not in langs))
+        if not langs:
+            return
         pars = {l: bible_paraphrases(l, split="test", n=cfg.n_paraphrase, seed=cfg.seed) for l in langs}
         run.results["corpora"]["paraphrases"] = {l: _corpus_entry(p) for l, p in pars.items()}
         base_p = {l: run.embedder.parallel(p, [layer])[layer] for l, p in pars.items()}
@@ -272,6 +287,9 @@ def stage_udhr(run: _Run) -> None:
         except Exception as e:  # pragma: no cover - fixture missing
             udhr_langs = []
             warnings.warn(f"UDHR unavailable: {e}")
+        if len(udhr_langs) < len(cfg.languages):
+            log.info("udhr: %s not in the UDHR, skipped%s", ", ".join(l for l in cfg.languages if l not in udhr_langs),
+                     "" if len(udhr_langs) >= 3 else f" (the UDHR stage needs 3 languages; it has {len(udhr_langs)})")
         u_results: dict = {}
         if len(udhr_langs) >= 3:
             udhr = udhr_parallel(udhr_langs)
@@ -359,6 +377,25 @@ def _environment() -> dict:
     except Exception:
         env["git_commit"] = None
     return env
+
+
+def _discovery_corpus(cfg: StudyConfig, languages: list[str]):
+    """Labelled discovery text of `languages`: the Bible's discovery split or the user's file."""
+    if cfg.discovery_corpus is None:
+        return bible_corpus(languages, split="discovery", n_per_language=cfg.n_discovery, seed=cfg.seed)
+    return sample_per_label(load_corpus(cfg.discovery_corpus), languages, cfg.n_discovery, cfg.seed)
+
+
+def _eval_split(cfg: StudyConfig, split: str):
+    """The dev or test split in `cfg.languages`: the Bible's, or the eval corpus file's rows."""
+    n = cfg.n_dev if split == "dev" else cfg.n_test
+    if cfg.eval_corpus is None:
+        return bible_parallel(cfg.languages, split=split, n=n, seed=cfg.seed)
+    dev, test = split_parallel(parallel_from_file(cfg.eval_corpus), cfg.n_dev, cfg.n_test, cfg.seed)
+    par = dev if split == "dev" else test
+    if len(par) < n:
+        log.info("%s: %s rows of %s (n_%s=%s)", split, len(par), cfg.eval_corpus, split, n)
+    return par.select(cfg.languages)
 
 
 def _corpus_entry(obj) -> dict:
