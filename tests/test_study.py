@@ -417,3 +417,39 @@ def test_cli_corpus_options(tmp_path):
     assert cli.config_from_args(p.parse_args(["study"])).eval_corpus is None
     with pytest.raises(ValueError, match="eval_corpus='nowhere.tsv': no such file"):
         cli.config_from_args(p.parse_args(["study", "--eval-corpus", "nowhere.tsv"]))
+
+
+def test_methods_compared_on_an_eval_corpus(tmp_path, fake):
+    """`steer study --methods experts,lape,diffmean,random --eval-corpus small.tsv` on a tiny model:
+    every method gets a dev-chosen setting from its own grid, the test measures and generation."""
+    tsv = _write_parallel(tmp_path / "small.tsv", ["en", "fr", "de", "zh"], 24)
+    from steer.cli.main import main
+
+    main(["study", "--model", "tiny", "--eval-corpus", tsv, "--methods", "experts,lape,diffmean,random",
+          "--targets", "fr,de", "--negatives", "zh", "--n-discovery", "10", "--n-dev", "8", "--n-test", "10",
+          "--n-control", "6", "--n-paraphrase", "8", "--k-grid", "2,5", "--control-seeds", "1", "--n-boot", "40",
+          "--no-udhr", "--lape-rates", "0.05,0.2", "--diffmean-scales", "0.5,1", "--n-generate", "4",
+          "--gen-tokens", "4", "--n-heldout", "3", "--batch-size", "4", "--threads", "1", "--no-cache", "--quiet",
+          "--out", str(tmp_path / "out")])
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    m = res["methods"]
+    assert m["names"] == ["experts", "lape", "diffmean", "random"]
+    assert m["sites"] == {"experts": "neuron", "lape": "activation", "diffmean": "residual", "random": "neuron"}
+    assert set(res["corpora"]["discovery"]["description"]["n_per_label"]) == {"en", "fr", "de", "zh"}  # all languages
+    for t in ("fr", "de"):
+        assert m["chosen"]["experts"][t] == {"k": res["dev"]["chosen"]["k"][t]}  # the k sweep's own choice
+        grid = [r["setting"] for r in m["dev"]["diffmean"][t]]
+        assert len(grid) == 2 * 2 and {s["layer"] for s in grid} == {0, 1}  # 2 scales x 2 layers (of 2)
+        for name in m["names"]:
+            chosen = m["chosen"][name][t]
+            if chosen is None:
+                continue
+            best = max(r["a"] for r in m["dev"][name][t])
+            assert next(r for r in m["dev"][name][t] if r["setting"] == chosen)["a"] >= best - 1e-9
+            test = m["test"][name][t]
+            assert set(test["retrieval"]["raw"]["settings"]) >= {"a", "a_reverse", "b"}
+            g = m["generation"][name][t]
+            assert g["n"] == 4 and 0 <= g["fraction"] <= 1 and g["ppl"] > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Methods compared" in report and "methods.png" in report
+    assert (tmp_path / "out" / "methods.png").exists()

@@ -8,6 +8,7 @@ from steer.core.experts import RECIPES
 from steer.core.runtime import add_arguments
 from steer.experiments.study import __doc__ as STUDY_DOC
 from steer.experiments.study.config import CONTROL_LAYERS, CRITERIA, SIDES, StudyConfig, as_config
+from steer.experiments.study.methods import METHODS
 from steer.experiments.study.protocol import run_study
 from steer.experiments.study.report import render_only
 
@@ -35,6 +36,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="labelled text to find experts in instead of the Bible (.tsv label<TAB>text, .jsonl, or a "
                         "folder of <code>.txt; labels are ISO 639-1 codes): every target and negative must be "
                         "there; at most --n-discovery sentences per language, a seeded sample")
+    p.add_argument("--methods", type=csv_list, default=None,
+                   help=f"methods compared, experts among them: {','.join(METHODS)} (default experts). Each gets a "
+                        "strength chosen on dev (k; the LAPE top_rate; DiffMean's layer and scale), the same test "
+                        "retrieval, distances and paraphrases, and language steering in generation")
+    p.add_argument("--lape-rates", type=lambda s: [float(x) for x in csv_list(s)], default=None,
+                   help=f"LAPE top_rate values tried on dev (default {','.join(map(str, d.lape_rates))})")
+    p.add_argument("--diffmean-layers", type=lambda s: [int(x) for x in csv_list(s)], default=None,
+                   help="decoder layers (from 0) DiffMean may steer (default: a quarter, half and three quarters up)")
+    p.add_argument("--diffmean-scales", type=lambda s: [float(x) for x in csv_list(s)], default=None,
+                   help="DiffMean strengths tried on dev, as multiples of the norm of the target's mean residual "
+                        f"at the layer (default {','.join(map(str, d.diffmean_scales))})")
+    for name, help_ in (("n-generate", "BOS-prompted samples per method and target"),
+                        ("gen-tokens", "new tokens per sample"),
+                        ("n-heldout", "held-out test sentences of the target for perplexity")):
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"{help_} (default {getattr(d, name.replace('-', '_'))})")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="sundar2025 (default): AUROC > 0.5, top-k, forced to the mean positive response; "
                         "finding-experts: AP, forced to the median")

@@ -123,6 +123,14 @@ class Intervention:
         self.positions = other.positions
         return self
 
+    def with_positions(self, positions: str) -> "Intervention":
+        """A copy steering `positions` (e.g. "all" for the perplexity of held-out text)."""
+        out = Intervention(*self.shape, positions=positions, device=self.mask.device, site=self.site)
+        out.mask.copy_(self.mask)
+        out.mul.copy_(self.mul)
+        out.add.copy_(self.add)
+        return out
+
     def __len__(self) -> int:
         return int(self.mask.sum())
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from steer.core.artifacts import atomic_write_text
 from steer.core.experts import random_control
-from steer.core.intervention import POSITIONS, Intervention
+from steer.core.intervention import POSITIONS
 from steer.core.metrics import check_k
 from steer.engine.backends import attached
 from steer.engine.generation import generate, perplexity
@@ -95,30 +95,19 @@ def _fraction(langs: Sequence[str], lang: str) -> dict:
     return {"n": len(langs), "hits": hits, "fraction": hits / len(langs), "ci95": [lo, hi]}
 
 
-def _all_positions(iv: Intervention) -> Intervention:
-    """A copy of `iv` that steers every position (perplexity of held-out text)."""
-    out = Intervention(*iv.shape, positions="all", device=iv.mask.device)
-    out.mask.copy_(iv.mask)
-    out.mul.copy_(iv.mul)
-    out.add.copy_(iv.add)
-    return out
-
-
 @dataclass
-class _Sweep:
-    """What every (language, k) of one sweep shares: the model, the draws, the classifier, the held-out text."""
+class Probe:
+    """Language steering in generation, for any intervention: BOS-prompted samples identified by
+    language, and the perplexity of held-out text with the intervention forced at every position."""
 
     model: nn.Module
     tok: object
-    experts: object
     classify: Callable[[Sequence[str], Sequence[str]], list[str]]
     study: list[str]
     heldout: dict[str, list[str]] | None
     gen: dict
     seed: int
     ppl_batch_size: int
-    positions: str
-    strength: float
 
     def sample(self, iv, n):
         """n BOS-prompted samples with `iv` forced (the same draws for every k): texts, languages, seconds."""
@@ -128,11 +117,31 @@ class _Sweep:
         return texts, langs, time.perf_counter() - t
 
     def ppl(self, lang, iv):
-        """Perplexity of `lang`'s held-out text with `iv` forced (None without held-out text)."""
+        """Perplexity of `lang`'s held-out text with `iv` forced at every position (None without
+        held-out text)."""
         if self.heldout is None:
             return None
+        iv = None if iv is None else iv.with_positions("all")
         return perplexity(self.model, self.tok, self.heldout[lang], intervention=iv,
                           batch_size=self.ppl_batch_size)["ppl"]
+
+    def outcome(self, lang: str, iv, n: int, base_ppl: float | None = None):
+        """(row, texts, seconds): `lang`'s fraction of n samples with `iv` forced (Wilson CI), the
+        languages identified, the held-out perplexity and its ratio to `base_ppl`."""
+        texts, langs, secs = self.sample(iv, n)
+        p = self.ppl(lang, iv)
+        row = {**_fraction(langs, lang), "identified": dict(Counter(langs)), "ppl": p,
+               "ppl_ratio": None if p is None or not base_ppl else p / base_ppl}
+        return row, texts, secs
+
+
+@dataclass
+class _Sweep(Probe):
+    """A probe with what every (language, k) of one sweep shares: the experts, positions, strength."""
+
+    experts: object = None
+    positions: str = "all"
+    strength: float = 1.0
 
     def control(self, lang: str, k: int, random_seeds, n_random: int, random_ppl: bool) -> dict | None:
         """The random-neuron control of (lang, k): per seed, and mean and sd over seeds."""
@@ -140,7 +149,7 @@ class _Sweep:
         for rs in random_seeds:
             riv, _ = random_control(self.experts, lang, k, rs, positions=self.positions, strength=self.strength)
             rt, rl, _ = self.sample(riv, n_random)
-            rp = self.ppl(lang, _all_positions(riv)) if random_ppl else None
+            rp = self.ppl(lang, riv) if random_ppl else None
             ctrl.append({"seed": rs, **_fraction(rl, lang), "identified": dict(Counter(rl)), "ppl": rp})
         if not ctrl:
             return None
@@ -206,7 +215,7 @@ def language_steering(model: nn.Module, tok, experts, languages: Sequence[str], 
     gen = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                batch_size=batch_size)
     start = time.perf_counter()
-    sw = _Sweep(model, tok, experts, classify, study, heldout, gen, seed, ppl_batch_size, positions, strength)
+    sw = _Sweep(model, tok, classify, study, heldout, gen, seed, ppl_batch_size, experts, positions, strength)
     base_texts, base_langs, secs = sw.sample(None, n_samples)
     say(f"k=0 (no steering): {n_samples} samples in {secs:.0f} s; identified {dict(Counter(base_langs))}")
     base_ppl = {lang: sw.ppl(lang, None) for lang in languages}
@@ -223,10 +232,8 @@ def language_steering(model: nn.Module, tok, experts, languages: Sequence[str], 
                 rows.append(row)
                 continue
             iv = experts.intervention(lang, k=k, positions=positions, strength=strength)
-            texts, langs, secs = sw.sample(iv, n_samples)
-            p = sw.ppl(lang, _all_positions(iv))
-            row = {"k": k, **_fraction(langs, lang), "identified": dict(Counter(langs)), "ppl": p,
-                   "ppl_ratio": None if p is None else p / base_ppl[lang]}
+            outcome, texts, secs = sw.outcome(lang, iv, n_samples, base_ppl[lang])
+            row = {"k": k, **outcome}
             samples[lang][str(k)] = texts[:keep_samples]
             row["random"] = sw.control(lang, k, random_seeds, n_random, random_ppl)
             rows.append(row)

@@ -23,11 +23,13 @@ from steer.engine.embed import embed
 
 
 def condition_key(iv: Intervention | None) -> str:
-    """'base' for the unsteered model, else a hash of the intervention's buffers and positions."""
+    """'base' for the unsteered model, else a hash of the intervention's site, buffers and positions."""
     if iv is None or len(iv) == 0:
         return "base"
     idx = iv.mask.nonzero()  # [n, 2]
     h = hashlib.sha256(iv.positions.encode())
+    if iv.site != "neuron":  # neuron-site keys as before the other sites existed: caches stay valid
+        h.update(iv.site.encode())
     h.update(idx.cpu().numpy().astype(np.int64).tobytes())
     h.update(iv.mul[iv.mask].cpu().numpy().astype(np.float32).tobytes())
     h.update(iv.add[iv.mask].cpu().numpy().astype(np.float32).tobytes())

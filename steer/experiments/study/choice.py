@@ -49,3 +49,13 @@ def choose(records: list[dict], targets: list[str], criterion: str, layer_search
                     else "; layer fixed by the configuration")),
     }
 
+
+
+def choose_setting(records: list[dict], criterion: str) -> dict:
+    """The setting of one method and target with the best dev criterion among `records` (each
+    {"split": "dev", "setting", "a", "b"}, in grid order, weakest first); values within TIE_TOL
+    of the best are ties, won by the earlier (weaker) setting."""
+    if not records or any(r["split"] != "dev" for r in records):
+        raise ValueError("choose_setting() needs dev records")
+    top = max(criterion_value(r, criterion) for r in records)
+    return next(r for r in records if criterion_value(r, criterion) >= top - TIE_TOL)

@@ -25,6 +25,7 @@ from steer.core.corpus import (
 )
 from steer.core.experts import CONTROL_LAYERS, RECIPES
 from steer.core.runtime import DTYPES
+from steer.experiments.study.methods import METHODS, TOKEN_METHODS
 
 SCHEMA = "steer.study/1"
 CRITERIA = ("a", "ab")
@@ -72,6 +73,14 @@ class StudyConfig:
     full: bool = False
     eval_corpus: str | None = None  # aligned TSV/JSONL (parallel_from_file) for dev and test; None: the Bible
     discovery_corpus: str | None = None  # labelled file or folder (load_corpus); None: the Bible
+    # methods compared (methods.py); beyond experts, each gets a dev-chosen strength and the same tests
+    methods: list[str] = field(default_factory=lambda: ["experts"])
+    lape_rates: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])  # LAPE top_rate grid
+    diffmean_layers: list[int] | None = None  # None: a quarter, half and three quarters up
+    diffmean_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])  # x |target mean|
+    n_generate: int = 40  # BOS-prompted samples per method and target (language steering in generation)
+    gen_tokens: int = 32  # new tokens per sample
+    n_heldout: int = 40  # held-out test sentences of the target for perplexity
 
     def validate(self) -> "StudyConfig":
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -96,12 +105,32 @@ class StudyConfig:
         if not 0 < self.n_control <= self.n_test:
             raise ValueError(f"n_control={self.n_control} must be in 1..n_test={self.n_test}")
         self.k_grid = sorted(set(int(k) for k in self.k_grid))
+        self._check_methods()
         self._check_corpora()
         return self
 
+    def _check_methods(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or "experts" not in self.methods or len(set(self.methods)) < len(self.methods):
+            raise ValueError(f"methods {self.methods}: distinct names from {METHODS}, experts among them")
+        if not self.lape_rates or not all(0 < r <= 1 for r in self.lape_rates):
+            raise ValueError(f"lape_rates {self.lape_rates}: each in (0, 1]")
+        if not self.diffmean_scales or min(self.diffmean_scales) <= 0:
+            raise ValueError(f"diffmean_scales {self.diffmean_scales}: positive numbers")
+        if self.diffmean_layers is not None and (not self.diffmean_layers or min(self.diffmean_layers) < 0):
+            raise ValueError(f"diffmean_layers {self.diffmean_layers}: decoder layers from 0")
+        if min(self.n_generate, self.gen_tokens, self.n_heldout) < 1:
+            raise ValueError("n_generate, gen_tokens and n_heldout must be at least 1")
+
+    def discovery_languages(self) -> list[str]:
+        """The discovery corpus's languages: targets and negatives (the experts' splits), and every
+        language when LAPE or DiffMean run (their statistics compare all of them)."""
+        extra = self.languages if any(m in TOKEN_METHODS for m in self.methods) else []
+        return list(dict.fromkeys(self.targets + self.negatives + extra))
+
     def _check_corpora(self) -> None:
         """Each corpus holds what the run needs (see the module docstring)."""
-        discovery = list(dict.fromkeys(self.targets + self.negatives))
+        discovery = self.discovery_languages()
         if self.discovery_corpus is None:
             _bible_languages("targets and negatives", discovery, "--discovery-corpus")
         else:

@@ -44,6 +44,8 @@ def make_figures(results: dict, out: Path) -> dict[str, str]:
     if len({r["layer"] for r in results["dev"]["records"]}) > 1:
         figs["layers"] = _save(layers_figure(results, targets), out / "layers_dev.png")
     figs["control"] = _save(control_figure(results, rep, targets), out / "random_control.png")
+    if results.get("methods"):
+        figs["methods"] = _save(methods_figure(results, rep, targets), out / "methods.png")
     for t in targets:
         if (out / f"projection_{t}.png").exists():
             figs[f"projection_{t}"] = f"projection_{t}.png"
@@ -168,5 +170,41 @@ def control_figure(results: dict, rep: str, targets: list[str]):
         ax.set_ylim(0, min(1.05, max(0.05, top * 1.3)))
         ax.set_ylabel("mean top-1 (test subset)")
         ax.set_title(f"random-neuron control, {t} ({results['control']['rows']} verses)", fontsize=10)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def methods_figure(results: dict, rep: str, targets: list[str]):
+    """Per target: each method's change in setting (a) top-1 on test (paired 95 % CI), and its
+    target-language fraction in generation against the perplexity ratio."""
+    m = results["methods"]
+    names = m["names"]
+    fig, axes = _figure(10, 3.4 * len(targets), 2, len(targets))
+    for row, t in enumerate(targets):
+        ax = axes[row][0]
+        deltas = [m["test"][n].get(t, {}).get("retrieval", {}).get(rep, {}).get("settings", {}).get("a", {}).get("delta")
+                  for n in names]
+        xs = range(len(names))
+        for x, d in zip(xs, deltas):
+            if d is not None:
+                ax.errorbar([x], [d[0]], yerr=[[d[0] - d[1]], [d[2] - d[0]]], fmt="o", capsize=4)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("Δ top-1, setting (a)")
+        ax.set_title(f"{t}: retrieval change on test ({rep})")
+        ax = axes[row][1]
+        base = m["generation"]["base"][t]
+        ax.scatter([1.0], [base["fraction"]], marker="x", color="black", label="unsteered")
+        ratios = [1.0]
+        for n in names:
+            g = m["generation"][n].get(t)
+            if g and g.get("ppl_ratio") is not None:
+                ax.scatter([g["ppl_ratio"]], [g["fraction"]], label=n)
+                ratios.append(g["ppl_ratio"])
+        if max(ratios) / min(ratios) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel("held-out perplexity, steered / unsteered")
+        ax.set_ylabel(f"fraction of samples in {t}")
+        ax.set_title(f"{t}: language steering in generation")
         ax.legend(fontsize=7)
     return fig

@@ -41,15 +41,18 @@ from steer.core.corpus import (
 )
 from steer.core.experts import RECIPES, ExpertSet, package_version, random_control, values_sha
 from steer.core.intervention import Intervention
+from steer.core.token_stats import TokenStats
 from steer.core.runtime import dtype_name, environment, set_threads
 from steer.engine.models import cache_dir as _steer_cache_dir
 from steer.engine.models import load_model
 from steer.experiments import analysis as A
+from steer.experiments.language_sweep import Probe, identify_languages
 from steer.experiments.study.cache import Embedder
-from steer.experiments.study.choice import choose
+from steer.experiments.study.choice import choose, choose_setting
 from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
 from steer.experiments.study.control import control_seed
 from steer.experiments.study.figures import shrink_png
+from steer.experiments.study.methods import TOKEN_METHODS, make_methods
 from steer.experiments.study.measures import (
     both,
     control_summary,
@@ -97,6 +100,8 @@ class _Run:
     grid: dict | None = None  # target -> the k values of the grid it has experts for
     layer: int | None = None  # the read-out layer chosen on dev
     ks: dict | None = None  # target -> the k chosen on dev
+    token_stats: TokenStats | None = None  # LAPE / DiffMean sums of the discovery pass (methods beyond experts)
+    paraphrases: tuple | None = None  # (paraphrase corpora, their unsteered embeddings), once loaded
 
     def expert_iv(self, t: str, k: int) -> Intervention:
         return self.experts.intervention(t, self.model, k=k)
@@ -122,6 +127,8 @@ def _run(cfg: StudyConfig) -> dict:
         stage_udhr(run)
     if cfg.test_k_sweep:
         stage_test_k_sweep(run, test, pre)
+    if len(cfg.methods) > 1:
+        stage_methods(run, _eval_split(cfg, "dev"), test, pre)
     return _finish(run, t_start)
 
 
@@ -161,13 +168,14 @@ def stage_discovery(run: _Run) -> None:
     """1. Experts of every target on the discovery split (the other targets + negatives as negatives)."""
     cfg, results = run.cfg, run.results
     with run.stage("discovery"):
-        disc_langs = list(dict.fromkeys(cfg.targets + _negatives(cfg)))
-        corpus = _discovery_corpus(cfg, disc_langs)
+        disc_langs = list(dict.fromkeys(cfg.targets + _negatives(cfg)))  # the experts' splits
+        corpus = _discovery_corpus(cfg, cfg.discovery_languages())
+        kinds = tuple(TOKEN_METHODS[m] for m in cfg.methods if m in TOKEN_METHODS)
         results["corpora"]["discovery"] = _corpus_entry(corpus)
         found = find_experts(run.model, run.tok, corpus, mode="exact", k=max(cfg.k_grid), recipe=cfg.recipe, targets=cfg.targets,
                              negatives=disc_langs, pooling=cfg.pooling, batch_size=cfg.batch_size,
-                             progress=cfg.progress)
-        scores, run.experts = found.scores, found.experts
+                             progress=cfg.progress, token_stats=kinds)
+        scores, run.experts, run.token_stats = found.scores, found.experts, found.token_stats
         run.embedder.stats["computed_tokens"] += scores.settings.get("tokens", 0)
         run.embedder.stats["computed_sentences"] += len(corpus)
         results["experts"] = _experts_summary(run.experts, scores, cfg, scores.splits)
@@ -267,15 +275,89 @@ def stage_paraphrases(run: _Run) -> None:
             return
         pars = {l: bible_paraphrases(l, split="test", n=cfg.n_paraphrase, seed=cfg.seed) for l in langs}
         run.results["corpora"]["paraphrases"] = {l: _corpus_entry(p) for l, p in pars.items()}
-        base_p = {l: run.embedder.parallel(p, [layer])[layer] for l, p in pars.items()}
+        run.paraphrases = pars, {l: run.embedder.parallel(p, [layer])[layer] for l, p in pars.items()}
         for t in cfg.targets:
-            iv = run.expert_iv(t, run.ks[t])
-            para[t] = {}
-            for l, p in pars.items():
-                q_col, c_col = p.languages
-                post_p = run.embedder.parallel(p, [layer], run.side(t, iv))[layer]
-                para[t][l] = paraphrase_entry(base_p[l], post_p, q_col, c_col, cfg)
+            para[t] = paraphrase_retrieval(run, t, run.expert_iv(t, run.ks[t]))
         run.results["paraphrases"] = para
+
+
+def paraphrase_retrieval(run: _Run, t: str, iv: Intervention) -> dict:
+    """Paraphrase retrieval of every paraphrase language with `iv` (target t's intervention)."""
+    pars, base = run.paraphrases
+    out = {}
+    for l, p in pars.items():
+        q_col, c_col = p.languages
+        post = run.embedder.parallel(p, [run.layer], run.side(t, iv))[run.layer]
+        out[l] = paraphrase_entry(base[l], post, q_col, c_col, run.cfg)
+    return out
+
+
+def stage_methods(run: _Run, dev, test, pre: dict) -> None:
+    """The methods compared (`methods.py`): each one's strength chosen on dev (read-out layer of
+    the experts' choice), then the test retrieval, distances and paraphrases, and language steering
+    in generation, at that strength. The experts' dev records are the k sweep's."""
+    cfg, layer = run.cfg, run.layer
+    methods = make_methods(cfg.methods, cfg, run.experts, run.grid, run.token_stats)
+    out: dict = {"names": list(methods), "sites": {m: x.site for m, x in methods.items()}, "dev": {},
+                 "chosen": {}, "test": {}, "paraphrases": {}}
+    with run.stage("methods: dev"):
+        base = run.embedder.parallel(dev, [layer])[layer]
+        out["dev_pre"] = {t: setting_scores(base, t, cfg.center) for t in cfg.targets}
+        for name, method in methods.items():
+            out["dev"][name] = {t: _method_dev(run, method, t, dev) for t in cfg.targets}
+            out["chosen"][name] = {t: choose_setting(r, cfg.criterion)["setting"] if r else None  # None: empty grid
+                                   for t, r in out["dev"][name].items()}
+    with run.stage("methods: test"):
+        for name, method in methods.items():
+            out["test"][name], out["paraphrases"][name] = {}, {}
+            for t in cfg.targets:
+                setting = out["chosen"][name][t]
+                if setting is None:
+                    continue
+                iv = method.build(t, setting)
+                post = run.embedder.parallel(test, [layer], run.side(t, iv))[layer]
+                out["test"][name][t] = {"setting": setting, "units": len(iv),
+                                        **pre_post(pre, post, t, setting, run.results["test"]["pre"]["correlation"], cfg)}
+                if run.paraphrases is not None:
+                    out["paraphrases"][name][t] = paraphrase_retrieval(run, t, iv)
+    with run.stage("methods: generation"):
+        out["generation"] = _method_generation(run, methods, out["chosen"], test)
+    run.results["methods"] = out
+
+
+def _method_dev(run: _Run, method, t: str, dev) -> list[dict]:
+    """Dev records of one method and target, one per setting of its grid (weakest first)."""
+    cfg, layer = run.cfg, run.layer
+    if method.name == "experts":  # the k sweep already ran
+        return [{"split": "dev", "setting": {"k": r["k"]}, "a": r["a"], "b": r["b"]}
+                for r in run.results["dev"]["records"] if r["target"] == t and r["layer"] == layer and r["k"] > 0]
+    records = []
+    for setting in tqdm(method.grid(t), desc=f"dev {method.name} {t}", disable=not cfg.progress):
+        post = run.embedder.parallel(dev, [layer], run.side(t, method.build(t, setting)), keep=False)[layer]
+        records.append({"split": "dev", "setting": setting, **setting_scores(post, t, cfg.center)})
+    return records
+
+
+def _method_generation(run: _Run, methods: dict, chosen: dict, test) -> dict:
+    """Language steering in generation: per target, the unsteered model and every method at its
+    dev-chosen strength (fraction of BOS-prompted samples in the target language, held-out
+    perplexity on the target's test sentences)."""
+    cfg = run.cfg
+    probe = Probe(run.model, run.tok, identify_languages, list(cfg.languages),
+                  {t: test.texts[t][: cfg.n_heldout] for t in cfg.targets},
+                  dict(max_new_tokens=cfg.gen_tokens, do_sample=True, temperature=1.0, top_p=0.9,
+                       batch_size=cfg.batch_size), cfg.seed, 8)
+    out: dict = {"settings": {"n_samples": cfg.n_generate, "max_new_tokens": cfg.gen_tokens, "temperature": 1.0,
+                              "top_p": 0.9, "n_heldout": cfg.n_heldout, "classifier": "py3langid",
+                              "languages": list(cfg.languages)}, "base": {}}
+    for t in cfg.targets:
+        out["base"][t] = probe.outcome(t, None, cfg.n_generate)[0]
+    for name, method in methods.items():
+        out[name] = {}
+        for t in (t for t in cfg.targets if chosen[name][t] is not None):
+            row, texts, _ = probe.outcome(t, method.build(t, chosen[name][t]), cfg.n_generate, out["base"][t]["ppl"])
+            out[name][t] = {**row, "samples": texts[:3]}
+    return out
 
 
 def stage_udhr(run: _Run) -> None:

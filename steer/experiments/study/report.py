@@ -13,6 +13,7 @@ from pathlib import Path
 
 from steer.core.artifacts import atomic_write_text
 from steer.experiments.study.figures import make_figures
+from steer.experiments.study.methods import describe
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,51 @@ def _run(results: dict, v: _View) -> list[str]:
     return md
 
 
-_SECTIONS = (_title, _summary, _protocol, _experts, _dev_k_sweep, _test_retrieval, _distances, _correlation,
+def _methods(results: dict, v: _View) -> list[str]:
+    """The methods compared (`--methods`): one row per method and target, at the dev-chosen strength."""
+    m = results.get("methods")
+    if not m:
+        return []
+    rep, gen = v.rep, m["generation"]
+    rows = []
+    for name in m["names"]:
+        for t in v.targets:
+            test = m["test"][name].get(t)
+            if test is None:
+                rows.append([name, t, m["sites"][name], "no setting (empty grid)"] + ["n/a"] * 7)
+                continue
+            st = test["retrieval"][rep]["settings"]
+            d = test["distances"]
+            para = [e[rep]["delta_mixed"][0] for e in m["paraphrases"][name].get(t, {}).values()]
+            g = gen[name].get(t, {})
+            rows.append([name, t, m["sites"][name], describe(test["setting"]),
+                         f"{_f(st['a']['pre'][0])} -> {_f(st['a']['post'][0])}, Δ {_ci_text(st['a']['delta'], signed=True)}",
+                         _ci_text(st["a_reverse"]["delta"], signed=True) if "a_reverse" in st else "n/a",
+                         _ci_text(st["b"]["delta"], signed=True) if "b" in st else "n/a",
+                         f"{_f(d['pre']['mean_pairwise'])} -> {_f(d['post']['mean_pairwise'])}",
+                         f"{sum(para) / len(para):+.3f}" if para else "n/a",
+                         f"{_f(gen['base'][t]['fraction'], 2)} -> {_ci_text([g['fraction'], *g['ci95']], 2)}" if g else "n/a",
+                         _f(g.get("ppl_ratio"), 2)])
+    md = ["## Methods compared\n",
+          _table(["method", "target", "site", "dev-chosen strength", "(a) top-1 pre -> post, Δ", "(a') Δ", "(b) Δ",
+                  "mean pairwise dist.", "paraphrase Δ (mixed)", "target fraction in generation", "ppl ratio"], rows),
+          f"\nEach method's strength is chosen on dev (criterion {v.cfg['criterion']}, read-out hidden state "
+          f"{v.layer}, weakest setting on ties); every other number is on the test split ({rep} embeddings, paired "
+          "95 % bootstrap CIs over verses). (a): the target is the query; (a'): the target is the candidate; (b): "
+          "neither. Paraphrase Δ: the mean over paraphrase languages of the change in top-1 when only the "
+          "candidates are embedded under the method (mixed). Generation: the fraction of "
+          f"{gen['settings']['n_samples']} BOS-prompted samples ({gen['settings']['max_new_tokens']} tokens, "
+          "temperature 1, top-p 0.9) that py3langid assigns to the target among the study's languages, unsteered "
+          "-> steered (Wilson 95 % CI), and the perplexity of "
+          f"{gen['settings']['n_heldout']} held-out test sentences of the target, steered / unsteered. Sites: "
+          "neuron = the input of the down projection, activation = act(gate) before `* up`, residual = a decoder "
+          "layer's output.\n"]
+    if "methods" in v.figs:
+        md.append(f"![methods]({v.figs['methods']})\n")
+    return md
+
+
+_SECTIONS = (_title, _summary, _methods, _protocol, _experts, _dev_k_sweep, _test_retrieval, _distances, _correlation,
              _paraphrases, _control, _udhr, _projections, _test_k_sweep, _extras, _run)
 
 
