@@ -14,12 +14,15 @@ from steer.core.corpus import (
     open_corpus,
     udhr_parallel,
 )
+from steer.core.diffmean import diffmean_directions, diffmean_intervention
 from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from steer.core.intervention import Intervention, InterventionSets
+from steer.core.lape import lape_intervention, select_lape
 from steer.core.metrics import auroc, average_precision, score_splits
 from steer.core.runtime import native_dtype
 from steer.core.scores import Responses, Scores, Split, score_state
 from steer.core.stream import StreamState
+from steer.core.token_stats import TokenStats
 from steer.engine.backends import intervene
 from steer.engine.collect import collect, collect_stream, refine
 from steer.engine.embed import embed
@@ -35,5 +38,6 @@ __all__ = [
     "bible_parallel", "bible_paraphrases", "load_corpus", "open_corpus", "CorpusFile", "udhr_parallel", "embed", "ExpertSet",
     "export_selfcond", "export_statistics", "select_experts", "Intervention", "InterventionSets", "intervene", "auroc",
     "average_precision", "score_splits", "load_model", "patch", "StreamState", "generate", "perplexity",
-    "native_dtype", "find_experts", "FindConfig",
+    "native_dtype", "find_experts", "FindConfig", "TokenStats", "select_lape", "lape_intervention",
+    "diffmean_directions", "diffmean_intervention",
 ]

@@ -435,7 +435,8 @@ def test_methods_compared_on_an_eval_corpus(tmp_path, fake):
     m = res["methods"]
     assert m["names"] == ["experts", "lape", "diffmean", "random"]
     assert m["sites"] == {"experts": "neuron", "lape": "activation", "diffmean": "residual", "random": "neuron"}
-    assert set(res["corpora"]["discovery"]["description"]["n_per_label"]) == {"en", "fr", "de", "zh"}  # all languages
+    assert set(res["corpora"]["discovery"]["description"]["n_per_label"]) == {"fr", "de", "zh"}  # the experts'
+    assert set(res["corpora"]["token_statistics"]["description"]["n_per_label"]) == {"en", "fr", "de", "zh"}
     for t in ("fr", "de"):
         assert m["chosen"]["experts"][t] == {"k": res["dev"]["chosen"]["k"][t]}  # the k sweep's own choice
         grid = [r["setting"] for r in m["dev"]["diffmean"][t]]

@@ -123,8 +123,8 @@ class StudyConfig:
             raise ValueError("n_generate, gen_tokens and n_heldout must be at least 1")
 
     def discovery_languages(self) -> list[str]:
-        """The discovery corpus's languages: targets and negatives (the experts' splits), and every
-        language when LAPE or DiffMean run (their statistics compare all of them)."""
+        """The discovery languages: targets and negatives (the experts' splits), and every language
+        when LAPE or DiffMean run (their token statistics compare all of them)."""
         extra = self.languages if any(m in TOKEN_METHODS for m in self.methods) else []
         return list(dict.fromkeys(self.targets + self.negatives + extra))
 

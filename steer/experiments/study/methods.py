@@ -7,9 +7,8 @@
     diffmean  strength x the unit direction (target mean - mean of the other languages)
               added to one layer's output at every position (layer, scale)               residual site
 
-LAPE and DiffMean read the token statistics collected in the discovery pass beside the experts'
-responses (`TokenStats`: every discovery language, so LAPE's entropy and DiffMean's "mean of the
-others" see all of them). In the embedding study there is no single source language, so LAPE
+LAPE and DiffMean read token statistics (`TokenStats`) collected over the discovery text of every
+study language, so LAPE's entropy and DiffMean's "mean of the others" see all of them. In the embedding study there is no single source language, so LAPE
 only activates (CLaS-Bench also deactivates the source's neurons) and DiffMean subtracts the mean
 of the other languages' means (CLaS-Bench: the source's mean). DiffMean's strength is a multiple
 (`scale`) of the norm of the target's mean residual at that layer, so one grid fits models whose

@@ -41,8 +41,9 @@ from steer.core.corpus import (
 )
 from steer.core.experts import RECIPES, ExpertSet, package_version, random_control, values_sha
 from steer.core.intervention import Intervention
-from steer.core.token_stats import TokenStats
 from steer.core.runtime import dtype_name, environment, set_threads
+from steer.core.token_stats import TokenStats
+from steer.engine.collect import collect
 from steer.engine.models import cache_dir as _steer_cache_dir
 from steer.engine.models import load_model
 from steer.experiments import analysis as A
@@ -52,7 +53,6 @@ from steer.experiments.study.choice import choose, choose_setting
 from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
 from steer.experiments.study.control import control_seed
 from steer.experiments.study.figures import shrink_png
-from steer.experiments.study.methods import TOKEN_METHODS, make_methods
 from steer.experiments.study.measures import (
     both,
     control_summary,
@@ -64,6 +64,7 @@ from steer.experiments.study.measures import (
     setting_scores,
     stringify,
 )
+from steer.experiments.study.methods import TOKEN_METHODS, make_methods
 from steer.experiments.study.report import write_outputs
 from steer.experiments.study.verdict import verdict
 from steer.find import find_experts
@@ -165,20 +166,27 @@ def _negatives(cfg: StudyConfig) -> list[str]:
 
 
 def stage_discovery(run: _Run) -> None:
-    """1. Experts of every target on the discovery split (the other targets + negatives as negatives)."""
+    """1. Experts of every target on the discovery split (the other targets + negatives as negatives);
+    with LAPE or DiffMean among the methods, their token statistics over every language's discovery
+    text (a second pass, so the experts and their cached embeddings stay those of an experts-only run)."""
     cfg, results = run.cfg, run.results
     with run.stage("discovery"):
-        disc_langs = list(dict.fromkeys(cfg.targets + _negatives(cfg)))  # the experts' splits
-        corpus = _discovery_corpus(cfg, cfg.discovery_languages())
-        kinds = tuple(TOKEN_METHODS[m] for m in cfg.methods if m in TOKEN_METHODS)
+        disc_langs = list(dict.fromkeys(cfg.targets + _negatives(cfg)))
+        corpus = _discovery_corpus(cfg, disc_langs)
         results["corpora"]["discovery"] = _corpus_entry(corpus)
         found = find_experts(run.model, run.tok, corpus, mode="exact", k=max(cfg.k_grid), recipe=cfg.recipe, targets=cfg.targets,
                              negatives=disc_langs, pooling=cfg.pooling, batch_size=cfg.batch_size,
-                             progress=cfg.progress, token_stats=kinds)
-        scores, run.experts, run.token_stats = found.scores, found.experts, found.token_stats
+                             progress=cfg.progress)
+        scores, run.experts = found.scores, found.experts
         run.embedder.stats["computed_tokens"] += scores.settings.get("tokens", 0)
         run.embedder.stats["computed_sentences"] += len(corpus)
         results["experts"] = _experts_summary(run.experts, scores, cfg, scores.splits)
+        kinds = tuple(TOKEN_METHODS[m] for m in cfg.methods if m in TOKEN_METHODS)
+        if kinds:
+            every = _discovery_corpus(cfg, cfg.discovery_languages())
+            results["corpora"]["token_statistics"] = _corpus_entry(every)
+            run.token_stats = collect(run.model, run.tok, every, pooling=cfg.pooling, batch_size=cfg.batch_size,
+                                      progress=cfg.progress, token_stats=kinds).token_stats
     k_avail = {t: len(run.experts.experts[t]["layer"]) for t in cfg.targets}
     run.grid = {t: [k for k in cfg.k_grid if k <= k_avail[t]] or [k_avail[t]] for t in cfg.targets}
 
