@@ -45,8 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--diffmean-layers", type=lambda s: [int(x) for x in csv_list(s)], default=None,
                    help="decoder layers (from 0) DiffMean may steer (default: a quarter, half and three quarters up)")
     p.add_argument("--diffmean-scales", type=lambda s: [float(x) for x in csv_list(s)], default=None,
-                   help="DiffMean strengths tried on dev, as multiples of the norm of the target's mean residual "
-                        f"at the layer (default {','.join(map(str, d.diffmean_scales))})")
+                   help="DiffMean strengths tried on dev, as multiples of the length of the mean difference "
+                        "(target minus the other languages) at the layer "
+                        f"(default {','.join(map(str, d.diffmean_scales))})")
     for name, help_ in (("n-generate", "BOS-prompted samples per method and target"),
                         ("gen-tokens", "new tokens per sample"),
                         ("n-heldout", "held-out test sentences of the target for perplexity")):

@@ -17,10 +17,10 @@ import torch
 from steer.core.intervention import Intervention
 
 
-def diffmean_directions(residual_mean: torch.Tensor, label_names: Sequence[str], target: str,
+def diffmean_difference(residual_mean: torch.Tensor, label_names: Sequence[str], target: str,
                         source: str | None = None) -> torch.Tensor:
-    """[L, D] float32 unit vectors, one per layer: mean(target) - mean(source), or minus the mean of
-    the other labels' means when `source` is None."""
+    """[L, D] float64, per layer: mean(target) - mean(source), or minus the mean of the other
+    labels' means when `source` is None."""
     names = [str(n) for n in label_names]
     unknown = [n for n in (target, source) if n is not None and n not in names]
     if unknown:
@@ -36,7 +36,13 @@ def diffmean_directions(residual_mean: torch.Tensor, label_names: Sequence[str],
         base = means[others].mean(0)
     else:
         base = means[names.index(source)]
-    diff = means[t] - base  # [L, D]
+    return means[t] - base  # [L, D]
+
+
+def diffmean_directions(residual_mean: torch.Tensor, label_names: Sequence[str], target: str,
+                        source: str | None = None) -> torch.Tensor:
+    """[L, D] float32 unit vectors, one per layer: `diffmean_difference` scaled to length 1."""
+    diff = diffmean_difference(residual_mean, label_names, target, source)
     norm = diff.norm(dim=1, keepdim=True)
     if bool((norm == 0).any()):
         raise ValueError(f"the means of {target!r} and its source are equal at layers "

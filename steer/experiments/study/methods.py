@@ -11,9 +11,10 @@ LAPE and DiffMean read token statistics (`TokenStats`) collected over the discov
 study language, so LAPE's entropy and DiffMean's "mean of the others" see all of them. In the embedding study there is no single source language, so LAPE
 only activates (CLaS-Bench also deactivates the source's neurons) and DiffMean subtracts the mean
 of the other languages' means (CLaS-Bench: the source's mean). DiffMean's strength is a multiple
-(`scale`) of the norm of the target's mean residual at that layer, so one grid fits models whose
-residual streams differ in size by orders of magnitude (CLaS-Bench's absolute 1-10 was tuned
-on 8B models); the absolute strength is recorded with each setting.
+(`scale`) of that difference's length at the layer (1: shift by the mean difference itself), so
+one grid fits models whose residual streams differ in size by orders of magnitude (Gemma-3's
+mean residual is 10^3-10^4 long, the fr-vs-others difference ~6-15 % of it; CLaS-Bench's
+absolute 1-10 was tuned on 8B models); the absolute strength is recorded with each setting.
 
 A setting is a JSON-able dict; a method's `grid(target)` lists them weakest first, so a tie on
 dev goes to the weaker intervention (`choice.choose_setting`).
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steer.core.diffmean import diffmean_directions, diffmean_intervention
+from steer.core.diffmean import diffmean_difference, diffmean_directions, diffmean_intervention
 from steer.core.experts import ExpertSet, random_control
 from steer.core.intervention import Intervention
 from steer.core.lape import lape_intervention, select_lape
@@ -94,7 +95,7 @@ def _diffmean(stats: TokenStats, layers: list[int] | None, scales: list[float]) 
         return directions[t]
 
     def grid(t: str) -> list[dict]:
-        norm = means[names.index(t)].norm(dim=1)  # [L]
+        norm = diffmean_difference(means, names, t).norm(dim=1)  # [L]: the mean difference's length
         return [{"layer": l, "scale": s, "strength": float(s * norm[l])} for s in sorted(scales) for l in layers]
 
     return Method("diffmean", "residual", grid, lambda t, s: diffmean_intervention(direction(t), s["layer"], s["strength"]))
