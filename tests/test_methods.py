@@ -197,6 +197,15 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _steered_logits(model, iv, ids, backend, rows=None):
+    """Logits with `iv` applied through the hooks or the fused patch."""
+    if backend == "fused":
+        with patch(model), intervene(model, iv, rows=rows):
+            return _logits(model, ids)
+    with intervene(model, iv, rows=rows):
+        return _logits(model, ids)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("backend", ["hooks", "fused"])
 def test_activation_site_override_equals_a_hook_on_the_activation(family, backend):
@@ -225,13 +234,7 @@ def test_activation_site_override_equals_a_hook_on_the_activation(family, backen
     for h in handles:
         h.remove()
     assert not torch.allclose(want, _logits(model, ids))  # the hook changed something
-    if backend == "fused":
-        with patch(model), intervene(model, iv):
-            got = _logits(model, ids)
-    else:
-        with intervene(model, iv):
-            got = _logits(model, ids)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_steered_logits(model, iv, ids, backend), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "bloom", "opt"])
@@ -259,14 +262,37 @@ def test_diffmean_equals_a_residual_hook(family, backend):
     h = sites.decoder_layer(layer).register_forward_hook(hand)
     want = _logits(model, ids)
     h.remove()
-    if backend == "fused":
-        with patch(model), intervene(model, iv):
-            got = _logits(model, ids)
-    else:
-        with intervene(model, iv):
-            got = _logits(model, ids)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_steered_logits(model, iv, ids, backend), want, rtol=1e-5, atol=1e-5)
     assert torch.allclose(_logits(model, ids), _logits(model, ids))  # removed: back to the model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("backend", ["hooks", "fused"])
+def test_per_row_sets_at_the_other_sites_equal_each_row_alone(family, backend):
+    """InterventionSets at the activation or residual site: each row of a batch steered by its own
+    set equals that row run alone with its Intervention (a row with no set: the plain model)."""
+    from steer.core.intervention import Intervention, InterventionSets
+
+    model = tiny_model(family).eval()
+    sites = NeuronSites(model)
+    g = torch.Generator().manual_seed(5)
+    means = torch.randn(3, sites.n_layers, sites.hidden, generator=g, dtype=torch.float64)
+    names = ["en", "fr", "de"]
+    residual = [diffmean_intervention(diffmean_directions(means, names, t), 1, 2.0) for t in ("fr", "de")]
+    found = LapeNeurons(names, {"fr": (torch.tensor([0, 1]), torch.tensor([2, 7])),
+                                "de": (torch.tensor([1]), torch.tensor([11])), "en": (torch.tensor([0]), torch.tensor([5]))}, {})
+    act_mean = torch.randn(3, sites.n_layers, sites.width, generator=g, dtype=torch.float64)
+    activation = [lape_intervention(found, act_mean, activate=t, deactivate=["en"]) for t in ("fr", "de")]
+    ids = torch.tensor([[1, 5, 9, 14, 7, 3], [1, 8, 8, 2, 6, 4], [1, 3, 3, 3, 9, 9]])
+    for ivs in (residual, activation):
+        sets = InterventionSets.of(ivs)
+        rows = sets.rows([1, None, 0])
+        got = _steered_logits(model, sets, ids, backend, rows=rows)
+        for b, which in enumerate([1, None, 0]):
+            alone = _logits(model, ids[b:b + 1]) if which is None else _steered_logits(model, ivs[which], ids[b:b + 1], backend)
+            torch.testing.assert_close(got[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one batch steers one site"):
+        InterventionSets.of([activation[0], Intervention.for_model(model).zero(0, [1])])
 
 
 def test_site_errors_and_directions_errors():

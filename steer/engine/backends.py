@@ -154,6 +154,15 @@ class Backend:
         iv = self.intervention
         return iv is not None and iv.site == site and (self.rows is not None or bool(iv.mask[layer].any()))
 
+    def view(self, x: torch.Tensor, layer: int, steered: bool) -> torch.Tensor:
+        """x (a site's tensor of this call) as [B, T, units], with the override of `layer` applied
+        when `steered`: what every hook does first."""
+        h = self.sites.view(x, self.info.attention_mask.shape[0])
+        if not steered:
+            return h
+        (mask, mul, add), rows, tokens = self.override(layer)
+        return apply_override(h, mask, mul, add, tokens, rows)
+
     def _residual_hook(self, layer: int):
         def hook(module, args, output):
             tuple_out = isinstance(output, tuple)
@@ -161,10 +170,7 @@ class Backend:
             steered = self.steers("residual", layer)
             if not steered and "resid_sum" not in self.stats:
                 return None
-            h = self.sites.view(hidden, self.info.attention_mask.shape[0])  # [B, T, D]
-            if steered:
-                (mask, mul, add), rows, tokens = self.override(layer)
-                h = apply_override(h, mask, mul, add, tokens, rows)
+            h = self.view(hidden, layer, steered)  # [B, T, D]
             if "resid_sum" in self.stats:
                 self.stats["resid_sum"][:, layer] = pool_sum(h, self.pool_tokens)
             if not steered:
@@ -252,10 +258,8 @@ class HookBackend(Backend):
             steered = self.steers("neuron", layer)
             if tokens is None and not steered:
                 return None
-            h = self.sites.view(args[0], self.info.attention_mask.shape[0])  # [B, T, M]
+            h = self.view(args[0], layer, steered)  # [B, T, M]
             if steered:
-                (mask, mul, add), rows, steer_tokens = self.override(layer)
-                h = apply_override(h, mask, mul, add, steer_tokens, rows)
                 args = (h.view(args[0].shape),) + tuple(args[1:])
             if tokens is not None:
                 self.pooled[:, layer] = pool(h, tokens, self.pooling)
@@ -268,10 +272,7 @@ class HookBackend(Backend):
             steered = self.steers("activation", layer)
             if not steered and "act_pos" not in self.stats:
                 return None
-            a = self.sites.view(output, self.info.attention_mask.shape[0])  # [B, T, M]
-            if steered:
-                (mask, mul, add), rows, steer_tokens = self.override(layer)
-                a = apply_override(a, mask, mul, add, steer_tokens, rows)
+            a = self.view(output, layer, steered)  # [B, T, M]
             if "act_pos" in self.stats:
                 self.stats["act_pos"][:, layer], self.stats["act_sum"][:, layer] = activation_stats(a, self.pool_tokens)
             return a.view(output.shape) if steered else None
