@@ -493,7 +493,7 @@ def test_activation_site_and_stats_match_hand_loop(run, gated, per_row):
     torch.testing.assert_close(out.act_sum.double().cpu(), want_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_activation_site_equals_neuron_site_when_ungated_and_zeroing():
+def test_zeroing_the_activation_zeroes_the_neuron_and_setting_it_scales_up():
     """Zeroing the activation of a gated MLP zeroes the neuron (0 * up); setting it to v makes
     the neuron v * up, which no neuron-site override can express for every up."""
     gen = torch.Generator().manual_seed(22)

@@ -124,6 +124,18 @@ def test_find_experts_collects_token_stats_in_the_same_pass():
         assert found.token_stats.kinds == ("residual",) and int(found.token_stats.tokens.sum()) > 0
 
 
+def test_collect_token_stats_alone_equals_collect():
+    model, tok = tiny_model("qwen3").eval(), tiny_tokenizer()
+    from steer.engine.collect import collect_token_stats
+
+    alone = collect_token_stats(model, tok, corpus(), ("activation", "residual"), batch_size=3, progress=False)
+    full = collect(model, tok, corpus(), token_stats=("activation", "residual"), batch_size=3, progress=False)
+    for key, t in alone.tensors().items():
+        assert torch.equal(t, full.token_stats.tensors()[key]), key
+    with pytest.raises(ValueError, match="needs kinds"):
+        collect_token_stats(model, tok, corpus(), ())
+
+
 def test_bad_token_stats_are_refused_before_any_forward():
     model, tok = tiny_model("llama").eval(), tiny_tokenizer()
     with pytest.raises(ValueError, match="token_stats"):
@@ -259,11 +271,19 @@ def test_diffmean_equals_a_residual_hook(family, backend):
             return (output[0] + strength * dirs[layer],) + tuple(output[1:])
         return output + strength * dirs[layer]
 
+    before = _logits(model, ids)
     h = sites.decoder_layer(layer).register_forward_hook(hand)
     want = _logits(model, ids)
     h.remove()
+    assert not torch.allclose(want, before)  # the hand-written hook changed something
     torch.testing.assert_close(_steered_logits(model, iv, ids, backend), want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(_logits(model, ids), _logits(model, ids))  # removed: back to the model
+    assert torch.equal(_logits(model, ids), before)  # removed: the model as before
+    # Hugging Face's hidden state layer + 1 is the steered output (the hook runs before its capture)
+    with intervene(model, iv), torch.no_grad():
+        steered = model(ids, output_hidden_states=True).hidden_states[layer + 1]
+    with torch.no_grad():
+        plain = model(ids, output_hidden_states=True).hidden_states[layer + 1]
+    torch.testing.assert_close(steered - plain, (strength * dirs[layer]).expand_as(plain), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -298,6 +318,9 @@ def test_per_row_sets_at_the_other_sites_equal_each_row_alone(family, backend):
 def test_site_errors_and_directions_errors():
     model = tiny_model("llama").eval()
     sites = NeuronSites(model)
+    on_meta = diffmean_intervention(torch.ones(sites.n_layers, sites.hidden), 0, 1.0, device="meta")
+    with pytest.raises(ValueError, match="build it there"):
+        intervene(model, on_meta)
     wrong = diffmean_intervention(torch.ones(sites.n_layers, sites.width), 0, 1.0)  # MLP width at the residual
     with pytest.raises(ValueError, match="residual"):
         intervene(model, wrong)

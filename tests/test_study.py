@@ -443,8 +443,7 @@ def test_methods_compared_on_an_eval_corpus(tmp_path, fake):
         assert len(grid) == 2 * 2 and {s["layer"] for s in grid} == {0, 1}  # 2 scales x 2 layers (of 2)
         for name in m["names"]:
             chosen = m["chosen"][name][t]
-            if chosen is None:
-                continue
+            assert chosen is not None, (name, t)  # every method has a grid here
             best = max(r["a"] for r in m["dev"][name][t])
             assert next(r for r in m["dev"][name][t] if r["setting"] == chosen)["a"] >= best - 1e-9
             test = m["test"][name][t]

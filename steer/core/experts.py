@@ -88,13 +88,16 @@ class ExpertSet:
         """Force the first k experts of `concept` to `strength` x their value.
 
         k: None (all of them) or 1 .. the number the set holds (else ValueError).
-        With `model`, its shapes are checked (error) and its fingerprint compared (warning).
+        With `model`, its shapes are checked (error) and its fingerprint compared (warning), and
+        the buffers are built where its neurons live.
         """
         e = self._get(concept)
         k = len(e["layer"]) if k is None else self.check_k(concept, k)
+        device = "cpu"
         if model is not None:
             self.check(model)
-        iv = Intervention(*self.shape, positions=positions)
+            device = NeuronSites(model).device
+        iv = Intervention(*self.shape, positions=positions, device=device)
         return iv.set(e["layer"][:k], e["unit"][:k], e["value"][:k] * strength)
 
     def check(self, model: nn.Module, neuron_module: str | None = None) -> None:

@@ -125,11 +125,19 @@ class Intervention:
 
     def with_positions(self, positions: str) -> "Intervention":
         """A copy steering `positions` (e.g. "all" for the perplexity of held-out text)."""
-        out = Intervention(*self.shape, positions=positions, device=self.mask.device, site=self.site)
-        out.mask.copy_(self.mask)
-        out.mul.copy_(self.mul)
-        out.add.copy_(self.add)
+        out = Intervention(*self.shape, device=self.mask.device, site=self.site).copy_(self)
+        out.positions = positions
         return out
+
+    def to(self, device: str | torch.device) -> "Intervention":
+        """This intervention on `device` (itself when already there; else a copy)."""
+        if self.mask.device == torch.device(device):
+            return self
+        return Intervention(*self.shape, self.positions, device=device, site=self.site).copy_(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
 
     def __len__(self) -> int:
         return int(self.mask.sum())
@@ -200,6 +208,10 @@ class InterventionSets:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n_layers, self.width)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.device
 
     def put(self, index: int, iv: Intervention | None) -> "InterventionSets":
         """Make set `index` steer like `iv` (None: nothing), in place: a compiled model that holds

@@ -35,11 +35,11 @@ from torch import nn
 
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention, InterventionSets, steered_tokens
+from steer.core.token_stats import KINDS as STATS  # token statistics a pooling pass may add
 from steer.kernels.fused_mlp_ref import activation_stats, apply_override, pool, pool_sum
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hooks", "fused")
-STATS = ("activation", "residual")  # token statistics a pooling pass may add (LAPE, DiffMean)
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Backend]" = weakref.WeakKeyDictionary()
 
@@ -136,6 +136,9 @@ class Backend:
             raise ValueError("rows (a set index per row) go with InterventionSets, and only with them")
         if rows is not None and (rows.dim() != 1 or rows.dtype != torch.long):
             raise ValueError(f"rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
+        if intervention.device.type != self.sites.device.type:
+            raise ValueError(f"the intervention is on {intervention.device}, the model's neurons on {self.sites.device}: "
+                             "build it there (device=, or Intervention.to)")
         self.use_site(intervention.site)
         self.intervention, self.rows = intervention, rows
 
@@ -146,13 +149,19 @@ class Backend:
         """Make the backend able to reach `site` (an intervention site or a statistic's):
         the residual stream needs hooks on the decoder layers, added once."""
         if site == "residual" and not self.residual_handles:
-            self.residual_handles = [self.sites.decoder_layer(layer).register_forward_hook(self._residual_hook(layer))
-                                     for layer in range(self.sites.n_layers)]
+            # prepended: Hugging Face's output_hidden_states capture (hooks added at the first
+            # forward) then records the steered output as hidden state layer + 1
+            self.residual_handles = [self.sites.decoder_layer(layer).register_forward_hook(
+                self._residual_hook(layer), prepend=True) for layer in range(self.sites.n_layers)]
 
     def steers(self, site: str, layer: int) -> bool:
-        """Whether the current call overrides `site` in `layer` (sets: always, as rows vary)."""
+        """Whether the current call overrides `site` in `layer`. Sets and the residual stream: every
+        layer (rows vary; a residual override is cheap, and an empty one changes nothing); an
+        Intervention at an MLP site: the layers it touches (a host sync, only while it steers)."""
         iv = self.intervention
-        return iv is not None and iv.site == site and (self.rows is not None or bool(iv.mask[layer].any()))
+        if iv is None or iv.site != site:
+            return False
+        return self.rows is not None or site == "residual" or bool(iv.mask[layer].any())
 
     def view(self, x: torch.Tensor, layer: int, steered: bool) -> torch.Tensor:
         """x (a site's tensor of this call) as [B, T, units], with the override of `layer` applied

@@ -240,6 +240,30 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
                      stats.to_("cpu") if stats is not None else None)
 
 
+def collect_token_stats(model: nn.Module, tokenizer, corpus: Corpus, kinds: tuple[str, ...], *, batch_size: int = 16,
+                        skip_special: bool = True, max_length: int | None = None, backend: str = "hooks",
+                        progress: bool = True, too_long: str = "truncate",
+                        max_tokens: int | None = MAX_TOKENS) -> TokenStats:
+    """Only the token statistics of `collect(..., token_stats=kinds)` (LAPE's "activation", DiffMean's
+    "residual"), on the model's device: the responses are dropped batch by batch."""
+    if len(corpus) == 0:
+        raise ValueError("the corpus is empty")
+    if not kinds:
+        raise ValueError(f"collect_token_stats needs kinds: any of {TOKEN_STATS}")
+    check_eval(model)
+    check_labels(corpus)
+    if not isinstance(corpus, Corpus):
+        corpus = corpus.load()
+    sites = NeuronSites(model)
+    stats = _token_stats(sites, corpus.label_names, kinds)
+    for _ in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, batch_size=batch_size,
+                            skip_special=skip_special, max_length=max_length, backend=backend, progress=progress,
+                            desc="token statistics", too_long=too_long, max_tokens=max_tokens, token_stats=stats,
+                            label_ids=corpus.label_ids.tolist()):
+        pass
+    return stats
+
+
 def _check_token_stats(sites: NeuronSites, kinds) -> tuple[str, ...]:
     """The token statistics asked for, in canonical order, checked before any forward."""
     unknown = set(kinds or ()) - set(TOKEN_STATS)

@@ -21,6 +21,7 @@ dev goes to the weaker intervention (`choice.choose_setting`).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,8 +54,9 @@ def default_diffmean_layers(n_layers: int) -> list[int]:
 
 
 def make_methods(names: list[str], cfg, experts: ExpertSet, k_grid: dict[str, list[int]],
-                 stats: TokenStats | None) -> dict[str, Method]:
-    """The study's methods by name (see the module docstring); `k_grid`: target -> k values."""
+                 stats: TokenStats | None, device: torch.device) -> dict[str, Method]:
+    """The study's methods by name (see the module docstring); `k_grid`: target -> k values; their
+    interventions are built on `device` (the model's neurons')."""
     out: dict[str, Method] = {}
     for name in names:
         if name == "experts":
@@ -70,7 +72,7 @@ def make_methods(names: list[str], cfg, experts: ExpertSet, k_grid: dict[str, li
             out[name] = _diffmean(stats, cfg.diffmean_layers, cfg.diffmean_scales)
         else:
             raise ValueError(f"method {name!r}; choose from {METHODS}")
-    return out
+    return {name: dataclasses.replace(m, build=lambda t, s, b=m.build: b(t, s).to(device)) for name, m in out.items()}
 
 
 def _lape(stats: TokenStats, rates: list[float]) -> Method:
@@ -87,6 +89,8 @@ def _diffmean(stats: TokenStats, layers: list[int] | None, scales: list[float]) 
     means = stats.residual_mean()  # [C, L, D] float64
     names = stats.label_names
     layers = layers if layers is not None else default_diffmean_layers(means.shape[1])
+    if max(layers) >= means.shape[1]:
+        raise ValueError(f"diffmean_layers {layers}: the model has decoder layers 0..{means.shape[1] - 1}")
     directions: dict[str, torch.Tensor] = {}
 
     def direction(t: str) -> torch.Tensor:

@@ -43,7 +43,7 @@ from steer.core.experts import RECIPES, ExpertSet, package_version, random_contr
 from steer.core.intervention import Intervention
 from steer.core.runtime import dtype_name, environment, set_threads
 from steer.core.token_stats import TokenStats
-from steer.engine.collect import collect
+from steer.engine.collect import collect_token_stats
 from steer.engine.models import cache_dir as _steer_cache_dir
 from steer.engine.models import load_model
 from steer.experiments import analysis as A
@@ -185,8 +185,8 @@ def stage_discovery(run: _Run) -> None:
         if kinds:
             every = _discovery_corpus(cfg, cfg.discovery_languages())
             results["corpora"]["token_statistics"] = _corpus_entry(every)
-            run.token_stats = collect(run.model, run.tok, every, pooling=cfg.pooling, batch_size=cfg.batch_size,
-                                      progress=cfg.progress, token_stats=kinds).token_stats
+            run.token_stats = collect_token_stats(run.model, run.tok, every, kinds, batch_size=cfg.batch_size,
+                                                  progress=cfg.progress)
     k_avail = {t: len(run.experts.experts[t]["layer"]) for t in cfg.targets}
     run.grid = {t: [k for k in cfg.k_grid if k <= k_avail[t]] or [k_avail[t]] for t in cfg.targets}
 
@@ -263,6 +263,7 @@ def stage_control(run: _Run, test, pre: dict, post_by_target: dict) -> None:
                      "pre": control_summary(pre_sub, t), "experts": control_summary(post_sub, t), "seeds": []}
             for i in tqdm(range(cfg.control_seeds), desc=f"control {t}", disable=not cfg.progress):
                 iv, info = random_control(run.experts, t, k, control_seed(cfg.seed, t, i), layers=cfg.control_layers)
+                iv = iv.to(NeuronSites(run.model).device)
                 rnd = run.embedder.parallel(sub, [layer], run.side(t, iv), keep=False)[layer]
                 entry["seeds"].append({**info, **control_summary(rnd, t)})
             entry["random"] = seed_stats(entry["seeds"])
@@ -305,7 +306,7 @@ def stage_methods(run: _Run, dev, test, pre: dict) -> None:
     the experts' choice), then the test retrieval, distances and paraphrases, and language steering
     in generation, at that strength. The experts' dev records are the k sweep's."""
     cfg, layer = run.cfg, run.layer
-    methods = make_methods(cfg.methods, cfg, run.experts, run.grid, run.token_stats)
+    methods = make_methods(cfg.methods, cfg, run.experts, run.grid, run.token_stats, NeuronSites(run.model).device)
     out: dict = {"names": list(methods), "sites": {m: x.site for m, x in methods.items()}, "dev": {},
                  "chosen": {}, "test": {}, "paraphrases": {}}
     with run.stage("methods: dev"):
@@ -325,7 +326,7 @@ def stage_methods(run: _Run, dev, test, pre: dict) -> None:
                 iv = method.build(t, setting)
                 post = run.embedder.parallel(test, [layer], run.side(t, iv))[layer]
                 out["test"][name][t] = {"setting": setting, "units": len(iv),
-                                        **pre_post(pre, post, t, setting, run.results["test"]["pre"]["correlation"], cfg)}
+                                        **pre_post(pre, post, t, setting.get("k"), run.results["test"]["pre"]["correlation"], cfg)}
                 if run.paraphrases is not None:
                     out["paraphrases"][name][t] = paraphrase_retrieval(run, t, iv)
     with run.stage("methods: generation"):
