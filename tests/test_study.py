@@ -342,7 +342,8 @@ def _write_labelled(path, languages, n):
     return str(path)
 
 
-def test_eval_corpus_end_to_end(tmp_path, fake, caplog):
+def test_eval_corpus_end_to_end(tmp_path, fake, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("steer"), "propagate", True)  # an earlier CLI test may have stopped it
     tsv = _write_parallel(tmp_path / "eval.tsv", ["fr", "ru", "zh", "it"], 24)
     cfg = _config(tmp_path, eval_corpus=tsv, targets=["fr", "ru"], n_dev=8, n_test=40, control_seeds=1)
     del cfg["languages"]  # the file's columns
