@@ -77,7 +77,7 @@ class StudyConfig:
     methods: list[str] = field(default_factory=lambda: ["experts"])
     lape_rates: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])  # LAPE top_rate grid
     diffmean_layers: list[int] | None = None  # None: a quarter, half and three quarters up
-    diffmean_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # x |target - others|
+    diffmean_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # x |target - others|
     n_generate: int = 40  # BOS-prompted samples per method and target (language steering in generation)
     gen_tokens: int = 32  # new tokens per sample
     n_heldout: int = 40  # held-out test sentences of the target for perplexity
