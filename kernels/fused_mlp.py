@@ -25,7 +25,7 @@ dispatches by `steer.kernels.use_triton` (CUDA tensors to Triton, others to the 
 import torch
 
 from . import triton_module, use_triton
-from .fused_mlp_ref import ACTIVATIONS, SITES, FusedOut, fused_mlp_ref
+from .fused_mlp_ref import FusedOut, check_options, fused_mlp_ref
 
 
 def fused_mlp(
@@ -51,14 +51,9 @@ def fused_mlp(
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).
     """
     triton = use_triton(backend, up)
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    check_options(act, override_site, act_stats, pool_tokens)
     if up.dim() != 3 or (gate is not None and (gate.shape != up.shape or gate.dtype != up.dtype)):
         raise ValueError("up must be [B, T, M], and gate (if given) of the same shape and dtype")
-    if override_site not in SITES:
-        raise ValueError(f"override_site must be one of {SITES}, got {override_site!r}")
-    if act_stats and pool_tokens is None:
-        raise ValueError("act_stats needs pool_tokens (the tokens they count)")
     if not triton:
         return fused_mlp_ref(up, gate, act=act, override=override, steer_tokens=steer_tokens,
                              pool_tokens=pool_tokens, override_rows=override_rows,

@@ -45,6 +45,16 @@ class FusedOut(NamedTuple):
     act_sum: torch.Tensor | None  # [B, M] fp32 sum of activations (with act_stats)
 
 
+def check_options(act: str, override_site: str, act_stats: bool, pool_tokens: torch.Tensor | None) -> None:
+    """The op's options, checked alike on every path (the dispatcher and this reference)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if override_site not in SITES:
+        raise ValueError(f"override_site must be one of {SITES}, got {override_site!r}")
+    if act_stats and pool_tokens is None:
+        raise ValueError("act_stats needs pool_tokens (the tokens they count)")
+
+
 def fused_mlp_ref(
     up: torch.Tensor,
     gate: torch.Tensor | None = None,
@@ -66,12 +76,7 @@ def fused_mlp_ref(
     pool_sum [B, M] fp32 (pool_max is -inf for a row without tokens) and, with act_stats, act_pos /
     act_sum [B, M] fp32 over the same tokens.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    if override_site not in SITES:
-        raise ValueError(f"override_site must be one of {SITES}, got {override_site!r}")
-    if act_stats and pool_tokens is None:
-        raise ValueError("act_stats needs pool_tokens (the tokens they count)")
+    check_options(act, override_site, act_stats, pool_tokens)
     a = ACTIVATIONS[act]((up if gate is None else gate).float())  # [B, T, M]
     if override is not None and override_site == "activation":
         a = apply_override(a, *override, steer_tokens, override_rows)

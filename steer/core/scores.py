@@ -98,7 +98,7 @@ class Responses:
         tensors = {"values": self.values, "label_ids": self.label_ids}
         if self.token_stats is not None:
             meta["token_stats"] = {"kinds": list(self.token_stats.kinds), "hidden": self.token_stats.hidden}
-            tensors.update({f"token_stats.{k}": v for k, v in self.token_stats.tensors().items()})
+            tensors.update(self.token_stats.stored())
         artifacts.save(path, tensors, meta, kind="responses", version=RESPONSES_VERSION)
 
     @classmethod
@@ -128,7 +128,7 @@ class Responses:
             stats = TokenStats(meta["label_names"], meta["token_stats"]["kinds"], *t["values"].shape[1:],
                                meta["token_stats"]["hidden"])
             try:
-                stats.load_({k.removeprefix("token_stats."): v for k, v in t.items() if k.startswith("token_stats.")})
+                stats.load_(t)
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
         return cls(t["values"], ids, meta["label_names"], meta["keys"], meta["settings"], stats)

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from steer.core import artifacts
-from steer.core.token_stats import TokenStats
+from steer.core.token_stats import PREFIX, TokenStats
 from steer.kernels.histogram import histogram_update
 
 KIND, VERSION = "stream", 2  # steer.stream files, format 2 (artifacts.py)
@@ -210,8 +210,7 @@ class StreamState:
         self.token_stats = TokenStats(names, kinds, s["layers"], s["width"], s["hidden"], dev) if kinds else None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        extra = {} if self.token_stats is None else {
-            f"token_stats.{k}": v for k, v in self.token_stats.tensors().items()}
+        extra = {} if self.token_stats is None else self.token_stats.stored()
         return {"edges": self.edges, "counts": self.counts, "sums": self.sums, "n": self.n,
                 "nonfinite": self.nonfinite, "lo": self.lo, "hi": self.hi, **extra}
 
@@ -309,14 +308,13 @@ class StreamState:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a valid stream state: {e}") from None
         if state.token_stats is not None:
-            prefix = "token_stats."
             try:
-                state.token_stats.load_({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                state.token_stats.load_(tensors)
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
             state.token_stats.to_(device)
         for key, empty in state._tensors().items():
-            if key.startswith("token_stats."):
+            if key.startswith(PREFIX):  # loaded above
                 continue
             stored = tensors.get(key)
             if stored is None or stored.shape != empty.shape or stored.dtype != empty.dtype:

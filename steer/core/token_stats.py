@@ -23,6 +23,15 @@ import torch
 
 KINDS = ("activation", "residual")
 FIELDS = {"activation": ("act_pos", "act_sum"), "residual": ("resid_sum",)}
+PREFIX = "token_stats."  # their tensors' names inside a responses or stream-state file
+
+
+def check_kinds(kinds) -> tuple[str, ...]:
+    """The statistics asked for, in canonical order; unknown names are a ValueError."""
+    unknown = set(kinds or ()) - set(KINDS)
+    if unknown:
+        raise ValueError(f"token_stats {sorted(unknown)}: choose from {KINDS}")
+    return tuple(k for k in KINDS if k in set(kinds or ()))
 
 
 class TokenStats:
@@ -30,11 +39,10 @@ class TokenStats:
 
     def __init__(self, label_names: Sequence[str], kinds: Sequence[str], n_layers: int, width: int, hidden: int,
                  device: str | torch.device = "cpu"):
-        unknown = set(kinds) - set(KINDS)
-        if unknown or not kinds:
-            raise ValueError(f"token statistics {sorted(unknown) or list(kinds)}; choose from {KINDS}")
+        self.kinds = check_kinds(kinds)
+        if not self.kinds:
+            raise ValueError(f"TokenStats needs kinds: any of {KINDS}")
         self.label_names = [str(n) for n in label_names]
-        self.kinds = tuple(k for k in KINDS if k in kinds)
         self.hidden = hidden
         C = len(self.label_names)
         self.tokens = torch.zeros(C, dtype=torch.int64, device=device)
@@ -70,10 +78,14 @@ class TokenStats:
 
     __iadd__ = merge
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The sums under their names in a file that holds other tensors too (`PREFIX`)."""
+        return {PREFIX + name: t for name, t in self.tensors().items()}
+
     def load_(self, tensors: dict[str, torch.Tensor]) -> "TokenStats":
-        """Take stored sums (shapes and dtypes checked), in place."""
+        """Take the sums from a file's tensors (named as by `stored`; shapes and dtypes checked), in place."""
         for name, t in self.tensors().items():
-            got = tensors.get(name)
+            got = tensors.get(PREFIX + name)
             if got is None or got.shape != t.shape or got.dtype != t.dtype:
                 found = "missing" if got is None else f"{tuple(got.shape)} {got.dtype}"
                 raise ValueError(f"token statistic {name} is {found}, expected {tuple(t.shape)} {t.dtype}")

@@ -35,7 +35,7 @@ from torch import nn
 
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention, InterventionSets, steered_tokens
-from steer.core.token_stats import KINDS as STATS  # token statistics a pooling pass may add
+from steer.core.token_stats import check_kinds
 from steer.kernels.fused_mlp_ref import activation_stats, apply_override, pool, pool_sum
 
 log = logging.getLogger(__name__)
@@ -207,11 +207,8 @@ class Backend:
 
     def start_pooling(self, tokens: torch.Tensor, how: str, stats: tuple[str, ...] = ()) -> torch.Tensor:
         """Pool the next forward over `tokens` [B, T]; returns the [B, L, M] buffer it fills.
-        stats: any of STATS, filled into `self.stats` over the same tokens."""
-        unknown = set(stats) - set(STATS)
-        if unknown:
-            raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
-        for site in stats:
+        stats: any of `token_stats.KINDS`, filled into `self.stats` over the same tokens."""
+        for site in check_kinds(stats):
             self.use_site(site)
         self.pool_tokens, self.pooling = tokens, how
         B, L, dev = tokens.shape[0], self.sites.n_layers, tokens.device

@@ -56,7 +56,7 @@ from steer.core.runtime import dtype_name
 from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_scores
 from steer.core.stream import StreamState, calibrate_edges
 from steer.core.token_stats import KINDS as TOKEN_STATS
-from steer.core.token_stats import TokenStats
+from steer.core.token_stats import TokenStats, check_kinds
 from steer.engine import backends
 from steer.engine.batching import (
     MAX_TOKENS,
@@ -216,10 +216,7 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
     too_long: sentences over the model's context (or max_length) are "truncate"d with a warning
     or an "error". One process (a distributed run uses `collect_stream`).
     """
-    if len(corpus) == 0:
-        raise ValueError("the corpus is empty")
-    check_eval(model)
-    check_labels(corpus)
+    _check_corpus(model, corpus)
     if current().active:
         raise RuntimeError("exact collection runs in one process; under torch.distributed use "
                            "collect_stream (--mode stream)")
@@ -246,12 +243,9 @@ def collect_token_stats(model: nn.Module, tokenizer, corpus: Corpus, kinds: tupl
                         max_tokens: int | None = MAX_TOKENS) -> TokenStats:
     """Only the token statistics of `collect(..., token_stats=kinds)` (LAPE's "activation", DiffMean's
     "residual"), on the model's device: the responses are dropped batch by batch."""
-    if len(corpus) == 0:
-        raise ValueError("the corpus is empty")
+    _check_corpus(model, corpus)
     if not kinds:
         raise ValueError(f"collect_token_stats needs kinds: any of {TOKEN_STATS}")
-    check_eval(model)
-    check_labels(corpus)
     if not isinstance(corpus, Corpus):
         corpus = corpus.load()
     sites = NeuronSites(model)
@@ -266,12 +260,19 @@ def collect_token_stats(model: nn.Module, tokenizer, corpus: Corpus, kinds: tupl
 
 def _check_token_stats(sites: NeuronSites, kinds) -> tuple[str, ...]:
     """The token statistics asked for, in canonical order, checked before any forward."""
-    unknown = set(kinds or ()) - set(TOKEN_STATS)
-    if unknown:
-        raise ValueError(f"token_stats {sorted(unknown)}: choose from {TOKEN_STATS}")
+    kinds = check_kinds(kinds)
     if kinds and sites.adapter is None:
         sites.layer_parts(0)  # raises: the activation and the decoder layers need a declared adapter
-    return tuple(k for k in TOKEN_STATS if k in set(kinds or ()))
+    return kinds
+
+
+def _check_corpus(model: nn.Module, corpus) -> None:
+    """What every collection pass refuses before any forward: an empty corpus, a model in training
+    mode, fewer than two labels."""
+    if len(corpus) == 0:
+        raise ValueError("the corpus is empty")
+    check_eval(model)
+    check_labels(corpus)
 
 
 def _token_stats(sites: NeuronSites, label_names, kinds) -> TokenStats | None:
@@ -399,10 +400,7 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     torch.distributed group, else one process); every rank returns the merged state.
     """
     group = group or current()
-    if len(corpus) == 0:
-        raise ValueError("the corpus is empty")
-    check_eval(model)
-    check_labels(corpus)
+    _check_corpus(model, corpus)
     check_batching(pooling, too_long, batch_size, window, max_tokens)
     check_stream(bins, calibration, checkpoint, checkpoint_every, resume)
     sites = NeuronSites(model, neuron_module)

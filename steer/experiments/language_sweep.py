@@ -129,10 +129,14 @@ class Probe:
         """(row, texts, seconds): `lang`'s fraction of n samples with `iv` forced (Wilson CI), the
         languages identified, the held-out perplexity and its ratio to `base_ppl`."""
         texts, langs, secs = self.sample(iv, n)
-        p = self.ppl(lang, iv)
-        row = {**_fraction(langs, lang), "identified": dict(Counter(langs)), "ppl": p,
-               "ppl_ratio": None if p is None or not base_ppl else p / base_ppl}
-        return row, texts, secs
+        return outcome_row(lang, langs, self.ppl(lang, iv), base_ppl), texts, secs
+
+
+def outcome_row(lang: str, langs: Sequence[str], ppl: float | None, base_ppl: float | None) -> dict:
+    """One steering outcome: `lang`'s share of the identified `langs` (Wilson CI), the languages
+    seen, the held-out perplexity and its ratio to the unsteered one."""
+    return {**_fraction(langs, lang), "identified": dict(Counter(langs)), "ppl": ppl,
+            "ppl_ratio": None if ppl is None or not base_ppl else ppl / base_ppl}
 
 
 @dataclass
@@ -226,8 +230,7 @@ def language_steering(model: nn.Module, tok, experts, languages: Sequence[str], 
         samples[lang] = {}
         for k in ks:
             if k == 0:
-                row = {"k": 0, **_fraction(base_langs, lang), "identified": dict(Counter(base_langs)),
-                       "ppl": base_ppl[lang], "ppl_ratio": 1.0 if base_ppl[lang] else None, "random": None}
+                row = {"k": 0, **outcome_row(lang, base_langs, base_ppl[lang], base_ppl[lang]), "random": None}
                 samples[lang]["0"] = base_texts[:keep_samples]
                 rows.append(row)
                 continue

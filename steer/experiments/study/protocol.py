@@ -47,7 +47,7 @@ from steer.engine.collect import collect_token_stats
 from steer.engine.models import cache_dir as _steer_cache_dir
 from steer.engine.models import load_model
 from steer.experiments import analysis as A
-from steer.experiments.language_sweep import Probe, identify_languages
+from steer.experiments.language_sweep import Probe, identify_languages, outcome_row
 from steer.experiments.study.cache import Embedder
 from steer.experiments.study.choice import choose, choose_setting
 from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
@@ -248,7 +248,7 @@ def stage_test(run: _Run):
 
 def stage_control(run: _Run, test, pre: dict, post_by_target: dict) -> None:
     """The random-neuron control on a fixed subset of the test verses (same k, same values)."""
-    cfg, layer = run.cfg, run.layer
+    cfg, layer, device = run.cfg, run.layer, NeuronSites(run.model).device
     with run.stage("random control"):
         rng = np.random.default_rng(cfg.seed)
         rows = sorted(rng.choice(len(test), size=min(cfg.n_control, len(test)), replace=False).tolist())
@@ -263,7 +263,7 @@ def stage_control(run: _Run, test, pre: dict, post_by_target: dict) -> None:
                      "pre": control_summary(pre_sub, t), "experts": control_summary(post_sub, t), "seeds": []}
             for i in tqdm(range(cfg.control_seeds), desc=f"control {t}", disable=not cfg.progress):
                 iv, info = random_control(run.experts, t, k, control_seed(cfg.seed, t, i), layers=cfg.control_layers)
-                iv = iv.to(NeuronSites(run.model).device)
+                iv = iv.to(device)
                 rnd = run.embedder.parallel(sub, [layer], run.side(t, iv), keep=False)[layer]
                 entry["seeds"].append({**info, **control_summary(rnd, t)})
             entry["random"] = seed_stats(entry["seeds"])
@@ -359,8 +359,9 @@ def _method_generation(run: _Run, methods: dict, chosen: dict, test) -> dict:
     out: dict = {"settings": {"n_samples": cfg.n_generate, "max_new_tokens": cfg.gen_tokens, "temperature": 1.0,
                               "top_p": 0.9, "n_heldout": cfg.n_heldout, "classifier": "py3langid",
                               "languages": list(cfg.languages)}, "base": {}}
+    _, base_langs, _ = probe.sample(None, cfg.n_generate)  # the same draws for every target
     for t in cfg.targets:
-        out["base"][t] = probe.outcome(t, None, cfg.n_generate)[0]
+        out["base"][t] = outcome_row(t, base_langs, probe.ppl(t, None), None)
     for name, method in methods.items():
         out[name] = {}
         for t in (t for t in cfg.targets if chosen[name][t] is not None):
