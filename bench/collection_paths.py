@@ -10,12 +10,23 @@ backend="fused")`, the patched model's fused op (its PyTorch reference on CPU); 
 CPU update, and with "reference binning" the plain torch reference), whose batches
 differ (calibration sample first, then the rest): `ratio_same_batches` compares it with the bare
 forward over exactly its batches ("bare forward, stream's batches").
+
+Per-part profile: every collection variant also reports where its time went (seconds per run,
+median over repeats): `pooling_s` (the per-sentence max / mean of each layer's neurons, in the
+hooks or in the fused op), `binning_s` (histogram updates), `state_s` (the rest of
+`StreamState.update`: sums, label counts, min / max), `calibration_s` (`calibrate_edges`),
+`batching_s` (tokenizing and padding) and `forward_s`, the rest: the model's forward and the
+Python around it. Each part is timed by wrapping the function that does it (exclusive time:
+a part called inside another counts once, for itself), which costs microseconds a batch.
 Results: bench/results/collection_paths.md/.csv.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,11 +36,73 @@ from harness import Table, compare, environment, finish, write_results  # noqa: 
 
 from steer import NeuronSites, bible_corpus, collect_stream, load_model
 from steer import collect  # noqa: E402
+from steer.core import stream as stream_module  # noqa: E402
+from steer.engine import backends, batching, patch  # noqa: E402
+from steer.engine import collect as collect_module  # noqa: E402
+from steer.kernels import fused_mlp_ref  # noqa: E402
 from steer.engine.batching import MAX_TOKENS  # noqa: E402
 from steer.kernels import histogram_cpu  # noqa: E402
 from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
+PARTS = {  # part: the (owner, attribute) functions that do it, as the collection code calls them
+    "pooling_s": [(backends, "pool"), (fused_mlp_ref, "pool_max"), (fused_mlp_ref, "pool_sum"),
+                  (patch, "pool_mean")],
+    "binning_s": [(stream_module, "histogram_update")],
+    "state_s": [(stream_module.StreamState, "update")],
+    "calibration_s": [(collect_module, "calibrate_edges")],
+    "batching_s": [(batching, "tokenize"), (collect_module, "tokenize"), (collect_module, "pad_batch"),
+                   (collect_module, "pad")],
+}
+
+
+class Profile:
+    """Exclusive seconds per part while `active()`: the functions of PARTS wrapped with timers."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.stack: list[list] = []  # [part, start, seconds of nested parts]
+
+    def _wrap(self, part: str, fn):
+        def timed(*args, **kwargs):
+            if self.stack and self.stack[-1][0] == part:  # pool -> pool_max: counted once
+                return fn(*args, **kwargs)
+            frame = [part, time.perf_counter(), 0.0]
+            self.stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stack.pop()
+                total = time.perf_counter() - frame[1]
+                self.seconds[part] += total - frame[2]
+                if self.stack:
+                    self.stack[-1][2] += total
+        return timed
+
+    @contextlib.contextmanager
+    def active(self):
+        saved = [(owner, name, getattr(owner, name)) for fns in PARTS.values() for owner, name in fns]
+        try:
+            for part, fns in PARTS.items():
+                for owner, name in fns:
+                    setattr(owner, name, self._wrap(part, getattr(owner, name)))
+            yield self
+        finally:
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
+
+
+def profiled(run):
+    """A variant returning its per-part seconds (forward_s: the rest of its wall time)."""
+    def variant():
+        prof = Profile()
+        t0 = time.perf_counter()
+        with prof.active():
+            run()
+        wall = time.perf_counter() - t0
+        parts = {part: prof.seconds.get(part, 0.0) for part in PARTS}
+        return {"seconds": wall, "forward_s": wall - sum(parts.values()), **parts}
+    return variant
 
 
 def main(argv=None) -> None:
@@ -64,12 +137,12 @@ def main(argv=None) -> None:
                 return collect_stream(model, tok, corpus, backend=backend, calibration=cal, **kw)
             finally:
                 histogram_cpu.MIN_RESPONSES = saved
-        return run
+        return profiled(run)
 
     result = compare({
         **bare,
-        "exact, hooks": lambda: collect(model, tok, corpus, backend="hooks", **kw),
-        "exact, fused": lambda: collect(model, tok, corpus, backend="fused", **kw),
+        "exact, hooks": profiled(lambda: collect(model, tok, corpus, backend="hooks", **kw)),
+        "exact, fused": profiled(lambda: collect(model, tok, corpus, backend="fused", **kw)),
         "stream, hooks": stream("hooks"),
         "stream, fused": stream("fused"),
         "stream, hooks, reference binning": stream("hooks", reference_binning=True),

@@ -25,7 +25,7 @@ dispatches by `steer.kernels.use_triton` (CUDA tensors to Triton, others to the 
 import torch
 
 from . import triton_module, use_triton
-from .fused_mlp_ref import FusedOut, check_options, fused_mlp_ref
+from .fused_mlp_ref import POOLS, FusedOut, check_options, fused_mlp_ref
 
 
 def fused_mlp(
@@ -39,10 +39,12 @@ def fused_mlp(
     override_rows: torch.Tensor | None = None,
     override_site: str = "neuron",
     act_stats: bool = False,
+    pools: tuple[str, ...] = POOLS,
     backend: str = "auto",
 ) -> FusedOut:
     """`FusedOut`: the neuron tensor h [B, T, M] with the override applied (to the neuron or the
-    activation: `override_site`), pool_max / pool_sum [B, M] fp32 over pool_tokens and, with
+    activation: `override_site`), pool_max / pool_sum [B, M] fp32 over pool_tokens (those `pools`
+    names: the Triton kernel computes both in registers, the CPU reference only those) and, with
     act_stats, act_pos / act_sum [B, M] fp32 (None where not asked for). override: [M] buffers
     for every row, or [R, M] tables with override_rows [B] (per-row steering: the kernel reads
     row b's table row). Semantics: `fused_mlp_ref`.
@@ -51,17 +53,18 @@ def fused_mlp(
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).
     """
     triton = use_triton(backend, up)
-    check_options(act, override_site, act_stats, pool_tokens)
+    check_options(act, override_site, act_stats, pool_tokens, pools)
     if up.dim() != 3 or (gate is not None and (gate.shape != up.shape or gate.dtype != up.dtype)):
         raise ValueError("up must be [B, T, M], and gate (if given) of the same shape and dtype")
     if not triton:
         return fused_mlp_ref(up, gate, act=act, override=override, steer_tokens=steer_tokens,
                              pool_tokens=pool_tokens, override_rows=override_rows,
-                             override_site=override_site, act_stats=act_stats)
+                             override_site=override_site, act_stats=act_stats, pools=pools)
     mask, mul, add = override if override is not None else (None, None, None)
     op = triton_module("fused_mlp_triton").fused_mlp_op
     h, pool_max, pool_sum, act_pos, act_sum = op(up, gate, act, mask, mul, add, steer_tokens, pool_tokens,
                                                  override_rows, override_site == "activation", act_stats)
     if pool_tokens is None:
         return FusedOut(h, None, None, None, None)
-    return FusedOut(h, pool_max, pool_sum, *((act_pos, act_sum) if act_stats else (None, None)))
+    return FusedOut(h, pool_max if "max" in pools else None, pool_sum if "sum" in pools else None,
+                    *((act_pos, act_sum) if act_stats else (None, None)))

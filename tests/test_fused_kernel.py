@@ -342,6 +342,21 @@ def test_without_pool_tokens_and_steer_everywhere():
     assert_same(h, torch.where(mask, up * mul, up))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pools_returns_only_the_poolings_asked_for(backend):
+    gen = torch.Generator().manual_seed(10)
+    up, gate = randn(2, 6, 40, gen=gen), randn(2, 6, 40, gen=gen)
+    pool = bools(2, 6, gen=gen, p=0.7)
+    both = fused_mlp(up, gate, act="silu", pool_tokens=pool, backend=backend)
+    only_max = fused_mlp(up, gate, act="silu", pool_tokens=pool, pools=("max",), backend=backend)
+    only_sum = fused_mlp(up, gate, act="silu", pool_tokens=pool, pools=("sum",), backend=backend)
+    assert only_max.pool_sum is None and only_sum.pool_max is None
+    assert_same(only_max.pool_max, both.pool_max)
+    assert_same(only_sum.pool_sum, both.pool_sum)
+    with pytest.raises(ValueError, match="pools must be among"):
+        fused_mlp(up, gate, act="silu", pool_tokens=pool, pools=("mean",), backend=backend)
+
+
 # --- the op: fake implementation, registration, dispatch ----------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -511,3 +526,70 @@ def test_zeroing_the_activation_zeroes_the_neuron_and_setting_it_scales_up():
         kernel(up, gate, act="silu", override=zero, override_site="residual")
     with pytest.raises(ValueError, match="pool_tokens"):
         kernel(up, gate, act="silu", act_stats=True)
+
+
+def _hand_pools(x: torch.Tensor, tokens: torch.Tensor):
+    """max (NaN wins), sum and count of positives over each row's true positions, neuron by
+    neuron in Python floats -> three [B, M] float64."""
+    B, T, M = x.shape
+    out = torch.zeros(3, B, M, dtype=torch.float64)
+    for b in range(B):
+        for m in range(M):
+            vals = [float(x[b, t, m]) for t in range(T) if tokens[b, t]]
+            out[0, b, m] = math.nan if any(math.isnan(v) for v in vals) else max(vals, default=-math.inf)
+            out[1, b, m] = sum(vals)
+            out[2, b, m] = sum(v > 0 for v in vals)
+    return out
+
+
+MASKS = {  # name: (builder of tokens [B=4, T=7], whether the per-row runs apply)
+    "right padding, BOS skipped": (lambda: torch.tensor([[0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
+                                                         [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]]), True),
+    "left padding": (lambda: torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1],
+                                           [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]), True),
+    "a row without tokens": (lambda: torch.tensor([[0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0],
+                                                   [0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]]), False),
+    "a gap in a row": (lambda: torch.tensor([[0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
+                                             [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]]), False),
+}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_per_run_and_masked_equal_a_hand_loop(mask_name, dtype):
+    """The CPU reductions (a slice per row where the tokens are one run, else masked) against a
+    hand loop, with NaN and inf at positions left out (never counted) and NaN / inf at a pooled
+    position (propagated): max and positive counts exact, sums within a few ulp."""
+    from steer.kernels.fused_mlp_ref import activation_stats, pool_max, pool_sum, token_runs
+
+    build, runs_apply = MASKS[mask_name]
+    tokens = build().bool()
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 7, 33, generator=gen) * 3).to(dtype)
+    x[~tokens] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype).repeat(int((~tokens).sum()))[:int((~tokens).sum()), None]
+    first = tokens.float().argmax(1)
+    x[0, first[0], 5], x[3, first[3], 6] = math.nan, math.inf  # at pooled positions: propagated
+    runs = token_runs(tokens)
+    assert (runs is not None) == runs_apply
+    if runs_apply:
+        assert runs == [(int(first[b]), int(first[b] + tokens[b].sum())) for b in range(4)]
+    mx, sm, pos = _hand_pools(x, tokens)
+    got_pos, got_sum = activation_stats(x, tokens)
+    torch.testing.assert_close(pool_max(x, tokens).double(), mx, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(pool_sum(x, tokens).double(), sm, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got_sum.double(), sm, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(got_pos.double(), pos)
+
+
+def test_token_runs_only_eagerly_on_cpu():
+    """Under torch.compile the masked form is traced (no host reads of the mask); the compiled
+    pooling equals the eager per-run pooling."""
+    from steer.kernels.fused_mlp_ref import pool_max, pool_sum, token_runs
+
+    tokens = MASKS["right padding, BOS skipped"][0]().bool()
+    x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(0))
+    assert token_runs(tokens) is not None and token_runs(tokens[:0]) is None
+    compiled = torch.compile(lambda h, t: (pool_max(h, t), pool_sum(h, t)), fullgraph=True, backend="eager")
+    cmax, csum = compiled(x, tokens)
+    assert torch.equal(cmax, pool_max(x, tokens))
+    torch.testing.assert_close(csum, pool_sum(x, tokens), rtol=1e-6, atol=1e-6)

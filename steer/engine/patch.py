@@ -85,7 +85,8 @@ class FusedPatch(Backend):
         override, rows, tokens = self.override(layer) if mlp_site else (None, None, None)
         out = self.op(up, gate, act=self.acts[layer], override=override, steer_tokens=tokens,
                       pool_tokens=self.pool_tokens, override_rows=rows,
-                      override_site=iv.site if mlp_site else "neuron", act_stats="act_pos" in self.stats)
+                      override_site=iv.site if mlp_site else "neuron", act_stats="act_pos" in self.stats,
+                      pools=("max",) if self.pooling == "max" else ("sum",))
         if self.pool_tokens is not None:
             self.pooled[:, layer] = out.pool_max if self.pooling == "max" else pool_mean(out.pool_sum, self.pool_tokens)
         if "act_pos" in self.stats:
