@@ -7,9 +7,11 @@ bare forward: the base model over steer's batches (the same plan: 16 sentences a
 exact, hooks: `collect(backend="hooks")`, the reference pre-hooks; exact, fused: `collect(
 backend="fused")`, the patched model's fused op (its PyTorch reference on CPU); stream, fused:
 `collect_stream` (calibration on a quarter of the sentences, then histogram updates: the compiled
-CPU update, and with "reference binning" the plain torch reference), whose batches
-differ (calibration sample first, then the rest): `ratio_same_batches` compares it with the bare
-forward over exactly its batches ("bare forward, stream's batches").
+CPU update), whose batches differ (calibration sample first, then the rest):
+`speed_vs_bare_same_batches` is the bare forward's time over exactly its batches ("bare
+forward, stream's batches") divided by the variant's (1: as fast as the bare forward). "before":
+the same with the path as it was before issue 19 (`previous_path`: masked pooling, both poolings
+in the fused op, reference binning), timed in the same run.
 
 Per-part profile: every collection variant also reports where its time went (seconds per run,
 median over repeats): `pooling_s` (the per-sentence max / mean of each layer's neurons, in the
@@ -39,6 +41,7 @@ from steer import collect  # noqa: E402
 from steer.core import stream as stream_module  # noqa: E402
 from steer.engine import backends, batching, patch  # noqa: E402
 from steer.engine import collect as collect_module  # noqa: E402
+from steer.kernels import fused_mlp as fused_mlp_module  # noqa: E402
 from steer.kernels import fused_mlp_ref  # noqa: E402
 from steer.engine.batching import MAX_TOKENS  # noqa: E402
 from steer.kernels import histogram_cpu  # noqa: E402
@@ -105,6 +108,21 @@ def profiled(run):
     return variant
 
 
+@contextlib.contextmanager
+def previous_path():
+    """The collection path before issue 19's changes, for before / after in one run: pooling by
+    the masked [B, T, M] form only, the fused op computing both poolings, reference binning."""
+    saved = (histogram_cpu.MIN_RESPONSES, fused_mlp_ref.token_runs, fused_mlp_module.fused_mlp_ref)
+    ref = fused_mlp_module.fused_mlp_ref
+    histogram_cpu.MIN_RESPONSES = 1 << 62  # every update below the fast path's minimum
+    fused_mlp_ref.token_runs = lambda tokens: None
+    fused_mlp_module.fused_mlp_ref = lambda *a, **k: ref(*a, **{**k, "pools": fused_mlp_ref.POOLS})
+    try:
+        yield
+    finally:
+        histogram_cpu.MIN_RESPONSES, fused_mlp_ref.token_runs, fused_mlp_module.fused_mlp_ref = saved
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=24, help="verses per language")
@@ -128,15 +146,10 @@ def main(argv=None) -> None:
     bare = {"bare forward": bare_forward(model, tok, plan),
             "bare forward, stream's batches": bare_forward(model, tok, stream_plan(tok, corpus, cal, 16, MAX_TOKENS))}
 
-    def stream(backend, reference_binning=False):
+    def stream(backend, before=False):
         def run():
-            saved = histogram_cpu.MIN_RESPONSES
-            if reference_binning:  # every update below the fast path's minimum: the reference
-                histogram_cpu.MIN_RESPONSES = 1 << 62
-            try:
+            with previous_path() if before else contextlib.nullcontext():
                 return collect_stream(model, tok, corpus, backend=backend, calibration=cal, **kw)
-            finally:
-                histogram_cpu.MIN_RESPONSES = saved
         return profiled(run)
 
     result = compare({
@@ -145,12 +158,12 @@ def main(argv=None) -> None:
         "exact, fused": profiled(lambda: collect(model, tok, corpus, backend="fused", **kw)),
         "stream, hooks": stream("hooks"),
         "stream, fused": stream("fused"),
-        "stream, hooks, reference binning": stream("hooks", reference_binning=True),
-        "stream, fused, reference binning": stream("fused", reference_binning=True),
+        "stream, hooks, before": stream("hooks", before=True),
+        "stream, fused, before": stream("fused", before=True),
     }, baseline="bare forward", repeats=args.repeats)
     same = result.variants["bare forward, stream's batches"].min
     rows = [{**r, "tokens": tokens, "tok_per_s_best": tokens / r["min_s"],
-             "ratio_same_batches": r["min_s"] / same if r["variant"].startswith("stream") else ""}
+             "speed_vs_bare_same_batches": same / r["min_s"] if r["variant"].startswith("stream") else ""}
             for r in result.rows()]
     n_neurons = NeuronSites(model).n_neurons
     write_results("collection_paths", finish(env), [Table(

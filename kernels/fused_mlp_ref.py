@@ -37,6 +37,7 @@ ACTIVATIONS = {
 }
 SITES = ("neuron", "activation")  # what an override replaces in the MLP (the residual stream is not here)
 POOLS = ("max", "sum")  # the per-sentence poolings the op can return
+RUN_MIN_ELEMENTS = 1 << 14  # a row's [T, M] below this: the masked form (a slice per row costs ~us)
 
 
 class FusedOut(NamedTuple):
@@ -130,17 +131,22 @@ def token_runs(tokens: torch.Tensor) -> list[tuple[int, int]] | None:
     return list(zip(start.tolist(), (start + n).tolist()))
 
 
+def _runs(x: torch.Tensor, tokens: torch.Tensor) -> list[tuple[int, int]] | None:
+    """`token_runs` where slicing x [B, T, M] per row pays (T * M >= RUN_MIN_ELEMENTS), else None."""
+    return token_runs(tokens) if x.shape[1] * x.shape[2] >= RUN_MIN_ELEMENTS else None
+
+
 def _per_run(x: torch.Tensor, runs: list[tuple[int, int]], reduce) -> torch.Tensor:
     """reduce(x[b, start:end]) [M] of every row b, stacked -> [B, M]: a contiguous slice per row,
-    no masked [B, T, M] copy (on CPU the masked reduction below moves ~3x the bytes and, measured
-    in bench/collection_paths.py, was the largest cost of collection after the forward)."""
+    no masked [B, T, M] copy (on CPU the masked reduction moves ~3x the bytes; measured in
+    bench/collection_paths.py)."""
     return torch.stack([reduce(x[b, s:e]) for b, (s, e) in enumerate(runs)])
 
 
 def pool_max(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Max of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32 (-inf
     for a row without tokens)."""
-    runs = token_runs(tokens)
+    runs = _runs(h, tokens)
     if runs is not None:
         return _per_run(h, runs, lambda v: v.float().amax(0))
     return h.float().masked_fill(~tokens[..., None], float("-inf")).amax(dim=1)
@@ -149,7 +155,7 @@ def pool_max(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def pool_sum(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Sum of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32. Masked,
     not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN."""
-    runs = token_runs(tokens)
+    runs = _runs(h, tokens)
     if runs is not None:
         return _per_run(h, runs, lambda v: v.float().sum(0))
     return h.float().masked_fill(~tokens[..., None], 0.0).sum(dim=1)
@@ -158,7 +164,7 @@ def pool_sum(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def activation_stats(a: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(count of positive values, sum) of activations a [B, T, M] over the positions where tokens
     [B, T] is true -> two [B, M] fp32 (LAPE counts `act > 0`; NaN is not positive)."""
-    runs = token_runs(tokens)
+    runs = _runs(a, tokens)
     if runs is not None:
         return (_per_run(a, runs, lambda v: (v > 0).sum(0, dtype=torch.float32)),
                 _per_run(a, runs, lambda v: v.float().sum(0)))

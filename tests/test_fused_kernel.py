@@ -556,11 +556,16 @@ MASKS = {  # name: (builder of tokens [B=4, T=7], whether the per-row runs apply
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pooling_per_run_and_masked_equal_a_hand_loop(mask_name, dtype):
-    """The CPU reductions (a slice per row where the tokens are one run, else masked) against a
-    hand loop, with NaN and inf at positions left out (never counted) and NaN / inf at a pooled
-    position (propagated): max and positive counts exact, sums within a few ulp."""
+@pytest.mark.parametrize("per_run", [True, False])
+def test_pooling_per_run_and_masked_equal_a_hand_loop(mask_name, dtype, per_run, monkeypatch):
+    """The CPU reductions (a slice per row where the tokens are one run, else masked; per_run
+    False: rows too small to slice) against a hand loop, with NaN and inf at positions left out
+    (never counted) and NaN / inf at a pooled position (propagated): max and positive counts
+    exact, sums within a few ulp."""
+    from steer.kernels import fused_mlp_ref as ref
     from steer.kernels.fused_mlp_ref import activation_stats, pool_max, pool_sum, token_runs
+
+    monkeypatch.setattr(ref, "RUN_MIN_ELEMENTS", 0 if per_run else ref.RUN_MIN_ELEMENTS)
 
     build, runs_apply = MASKS[mask_name]
     tokens = build().bool()
@@ -581,10 +586,13 @@ def test_pooling_per_run_and_masked_equal_a_hand_loop(mask_name, dtype):
     assert torch.equal(got_pos.double(), pos)
 
 
-def test_token_runs_only_eagerly_on_cpu():
+def test_token_runs_only_eagerly_on_cpu(monkeypatch):
     """Under torch.compile the masked form is traced (no host reads of the mask); the compiled
     pooling equals the eager per-run pooling."""
+    from steer.kernels import fused_mlp_ref as ref
     from steer.kernels.fused_mlp_ref import pool_max, pool_sum, token_runs
+
+    monkeypatch.setattr(ref, "RUN_MIN_ELEMENTS", 0)
 
     tokens = MASKS["right padding, BOS skipped"][0]().bool()
     x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(0))
