@@ -112,15 +112,15 @@ def profiled(run):
 def previous_path():
     """The collection path before issue 19's changes, for before / after in one run: pooling by
     the masked [B, T, M] form only, the fused op computing both poolings, reference binning."""
-    saved = (histogram_cpu.MIN_RESPONSES, fused_mlp_ref.token_runs, fused_mlp_module.fused_mlp_ref)
+    saved = (histogram_cpu.MIN_RESPONSES, fused_mlp_ref.token_core, fused_mlp_module.fused_mlp_ref)
     ref = fused_mlp_module.fused_mlp_ref
     histogram_cpu.MIN_RESPONSES = 1 << 62  # every update below the fast path's minimum
-    fused_mlp_ref.token_runs = lambda tokens: None
+    fused_mlp_ref.token_core = lambda tokens: None
     fused_mlp_module.fused_mlp_ref = lambda *a, **k: ref(*a, **{**k, "pools": fused_mlp_ref.POOLS})
     try:
         yield
     finally:
-        histogram_cpu.MIN_RESPONSES, fused_mlp_ref.token_runs, fused_mlp_module.fused_mlp_ref = saved
+        histogram_cpu.MIN_RESPONSES, fused_mlp_ref.token_core, fused_mlp_module.fused_mlp_ref = saved
 
 
 def main(argv=None) -> None:

@@ -20,9 +20,9 @@ Only traceable tensor ops, no Python branching on tensor values: `torch.compile(
 turns it into one fused loop on CPU. The override and the pooling are functions of their own
 (`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`, `activation_stats`): the hooks backend, collection
 and embeddings use the same ones, so each semantic is written once. Run eagerly on CPU, the
-reductions take a contiguous slice per row where every row's tokens form one run (`token_runs`),
-the usual case, instead of a masked [B, T, M] copy; elsewhere, and under torch.compile, the
-masked form. The slice and the masked sum add in other orders (a few fp32 ulp apart).
+reductions read the positions every row pools as a plain view and mask only the ragged edges
+(`token_core`); elsewhere, and under torch.compile, the whole tensor is masked. The two sums
+add in other orders (a few fp32 ulp apart).
 """
 from typing import NamedTuple
 
@@ -37,7 +37,6 @@ ACTIVATIONS = {
 }
 SITES = ("neuron", "activation")  # what an override replaces in the MLP (the residual stream is not here)
 POOLS = ("max", "sum")  # the per-sentence poolings the op can return
-RUN_MIN_ELEMENTS = 1 << 14  # a row's [T, M] below this: the masked form (a slice per row costs ~us)
 
 
 class FusedOut(NamedTuple):
@@ -116,60 +115,68 @@ def apply_override(value: torch.Tensor, mask: torch.Tensor, mul: torch.Tensor, a
     return torch.where(sel, (value.float() * mul.float() + add.float()).to(value.dtype), value)
 
 
-def token_runs(tokens: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Each row's pooled positions as one (start, end) run, when every row's are contiguous and
-    non-empty: the usual case (special tokens, the sentence, padding, on either side). Eager CPU
-    only: None on other devices (reading the runs would synchronise every layer), while
-    torch.compile traces, for an empty batch and for any other mask."""
-    if tokens.device.type != "cpu" or torch.compiler.is_compiling() or tokens.shape[0] == 0:
+def token_core(tokens: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(lo, c0, c1, hi) of a pooling mask tokens [B, T]: positions [c0, c1) are pooled in every
+    row (the core), every other pooled position lies in the ragged edges [lo, c0) and [c1, hi).
+    Eager CPU only: None on other devices (reading the bounds would synchronise every layer),
+    while torch.compile traces, and where no position is pooled by every row."""
+    if tokens.device.type != "cpu" or torch.compiler.is_compiling() or tokens.numel() == 0:
         return None
-    n = tokens.sum(1)  # [B]
-    rises = tokens[:, 0].long() + (tokens[:, 1:] & ~tokens[:, :-1]).sum(1)  # [B] runs per row
-    if not bool(((rises == 1) & (n > 0)).all()):
+    every = tokens.all(0)  # [T]
+    if not bool(every.any()):
         return None
-    start = tokens.to(torch.uint8).argmax(1)  # [B] first pooled position
-    return list(zip(start.tolist(), (start + n).tolist()))
+    c0 = int(every.to(torch.uint8).argmax())
+    rest = ~every[c0:]
+    c1 = c0 + (int(rest.to(torch.uint8).argmax()) if bool(rest.any()) else rest.numel())
+    some = tokens.any(0).nonzero()[:, 0]
+    return int(some[0]), c0, c1, int(some[-1]) + 1
 
 
-def _runs(x: torch.Tensor, tokens: torch.Tensor) -> list[tuple[int, int]] | None:
-    """`token_runs` where slicing x [B, T, M] per row pays (T * M >= RUN_MIN_ELEMENTS), else None."""
-    return token_runs(tokens) if x.shape[1] * x.shape[2] >= RUN_MIN_ELEMENTS else None
+def _masked(x: torch.Tensor, tokens: torch.Tensor, fill: float, reduce, combine) -> torch.Tensor:
+    """reduce(x [B, T, M] in fp32 with the positions outside tokens [B, T] set to `fill`) ->
+    [B, M]. Where `token_core` finds a core, the core is reduced as a plain view and combined
+    with the masked reductions of the ragged edges: in length-sorted batches the edges are a few
+    positions, so no masked [B, T, M] copy is made (on CPU that copy cost ~3x the reduction;
+    bench/collection_paths.py). Otherwise the whole tensor is masked."""
+    split = token_core(tokens)
+    if split is None:
+        return reduce(x.float().masked_fill(~tokens[..., None], fill))
+    lo, c0, c1, hi = split
+    out = reduce(x[:, c0:c1].float())
+    for a, b in ((lo, c0), (c1, hi)):
+        if b > a:
+            out = combine(out, reduce(torch.where(tokens[:, a:b, None], x[:, a:b].float(), fill)))
+    return out
 
 
-def _per_run(x: torch.Tensor, runs: list[tuple[int, int]], reduce) -> torch.Tensor:
-    """reduce(x[b, start:end]) [M] of every row b, stacked -> [B, M]: a contiguous slice per row,
-    no masked [B, T, M] copy (on CPU the masked reduction moves ~3x the bytes; measured in
-    bench/collection_paths.py)."""
-    return torch.stack([reduce(x[b, s:e]) for b, (s, e) in enumerate(runs)])
+def _max(v: torch.Tensor) -> torch.Tensor:
+    return v.amax(dim=1)
+
+
+def _sum(v: torch.Tensor) -> torch.Tensor:
+    return v.sum(dim=1)
+
+
+def _positives(v: torch.Tensor) -> torch.Tensor:
+    return (v > 0).sum(dim=1, dtype=torch.float32)
 
 
 def pool_max(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Max of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32 (-inf
     for a row without tokens)."""
-    runs = _runs(h, tokens)
-    if runs is not None:
-        return _per_run(h, runs, lambda v: v.float().amax(0))
-    return h.float().masked_fill(~tokens[..., None], float("-inf")).amax(dim=1)
+    return _masked(h, tokens, float("-inf"), _max, torch.maximum)
 
 
 def pool_sum(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Sum of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32. Masked,
     not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN."""
-    runs = _runs(h, tokens)
-    if runs is not None:
-        return _per_run(h, runs, lambda v: v.float().sum(0))
-    return h.float().masked_fill(~tokens[..., None], 0.0).sum(dim=1)
+    return _masked(h, tokens, 0.0, _sum, torch.add)
 
 
 def activation_stats(a: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(count of positive values, sum) of activations a [B, T, M] over the positions where tokens
     [B, T] is true -> two [B, M] fp32 (LAPE counts `act > 0`; NaN is not positive)."""
-    runs = _runs(a, tokens)
-    if runs is not None:
-        return (_per_run(a, runs, lambda v: (v > 0).sum(0, dtype=torch.float32)),
-                _per_run(a, runs, lambda v: v.float().sum(0)))
-    a = a.float().masked_fill(~tokens[..., None], 0.0)
-    return (a > 0).sum(dim=1, dtype=torch.float32), a.sum(dim=1)
+    return _masked(a, tokens, 0.0, _positives, torch.add), _masked(a, tokens, 0.0, _sum, torch.add)
 
 
 def pool_mean(pooled_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -542,61 +542,56 @@ def _hand_pools(x: torch.Tensor, tokens: torch.Tensor):
     return out
 
 
-MASKS = {  # name: (builder of tokens [B=4, T=7], whether the per-row runs apply)
-    "right padding, BOS skipped": (lambda: torch.tensor([[0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
-                                                         [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]]), True),
-    "left padding": (lambda: torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1],
-                                           [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]), True),
-    "a row without tokens": (lambda: torch.tensor([[0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0],
-                                                   [0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]]), False),
-    "a gap in a row": (lambda: torch.tensor([[0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
-                                             [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]]), False),
+MASKS = {  # name: (tokens [B=4, T=7], its token_core (lo, c0, c1, hi) or None)
+    "right padding, BOS skipped": ([[0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
+                                    [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]], (1, 1, 2, 7)),
+    "left padding": ([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1],
+                      [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], (0, 5, 7, 7)),
+    "equal lengths": ([[0, 1, 1, 1, 1, 0, 0]] * 4, (1, 1, 5, 5)),
+    "a gap in a row": ([[0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
+                        [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]], (1, 1, 2, 7)),
+    "a row without tokens": ([[0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0],
+                              [0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], None),
 }
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_run", [True, False])
-def test_pooling_per_run_and_masked_equal_a_hand_loop(mask_name, dtype, per_run, monkeypatch):
-    """The CPU reductions (a slice per row where the tokens are one run, else masked; per_run
-    False: rows too small to slice) against a hand loop, with NaN and inf at positions left out
-    (never counted) and NaN / inf at a pooled position (propagated): max and positive counts
+@pytest.mark.parametrize("split", [True, False])
+def test_pooling_core_and_masked_equal_a_hand_loop(mask_name, dtype, split, monkeypatch):
+    """The reductions (the core as a view plus masked ragged edges; split False: the whole tensor
+    masked, as on GPU and under compile) against a hand loop, with NaN and inf at positions left
+    out (never counted) and NaN / inf at a pooled position (propagated): max and positive counts
     exact, sums within a few ulp."""
     from steer.kernels import fused_mlp_ref as ref
-    from steer.kernels.fused_mlp_ref import activation_stats, pool_max, pool_sum, token_runs
 
-    monkeypatch.setattr(ref, "RUN_MIN_ELEMENTS", 0 if per_run else ref.RUN_MIN_ELEMENTS)
-
-    build, runs_apply = MASKS[mask_name]
-    tokens = build().bool()
+    rows, core = MASKS[mask_name]
+    tokens = torch.tensor(rows).bool()
+    assert ref.token_core(tokens) == core
+    if not split:
+        monkeypatch.setattr(ref, "token_core", lambda tokens: None)
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 7, 33, generator=gen) * 3).to(dtype)
-    x[~tokens] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype).repeat(int((~tokens).sum()))[:int((~tokens).sum()), None]
+    n_out = int((~tokens).sum())
+    x[~tokens] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype).repeat(n_out)[:n_out, None]
     first = tokens.float().argmax(1)
     x[0, first[0], 5], x[3, first[3], 6] = math.nan, math.inf  # at pooled positions: propagated
-    runs = token_runs(tokens)
-    assert (runs is not None) == runs_apply
-    if runs_apply:
-        assert runs == [(int(first[b]), int(first[b] + tokens[b].sum())) for b in range(4)]
     mx, sm, pos = _hand_pools(x, tokens)
-    got_pos, got_sum = activation_stats(x, tokens)
-    torch.testing.assert_close(pool_max(x, tokens).double(), mx, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(pool_sum(x, tokens).double(), sm, rtol=1e-5, atol=1e-5, equal_nan=True)
+    got_pos, got_sum = ref.activation_stats(x, tokens)
+    torch.testing.assert_close(ref.pool_max(x, tokens).double(), mx, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ref.pool_sum(x, tokens).double(), sm, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(got_sum.double(), sm, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert torch.equal(got_pos.double(), pos)
 
 
-def test_token_runs_only_eagerly_on_cpu(monkeypatch):
+def test_token_core_only_eagerly_on_cpu():
     """Under torch.compile the masked form is traced (no host reads of the mask); the compiled
-    pooling equals the eager per-run pooling."""
-    from steer.kernels import fused_mlp_ref as ref
-    from steer.kernels.fused_mlp_ref import pool_max, pool_sum, token_runs
+    pooling equals the eager split pooling."""
+    from steer.kernels.fused_mlp_ref import pool_max, pool_sum, token_core
 
-    monkeypatch.setattr(ref, "RUN_MIN_ELEMENTS", 0)
-
-    tokens = MASKS["right padding, BOS skipped"][0]().bool()
+    tokens = torch.tensor(MASKS["right padding, BOS skipped"][0]).bool()
     x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(0))
-    assert token_runs(tokens) is not None and token_runs(tokens[:0]) is None
+    assert token_core(tokens) is not None and token_core(tokens[:0]) is None
     compiled = torch.compile(lambda h, t: (pool_max(h, t), pool_sum(h, t)), fullgraph=True, backend="eager")
     cmax, csum = compiled(x, tokens)
     assert torch.equal(cmax, pool_max(x, tokens))
