@@ -14,8 +14,8 @@ the same with the path as it was before issue 19 (`previous_path`: masked poolin
 in the fused op, reference binning), timed in the same run.
 
 Per-part profile: every collection variant also reports where its time went (seconds per run,
-median over repeats): `pooling_s` (the per-sentence max / mean of each layer's neurons, in the
-hooks or in the fused op), `binning_s` (histogram updates), `state_s` (the rest of
+median over repeats): `pooling_s` (the per-sentence max / mean of each layer's neurons, and
+token statistics where asked for, in the hooks or in the fused op), `binning_s` (histogram updates), `state_s` (the rest of
 `StreamState.update`: sums, label counts, min / max), `calibration_s` (`calibrate_edges`),
 `batching_s` (tokenizing and padding) and `forward_s`, the rest: the model's forward and the
 Python around it. Each part is timed by wrapping the function that does it (exclusive time:
@@ -49,8 +49,9 @@ from baselines import bare_forward, sorted_plan, stream_plan  # noqa: E402
 
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 PARTS = {  # part: the (owner, attribute) functions that do it, as the collection code calls them
-    "pooling_s": [(backends, "pool"), (fused_mlp_ref, "pool_max"), (fused_mlp_ref, "pool_sum"),
-                  (patch, "pool_mean")],
+    "pooling_s": [(backends, "pool"), (backends, "pool_sum"), (backends, "activation_stats"),
+                  (fused_mlp_ref, "pool_max"), (fused_mlp_ref, "pool_sum"),
+                  (fused_mlp_ref, "activation_stats"), (patch, "pool_mean")],
     "binning_s": [(stream_module, "histogram_update")],
     "state_s": [(stream_module.StreamState, "update")],
     "calibration_s": [(collect_module, "calibrate_edges")],

@@ -548,6 +548,12 @@ MASKS = {  # name: (tokens [B=4, T=7], its token_core (lo, c0, c1, hi) or None)
     "left padding": ([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1],
                       [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], (0, 5, 7, 7)),
     "equal lengths": ([[0, 1, 1, 1, 1, 0, 0]] * 4, (1, 1, 5, 5)),
+    "all pooled": ([[1] * 7] * 4, (0, 0, 7, 7)),
+    "both edges ragged": ([[1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0],
+                           [0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0]], (0, 2, 4, 7)),
+    "a core split by a gap": ([[1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1],
+                               [1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]], (0, 0, 2, 7)),
+    "one position": ([[1]] * 4, (0, 0, 1, 1)),
     "a gap in a row": ([[0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0],
                         [0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]], (1, 1, 2, 7)),
     "a row without tokens": ([[0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0],
@@ -556,7 +562,7 @@ MASKS = {  # name: (tokens [B=4, T=7], its token_core (lo, c0, c1, hi) or None)
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("split", [True, False])
 def test_pooling_core_and_masked_equal_a_hand_loop(mask_name, dtype, split, monkeypatch):
     """The reductions (the core as a view plus masked ragged edges; split False: the whole tensor
@@ -571,7 +577,7 @@ def test_pooling_core_and_masked_equal_a_hand_loop(mask_name, dtype, split, monk
     if not split:
         monkeypatch.setattr(ref, "token_core", lambda tokens: None)
     gen = torch.Generator().manual_seed(3)
-    x = (torch.randn(4, 7, 33, generator=gen) * 3).to(dtype)
+    x = (torch.randn(4, tokens.shape[1], 33, generator=gen) * 3).to(dtype)
     n_out = int((~tokens).sum())
     x[~tokens] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype).repeat(n_out)[:n_out, None]
     first = tokens.float().argmax(1)
@@ -592,6 +598,7 @@ def test_token_core_only_eagerly_on_cpu():
     tokens = torch.tensor(MASKS["right padding, BOS skipped"][0]).bool()
     x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(0))
     assert token_core(tokens) is not None and token_core(tokens[:0]) is None
+    assert token_core(tokens.to("meta")) is None  # other devices: no host reads
     compiled = torch.compile(lambda h, t: (pool_max(h, t), pool_sum(h, t)), fullgraph=True, backend="eager")
     cmax, csum = compiled(x, tokens)
     assert torch.equal(cmax, pool_max(x, tokens))
