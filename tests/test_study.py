@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from steer.cli import study as cli
-from steer.experiments.study import config, control, protocol
+from steer.experiments.study import cache, config, control, protocol
 from steer.experiments.study.report import render_only
 from steer.core import corpus as C
 from steer.core.corpus import Parallel
@@ -291,6 +291,17 @@ def test_cache_reuses_unsteered_embeddings(tmp_path, fake):
     computed = {s["stage"]: s.get("computed_sentences") for s in second["stages"]}
     assert computed["dev sweep"] == 0 and computed["test"] == 0 and computed["random control"] == 0
     assert first["test"] == second["test"]
+
+
+def test_cache_of_other_numerics_is_not_reused(tmp_path, fake, monkeypatch):
+    """Embeddings of a steer whose numerics differ in any bit are never mixed with this one's."""
+    cfg = _config(tmp_path, cache_dir=str(tmp_path / "cache"), paraphrases=False, udhr=False, control_seeds=1)
+    protocol.run_study(cfg)
+    files = set((tmp_path / "cache").iterdir())
+    monkeypatch.setattr(cache, "NUMERICS", cache.NUMERICS + 1)
+    again = protocol.run_study(cfg)
+    assert {s["stage"]: s.get("cached_sentences") for s in again["stages"]}["dev sweep"] == 0
+    assert set((tmp_path / "cache").iterdir()) > files  # new files beside the old ones
 
 
 def test_cli_parser_full_and_overrides():

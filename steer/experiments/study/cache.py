@@ -37,12 +37,17 @@ def condition_key(iv: Intervention | None) -> str:
 
 
 CACHE_VERSION = 1  # steer.embeddings files (steer/core/artifacts.py)
+# The embeddings' numerics: raised whenever steer's code changes them in any bit, so that a cache
+# never mixes embeddings of two versions (and every condition built from pooled responses, whose
+# forcing values enter its key, is recomputed alike). 2: pooling reduces the positions every row
+# pools before the ragged edges (another fp32 summation order than 1).
+NUMERICS = 2
 
 
 def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict) -> None:
     """{text: [n_layers, D]} as a steer.embeddings file, atomically (steer/core/artifacts.py): the
     texts as UTF-8 bytes + offsets tensors (no header size limit), `meta` (the model's
-    fingerprint, skip_bos, layers) in the metadata."""
+    fingerprint, skip_bos, layers, numerics) in the metadata."""
     from steer.core import artifacts
 
     raw = [t.encode("utf-8") for t in table]
@@ -56,7 +61,8 @@ def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict)
 
 def load_embedding_cache(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The table written by `save_embedding_cache`; ValueError naming the file when it is
-    corrupt, truncated, of a newer format, or for another model, skip_bos or layers than `meta`."""
+    corrupt, truncated, of a newer format, or for another model, skip_bos, layers or numerics
+    than `meta`."""
     from steer.core import artifacts
 
     a = artifacts.load(path, kind="embeddings", version=CACHE_VERSION)
@@ -97,11 +103,13 @@ class Embedder:
     def _file(self, cond: str, layers: tuple[int, ...]) -> Path | None:
         if self.directory is None:
             return None
-        spec = hashlib.sha256(json.dumps([self.fingerprint, self.skip_bos, list(layers)]).encode()).hexdigest()[:12]
+        spec = json.dumps([self.fingerprint, self.skip_bos, list(layers), NUMERICS])
+        spec = hashlib.sha256(spec.encode()).hexdigest()[:12]
         return self.directory / f"{self.fingerprint}-{spec}-{cond}.safetensors"
 
     def _cache_meta(self, layers: tuple[int, ...]) -> dict:
-        return {"fingerprint": self.fingerprint, "skip_bos": self.skip_bos, "layers": list(layers)}
+        return {"fingerprint": self.fingerprint, "skip_bos": self.skip_bos, "layers": list(layers),
+                "numerics": NUMERICS}
 
     def _table(self, cond: str, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
         key = (cond, layers)
