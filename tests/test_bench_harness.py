@@ -1,8 +1,10 @@
-"""The benchmark harness (bench/harness.py) and the honesty of today's-way baseline (bench/todays_way.py).
+"""The benchmark harness (bench/harness.py), the honesty of today's-way baseline (bench/todays_way.py)
+and the per-part profile of bench/collection_paths.py.
 
 Fast: fake callables and a fake clock for the harness; tiny random models for the baseline, whose
 responses, scores and steering must equal steer's, so that benchmarks compare speed only.
 """
+import contextlib
 import csv
 import io
 import sys
@@ -242,3 +244,36 @@ def test_generation_overhead_reports_every_configuration(tmp_path):
     assert not any(type(m).__name__.startswith("Fused") for m in model.modules())  # unpatched
     md, cs = harness.write_results("generation_overhead", harness.environment(), tables, out_dir=tmp_path)
     assert len(list(csv.DictReader(io.StringIO(cs.read_text())))) == 8 and "fused, on" in md.read_text()
+
+
+@pytest.mark.parametrize("backend", ["hooks", "fused"])
+def test_collection_profile_parts_and_the_previous_path(backend):
+    """bench/collection_paths.py: the per-part profile adds up to the wall time and sees pooling and
+    binning; the path before issue 19 (`previous_path`) gives the same state and is undone after."""
+    import collection_paths as cp
+    from steer.engine.collect import collect_stream
+    from steer.kernels import fused_mlp as fused_mlp_module
+    from steer.kernels import fused_mlp_ref
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    corpus = Corpus(TEXTS, LABELS)
+    originals = [getattr(o, n) for fns in cp.PARTS.values() for o, n in fns]
+    originals += [fused_mlp_ref.token_core, fused_mlp_module.fused_mlp_ref]
+    states = {}
+
+    def run(before):
+        def go():
+            with cp.previous_path() if before else contextlib.nullcontext():
+                states[before] = collect_stream(model, tok, corpus, backend=backend, calibration=4,
+                                                batch_size=4, progress=False)
+        return cp.profiled(go)()
+
+    for before in (False, True):
+        parts = run(before)
+        assert all(v >= 0 for v in parts.values()) and parts["pooling_s"] > 0 and parts["binning_s"] > 0
+        assert parts["calibration_s"] > 0 and parts["state_s"] > 0
+        assert sum(v for k, v in parts.items() if k != "seconds") == pytest.approx(parts["seconds"])
+    now = [getattr(o, n) for fns in cp.PARTS.values() for o, n in fns]
+    now += [fused_mlp_ref.token_core, fused_mlp_module.fused_mlp_ref]
+    assert all(a is b for a, b in zip(now, originals))
+    assert torch.equal(states[False].counts, states[True].counts)
