@@ -10,13 +10,15 @@ It spells out, one readable step at a time, what `steer.kernels.fused_mlp` compu
    value it overrides: the neuron (default) or the activation `act(gate)` before its product
    with `up` (LAPE-style deactivation / activation; for ungated MLPs the two are the same value);
 3. `h`, that value cast back to the input dtype, for the down projection;
-4. per sentence, the max and the sum of `h` (as written, upcast to fp32) over its real tokens
-   (`pool_tokens`): padding never counts, so results do not depend on padding side or batch;
+4. per sentence, the max and / or the sum of `h` (`pools`; as written, upcast to fp32) over its
+   real tokens (`pool_tokens`): padding never counts, so results do not depend on padding side
+   or batch;
 5. with `act_stats`, per sentence over the same tokens, the number of positions where the
    activation (after an activation-site override) is positive, and its sum (fp32): LAPE's
    activation probabilities and the mean activation, in the same pass.
 
-Only traceable tensor ops, no Python branching on tensor values: `torch.compile(fullgraph=True)`
+Traced, it is only tensor ops with no Python branching on tensor values (the eager CPU split of
+the reductions below steps aside while torch.compile traces): `torch.compile(fullgraph=True)`
 turns it into one fused loop on CPU. The override and the pooling are functions of their own
 (`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`, `activation_stats`): the hooks backend, collection
 and embeddings use the same ones, so each semantic is written once. Run eagerly on CPU, the
