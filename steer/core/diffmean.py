@@ -1,7 +1,8 @@
 """DiffMean: steering the residual stream along a difference of label means (CLaS-Bench).
 
 Input: per label, the mean over its tokens of each decoder layer's output (the residual stream
-after layer l, Hugging Face's `hidden_states[l + 1]`): `TokenStats.residual_mean`, [C, L, D].
+after layer l, Hugging Face's `hidden_states[l + 1]` except after the last layer, where that
+one is after the final norm): `TokenStats.residual_mean`, [C, L, D].
 The direction of a target at layer l is the target's mean minus the source's, scaled to unit
 length; CLaS-Bench adds `strength x direction` to one layer's output at every position
 (`diffmean_intervention`, a residual-site `Intervention`: mul 1, add on every hidden unit).
