@@ -134,21 +134,25 @@ def token_core(tokens: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(some[0]), c0, c1, int(some[-1]) + 1
 
 
-def _masked(x: torch.Tensor, tokens: torch.Tensor, fill: float, reduce, combine) -> torch.Tensor:
-    """reduce(x [B, T, M] in fp32 with the positions outside tokens [B, T] set to `fill`) ->
-    [B, M]. Where `token_core` finds a core, the core is reduced as a plain view and combined
-    with the masked reductions of the ragged edges: in length-sorted batches the edges are a few
-    positions, so no masked [B, T, M] copy is made (on CPU that copy cost ~3x the reduction;
+def _masked(x: torch.Tensor, tokens: torch.Tensor, fill: float, *reductions) -> tuple[torch.Tensor, ...]:
+    """For each (reduce, combine) of `reductions`: reduce(x [B, T, M] in fp32 with the positions
+    outside tokens [B, T] set to `fill`) -> [B, M], all from one masked copy or one split. Where
+    `token_core` finds a core, the core is reduced as a plain view and combined with the masked
+    reductions of the ragged edges: in length-sorted batches the edges are a few positions, so no
+    masked [B, T, M] copy is made (on CPU that copy cost ~3x the reduction;
     bench/collection_paths.py). Otherwise the whole tensor is masked."""
     split = token_core(tokens)
     if split is None:
-        return reduce(x.float().masked_fill(~tokens[..., None], fill))
+        masked = x.float().masked_fill(~tokens[..., None], fill)
+        return tuple(reduce(masked) for reduce, _ in reductions)
     lo, c0, c1, hi = split
-    out = reduce(x[:, c0:c1].float())
+    core = x[:, c0:c1].float()
+    outs = [reduce(core) for reduce, _ in reductions]
     for a, b in ((lo, c0), (c1, hi)):
         if b > a:
-            out = combine(out, reduce(torch.where(tokens[:, a:b, None], x[:, a:b].float(), fill)))
-    return out
+            edge = torch.where(tokens[:, a:b, None], x[:, a:b].float(), fill)
+            outs = [combine(out, reduce(edge)) for out, (reduce, combine) in zip(outs, reductions)]
+    return tuple(outs)
 
 
 def _max(v: torch.Tensor) -> torch.Tensor:
@@ -166,19 +170,19 @@ def _positives(v: torch.Tensor) -> torch.Tensor:
 def pool_max(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Max of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32 (-inf
     for a row without tokens)."""
-    return _masked(h, tokens, float("-inf"), _max, torch.maximum)
+    return _masked(h, tokens, float("-inf"), (_max, torch.maximum))[0]
 
 
 def pool_sum(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Sum of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32. Masked,
     not multiplied: an inf at a position left out (fp16 overflow at BOS) must not give NaN."""
-    return _masked(h, tokens, 0.0, _sum, torch.add)
+    return _masked(h, tokens, 0.0, (_sum, torch.add))[0]
 
 
 def activation_stats(a: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(count of positive values, sum) of activations a [B, T, M] over the positions where tokens
     [B, T] is true -> two [B, M] fp32 (LAPE counts `act > 0`; NaN is not positive)."""
-    return _masked(a, tokens, 0.0, _positives, torch.add), _masked(a, tokens, 0.0, _sum, torch.add)
+    return _masked(a, tokens, 0.0, (_positives, torch.add), (_sum, torch.add))
 
 
 def pool_mean(pooled_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
