@@ -69,4 +69,4 @@ def test_readme_method_tables_come_from_the_reports():
             want_prepost, want_delta = r[4].split(", Δ ")
             assert [chosen, prepost, delta_a, a_rev, b, dist, gen, ppl] == [
                 _short(r[3].replace("top_rate=", "top_rate ")), _short(want_prepost), _short(want_delta),
-                _short(r[5]), _short(r[6]), _short(r[7]), _short(r[9]), r[10]], f"{folder}: {method} {target}"
+                _short(r[5]), _short(r[6]), _short(r[7]), _short(r[9]), _short(r[10])], f"{folder}: {method} {target}"
