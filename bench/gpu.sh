@@ -58,7 +58,7 @@ if [ "$QUICK" = 1 ]; then
 else
     RUN="${GPU_RUN_DIR:-bench/results/gpu_run}"; BUDGET="${BUDGET:-360}"; QFLAG=""
 fi
-GPU_BENCH="${GPU_BENCH:-python3 -P bench/gpu_bench.py}"  # the stage runner (tests replace it)
+GPU_BENCH="${GPU_BENCH:-python3 bench/gpu_bench.py}"  # the stage runner (tests replace it)
 GPU_SH_LIMITS="${GPU_SH_LIMITS:-}"
 OUT="${OUT:-}"
 mkdir -p "$RUN" || exit 1

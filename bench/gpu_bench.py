@@ -276,8 +276,7 @@ def stage_tests(args, device, dtype, dl) -> tuple[list[Table], str]:
     xml = Path(args.out or RESULTS / "quick") / "gpu_tests.xml"
     xml.parent.mkdir(parents=True, exist_ok=True)
     xml.unlink(missing_ok=True)
-    # -P: the repo root stays off sys.path (its folder `kernels` would shadow PyPI's, see Makefile)
-    cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
            "-W", "ignore::DeprecationWarning", *TEST_FILES]
     env = dict(os.environ)
     if args.quick:

@@ -96,7 +96,7 @@ def rss_gib(pid: int, key: str) -> float:
 
 
 def watch(name: str, args) -> dict:
-    cmd = [sys.executable, "-P", __file__, "--child", name, "--long", str(args.long), "--short", str(args.short),
+    cmd = [sys.executable, __file__, "--child", name, "--long", str(args.long), "--short", str(args.short),
            "--layers", str(args.layers), "--threads", str(args.threads)]
     err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)

@@ -6,7 +6,9 @@ It makes the one decision the caller should not have to: how to collect.
   be in the top-k, so the experts and their values equal exact mode's.
 "auto" takes exact while the response table fits `memory_budget_gib`, stream beyond (below that
 size one exact pass beats streaming's two), and stream whenever checkpoints or several processes
-(torchrun) are involved. The CLI (`steer find-experts`) and `steer study` call this function.
+(torchrun) are involved. Backend "auto" (`steer.engine.backends.choose`) collects through the
+fused patch where it gives the hooks' exact responses (float32 on the CPU: measured faster),
+through the hooks elsewhere. The CLI (`steer find-experts`) and `steer study` call this function.
 Every option is checked before the first forward pass.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from steer.core.corpus import check_labels
 from steer.core.experts import RECIPES, ExpertSet, check_k, select_experts
 from steer.core.scores import Responses, Scores, Split
 from steer.core.stream import StreamState
-from steer.engine.backends import BACKENDS
+from steer.engine.backends import check_choice, choose
 from steer.engine.batching import MAX_TOKENS, WINDOW, check_batching
 from steer.engine.collect import check_stream, collect, collect_stream, refine
 from steer.engine.distributed import Group, current
@@ -51,7 +53,7 @@ class FindConfig:
     skip_special: bool = True
     max_length: int | None = None
     too_long: str = "truncate"
-    backend: str = "hooks"
+    backend: str = "auto"  # "auto": fused where it gives the hooks' exact responses, faster (backends.choose)
     bins: int = 64
     calibration: int = 1000
     window: int = WINDOW
@@ -78,8 +80,7 @@ class FindConfig:
         check_k(self.bottom_k, "bottom_k", allow_zero=True)
         if self.memory_budget_gib <= 0:
             raise ValueError(f"memory_budget_gib={self.memory_budget_gib}: must be positive")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r}; choose one of {BACKENDS}")
+        check_choice(self.backend)
         check_batching(self.pooling, self.too_long, self.batch_size, self.window, self.max_tokens)
         check_stream(self.bins, self.calibration, self.checkpoint, self.checkpoint_every, self.resume)
         if self.mode == "exact" and (self.checkpoint_every or self.resume):
@@ -166,8 +167,9 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
     sites = NeuronSites(model)
     config.check_model(sites)
     mode = choose_mode(config, len(corpus), sites.n_neurons, group)
+    backend = choose(model, config.backend)  # "auto" resolved once: settings record what ran
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,
-                skip_special=config.skip_special, max_length=config.max_length, backend=config.backend,
+                skip_special=config.skip_special, max_length=config.max_length, backend=backend,
                 too_long=config.too_long, progress=config.progress, token_stats=tuple(config.token_stats))
     responses = state = None
     if mode == "exact":
@@ -182,7 +184,7 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
                                resume=config.resume, group=group, **opts)
         scores = refine(model, tokenizer, corpus, state if group.is_main else None, splits, k=config.k,
                         by=by, bottom_k=config.bottom_k, group=group, batch_size=config.batch_size,
-                        max_tokens=config.max_tokens, backend=config.backend, window=config.window,
+                        max_tokens=config.max_tokens, backend=backend, window=config.window,
                         progress=config.progress)
     if not group.is_main:
         return None

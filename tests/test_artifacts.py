@@ -149,6 +149,18 @@ class Stream:
         _bump(path, self.kind, self.version)
 
 
+class _Sites:
+    """What `_load_checkpoint` reads of the model: its device, and whether it has the weights a
+    checkpoint's settings name (here: the same fingerprint)."""
+    device = "cpu"
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def same_weights(self, recorded: dict) -> bool:
+        return recorded.get("fingerprint") == self.fingerprint
+
+
 class Checkpoint(Stream):
     name = "checkpoint"
 
@@ -164,7 +176,8 @@ class Checkpoint(Stream):
 
     def load(self, path, settings=None):
         state = StreamState.load(path)  # only for its settings and labels
-        return _load_checkpoint(path, settings or state.settings, PLAN, state.label_names, "cpu")
+        settings = settings or state.settings
+        return _load_checkpoint(path, _Sites(settings["fingerprint"]), settings, PLAN, state.label_names)
 
     def same(self, a, b):
         return _same_state(a[0], b[0]) and a[1] == b[1]

@@ -84,3 +84,61 @@ def test_one_backend_at_a_time_and_nested_interventions():
             assert inner.backend is outer.backend and inner.backend.intervention is b
         assert outer.backend.intervention is a  # ... and gives it back
     assert backends.attached(model) is None
+
+
+# --- "auto": the fused patch where it gives the hooks' bits, the hooks elsewhere ---------------------
+
+TEXTS = ["the cat sat", "a dog", "le chat est là", "un chien", "das ist gut", "ein Hund bellt laut"]
+#: fp32 families whose activation the fused op computes bit for bit (GPT-2's and BLOOM's own tanh-GELU
+#: formulas are an fp32 ulp from torch's, so they keep the hooks)
+EXACT_FP32 = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "xglm", "opt"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_takes_fused_only_where_responses_stay_bit_identical(family, dtype):
+    from steer.core.corpus import Corpus
+    from steer.engine.collect import collect
+    from tiny import tiny_tokenizer
+
+    model = tiny_model(family, dtype)
+    want = "fused" if dtype == torch.float32 and family in EXACT_FP32 else "hooks"
+    assert backends.choose(model) == want
+    backend, owned = backends.use(model, "auto")
+    assert owned and backend.kind == want
+    backend.remove()
+    assert backends.attached(model) is None
+    corpus = Corpus(TEXTS, ["en", "en", "fr", "fr", "de", "de"])
+    for pooling in ("max", "mean"):
+        kw = dict(pooling=pooling, batch_size=4, progress=False, token_stats=("activation", "residual"))
+        auto = collect(model, tiny_tokenizer(), corpus, backend="auto", **kw)
+        hooks = collect(model, tiny_tokenizer(), corpus, backend="hooks", **kw)
+        assert torch.equal(auto.values, hooks.values), (family, dtype, pooling)
+        for key, t in auto.token_stats.tensors().items():
+            assert torch.equal(t, hooks.token_stats.tensors()[key]), (family, dtype, pooling, key)
+
+
+def test_auto_follows_what_is_attached_and_what_the_op_implements():
+    model = tiny_model("llama")
+    assert backends.choose(model, "hooks") == "hooks" and backends.choose(model, "fused") == "fused"
+    with pytest.raises(ValueError, match=r"backend='cuda'; choose one of \('auto', 'hooks', 'fused'\)"):
+        backends.choose(model, "cuda")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        backends.use(model, "cuda")
+    with backends.intervene(model, Intervention.for_model(model).set(0, [1], 3.0)) as s:
+        assert backends.choose(model) == "hooks"  # an intervene's hooks: collection pools through them
+        backend, owned = backends.use(model, "auto")
+        assert backend is s.backend and not owned
+    from steer.engine.patch import patch
+
+    with patch(model) as p:
+        assert backends.choose(model) == "fused" and backends.use(model, "auto") == (p, False)
+    assert backends.choose(model, neuron_module=r"layers\.\d+\.mlp\.down_proj") == "hooks"
+    mlp = model.model.layers[1].mlp
+    for act in (torch.nn.Tanh(), torch.nn.GELU(approximate="tanh")):  # not the op's / not its bits
+        original, mlp.act_fn = mlp.act_fn, act
+        try:
+            assert backends.choose(model) == "hooks"
+        finally:
+            mlp.act_fn = original
+    assert backends.choose(model) == "fused"

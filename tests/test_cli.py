@@ -31,6 +31,7 @@ def test_find_experts_then_score(checkpoint, tmp_path, capsys):
     assert experts.concepts == ["en", "fr", "de"] and len(experts.rows("fr")) == 4
     run = json.loads((out / "run.json").read_text())
     assert run["sentences"] == 9 and run["pooling"] == "max"
+    assert run["backend"] == "fused"  # --backend auto (the default) on a float32 Llama on the CPU
 
     main(["score", str(out), "--out", str(tmp_path / "re"), "--recipe", "sundar2025", "-k", "3",
           "--targets", "fr", "--negatives", "en,de"])

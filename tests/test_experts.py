@@ -1,12 +1,16 @@
 """Expert selection (both recipes, tie-break, bottom-k, layer filter) and expert-set files."""
 import csv
+import hashlib
 import json
+import warnings
 
 import pytest
 import torch
+import transformers as T
 
 from steer.core.scores import Scores, Split
-from steer.engine.collect import collect
+from steer.core.adapters import NeuronSites
+from steer.engine.collect import _mismatch, _settings, collect
 from steer.core.corpus import Corpus
 from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from tiny import tiny_model, tiny_tokenizer
@@ -102,3 +106,113 @@ def test_exports(found, tmp_path):
     assert table[50]["layer"] == names[1] and table[50]["unit"] == "2" and table[50]["concept"] == "fr"
     info = json.loads((d / "expertise_info.json").read_text())
     assert info["total_neurons"] == 96 and len(info["neurons_at_ap"]) == 501
+
+
+# ---------------------------------------------------------------------------------------------
+# the same weights in any load dtype (NeuronSites.fingerprint / signature / same_weights)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def weights_record(model):
+    """What an expert set records of its model's weights (collect's settings, select_experts)."""
+    sites = NeuronSites(model)
+    return {"fingerprint": sites.fingerprint(), "signature": sites.signature(),
+            "dtype": str(sites.modules[0].weight.dtype).removeprefix("torch.")}
+
+
+def old_fingerprint(model):
+    """The fingerprint before dtype-independence, written out independently: fp32 bytes of the sample."""
+    digest = hashlib.sha256()
+    for m in NeuronSites(model).modules:
+        w = m.weight.detach().flatten()
+        digest.update(str(tuple(m.weight.shape)).encode())
+        digest.update(w[:: max(1, w.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_one_checkpoint_loaded_in_any_dtype_is_the_same_weights(stored, tmp_path):
+    tiny_model("llama").to(stored).save_pretrained(tmp_path)
+    loads = {dt: T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dt).eval() for dt in DTYPES}
+    assert {NeuronSites(m).modules[0].weight.dtype for m in loads.values()} == set(DTYPES)
+    records = {dt: weights_record(m) for dt, m in loads.items()}
+    # the hex id is exact for fp32 and bf16 loads (and fp16 loads of a bf16 checkpoint)
+    assert records[torch.float32]["fingerprint"] == records[torch.bfloat16]["fingerprint"]
+    if stored == torch.bfloat16:
+        assert records[torch.float16]["fingerprint"] == records[torch.float32]["fingerprint"]
+    for a in DTYPES:
+        for b in DTYPES:
+            assert NeuronSites(loads[b]).same_weights(records[a]), (a, b)
+    for dt in DTYPES:
+        other = tiny_model("llama", seed=1).to(dt)  # another random init, same shapes
+        assert not NeuronSites(other).same_weights(records[torch.float32]), dt
+        assert not NeuronSites(loads[dt]).same_weights(weights_record(other)), dt
+    # a small change (0.5% relative, within the signature's tolerance) is other weights where the
+    # fingerprint is exact: fp32 and bf16 loads on both sides
+    for dt in (torch.float32, torch.bfloat16):
+        tuned = tiny_model("llama").to(stored)
+        with torch.no_grad():
+            for m in NeuronSites(tuned).modules:
+                m.weight.mul_(1 + 0.005 * torch.randn_like(m.weight))
+        assert not NeuronSites(tuned.to(dt)).same_weights(records[torch.float32]), dt
+
+
+def test_a_set_found_in_bf16_steers_the_model_in_any_dtype_without_a_warning(tmp_path):
+    corpus = Corpus(["the cat", "a dog", "le chat", "un chien", "the end", "la fin"], ["en", "en", "fr", "fr", "en", "fr"])
+    bf16 = tiny_model("llama").to(torch.bfloat16)
+    d = select_experts(collect(bf16, tiny_tokenizer(), corpus, progress=False).score(), k=5).save(tmp_path / "exp")
+    meta = json.loads((d / "experts.json").read_text())
+    assert meta["dtype"] == "bfloat16" and len(meta["signature"]) == 2 and len(meta["signature"][0]) == 17
+    for dt in DTYPES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ExpertSet.load(d, model=tiny_model("llama").to(dt)).intervention("fr", tiny_model("llama").to(dt))
+        with pytest.warns(UserWarning, match=r"same shapes but other weights \(\w+, " + str(dt)[6:] + r"\)$"):
+            ExpertSet.load(d, model=tiny_model("llama", seed=1).to(dt))
+
+
+def test_an_old_set_with_only_the_old_fingerprint_still_loads(found, tmp_path):
+    model, _, experts = found  # fp32
+    meta = {k: v for k, v in experts.meta.items() if k not in ("signature", "dtype")}
+    d = ExpertSet(experts.experts, {**meta, "fingerprint": old_fingerprint(model)}).save(tmp_path / "old")
+    assert "signature" not in json.loads((d / "experts.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = ExpertSet.load(d, model=model)  # its own model in its own dtype: no warning
+    assert back.rows("fr") == experts.rows("fr")
+    # the old hash named the dtype too: another dtype warns, and says why
+    with pytest.warns(UserWarning, match="same shapes but other weights .*predates dtype-independent"):
+        ExpertSet.load(d, model=tiny_model("llama").to(torch.bfloat16))
+    with pytest.warns(UserWarning, match="predates dtype-independent"):
+        ExpertSet.load(d, model=tiny_model("llama", seed=1))
+
+
+def test_a_collection_resumes_only_in_its_own_dtype():
+    corpus = Corpus(["the cat", "le chat"], ["en", "fr"])
+    fp32, bf16 = tiny_model("llama"), tiny_model("llama").to(torch.bfloat16)
+    saved, now = (json.loads(json.dumps(_settings(m, NeuronSites(m), corpus))) for m in (fp32, bf16))
+    assert saved["fingerprint"] == now["fingerprint"]  # the same weights: the dtype tells them apart
+
+    def why(saved, now, model):
+        return _mismatch("ckpt", saved, now, {}, {}, NeuronSites(model).same_weights(saved))
+
+    assert why(saved, saved, fp32) is None
+    said = why(saved, now, bf16)
+    assert "other settings: dtype: 'float32' in the checkpoint, 'bfloat16' now" in said and "signature" not in said
+    other = tiny_model("llama", seed=1)
+    assert "from another model: fingerprint" in why(saved, _settings(other, NeuronSites(other), corpus), other)
+    # written before signatures: its fingerprint was the old hash, read in its own dtype
+    old = {**{k: v for k, v in saved.items() if k != "signature"}, "fingerprint": old_fingerprint(fp32)}
+    assert why(old, saved, fp32) is None
+    assert "from another model" in why(old, saved, other)
+
+
+def test_the_embedding_cache_keys_name_the_dtype(tmp_path):
+    from steer.experiments.study.cache import Embedder
+
+    fp32, bf16 = (Embedder(m, tiny_tokenizer(), batch_size=2, skip_bos=True, directory=tmp_path, progress=False)
+                  for m in (tiny_model("llama"), tiny_model("llama").to(torch.bfloat16)))
+    assert fp32.fingerprint == bf16.fingerprint  # the same weights: the dtype tells their embeddings apart
+    assert fp32._file("base", (1, 2)) != bf16._file("base", (1, 2))
+    assert (fp32._cache_meta((1,))["dtype"], bf16._cache_meta((1,))["dtype"]) == ("float32", "bfloat16")

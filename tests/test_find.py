@@ -91,3 +91,24 @@ def test_more_experts_than_neurons_fails_before_any_forward(setting):
     finally:
         handle.remove()
     assert not calls
+
+
+def test_default_backend_is_auto_fused_here_with_the_hooks_results(setting):
+    """The default collects through the fused patch where that gives the hooks' exact bits (a
+    float32 Llama on the CPU) and records the backend that ran; exact and stream results equal
+    the hooks' bit for bit."""
+    model, tok, corpus = setting
+    assert FindConfig().backend == "auto"
+    auto = find_experts(model, tok, corpus, k=5, progress=False)
+    hooks = find_experts(model, tok, corpus, k=5, backend="hooks", progress=False)
+    assert auto.settings["backend"] == "fused" and hooks.settings["backend"] == "hooks"
+    assert torch.equal(auto.responses.values, hooks.responses.values)
+    auto = find_experts(model, tok, corpus, k=5, mode="stream", bins=4, calibration=5, progress=False)
+    hooks = find_experts(model, tok, corpus, k=5, mode="stream", bins=4, calibration=5, backend="hooks",
+                         progress=False)
+    assert auto.state.digest() == hooks.state.digest()
+    for key, t in auto.scores.flat().items():
+        assert torch.equal(t, hooks.scores.flat()[key]), key
+    for c in auto.experts.concepts:
+        assert _pairs(auto.experts, c)[0] == _pairs(hooks.experts, c)[0]
+        assert torch.equal(_pairs(auto.experts, c)[1], _pairs(hooks.experts, c)[1])

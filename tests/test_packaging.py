@@ -1,6 +1,10 @@
-"""The installed project never exposes a top-level `kernels` module (PyPI's `kernels`, which
-transformers imports when present, must not be shadowed); its kernels live in `steer.kernels`."""
+"""The installed project never exposes a top-level `kernels` module (Hugging Face's `kernels`,
+which transformers imports, must not be shadowed); its kernels live in `steer.kernels`. A Python
+started in the repository root (whose folder `kernels/` comes first on `sys.path` there) imports
+the other `kernels` as if the repository were not there."""
 import importlib
+import os
+import site
 import subprocess
 import sys
 import zipfile
@@ -57,3 +61,49 @@ def test_steer_works_without_triton(tmp_path):
         "    torch.testing.assert_close(model(ids).logits, want)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+
+
+def test_repository_root_does_not_shadow_kernels(tmp_path):
+    """Started in the repository root, no -P (sys.path[0] == ""): `import kernels` gets the
+    `kernels` importable elsewhere (Hugging Face's, or a stand-in on PYTHONPATH where this
+    environment lacks it), transformers imports, and steer.kernels is the repository's folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    where = "import kernels; print(kernels.__file__)"
+    elsewhere = subprocess.run([sys.executable, "-c", where], cwd=tmp_path, env=env, capture_output=True, text=True)
+    if elsewhere.returncode:  # no Hugging Face `kernels` here: a stand-in
+        (tmp_path / "kernels").mkdir()
+        (tmp_path / "kernels" / "__init__.py").write_text("")
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+        elsewhere = subprocess.run([sys.executable, "-c", where], cwd=ROOT.parent, env=env, capture_output=True,
+                                   text=True, check=True)
+    other = elsewhere.stdout.strip()
+    assert not other.startswith(str(ROOT)), other
+    code = (
+        "import sys\n"
+        "assert sys.path[0] == '', sys.path[:2]\n"
+        "import kernels\n"
+        f"assert kernels.__file__ == {other!r}, kernels.__file__\n"
+        "import transformers.activations, steer, steer.kernels, steer.kernels.fused_mlp\n"
+        f"assert steer.kernels.__file__ == {str(ROOT / 'kernels' / '__init__.py')!r}\n"
+        "assert steer.kernels.use_triton('torch', None) is False and sys.modules['kernels'] is kernels\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_source_tree_without_an_install(tmp_path):
+    """Where no `kernels` exists but the repository's, `import kernels` in the repository root
+    fails as it would elsewhere; and a source tree imported without an install that maps
+    `steer.kernels` (no editable finder: -S skips site-packages' .pth files) maps it itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    run = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert "ModuleNotFoundError: No module named 'kernels'" in run.stderr, run.stderr
+    code = (
+        "import sys\n"
+        "assert not any('__editable__' in repr(f) for f in sys.meta_path)\n"
+        "import steer, steer.kernels.fused_mlp_ref\n"
+        f"assert steer.kernels.__file__ == {str(ROOT / 'kernels' / '__init__.py')!r}\n"
+        f"assert steer.__file__ == {str(ROOT / 'steer' / '__init__.py')!r}\n"
+    )
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
+    subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, check=True)

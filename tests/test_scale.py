@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -171,8 +170,12 @@ def test_torchrun_cli_equals_one_process(files, tmp_path):
 
 # --- checkpoint, SIGKILL, resume ---------------------------------------------------------------
 
+# The child is killed at a known point, with no timing: once steer has logged the checkpoint at 6
+# batches, it counts batch 7 (work no checkpoint holds), then at the start of batch 8 says WAITING and
+# blocks on its stdin; the parent SIGKILLs it there. Should the parent go away instead, stdin closes
+# and the child exits 3 without counting on.
 KILLED = textwrap.dedent("""
-    import logging, sys, time
+    import logging, os, sys
     import torch
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")  # steer logs checkpoints
     sys.path.insert(0, {tests!r})
@@ -180,8 +183,24 @@ KILLED = textwrap.dedent("""
     from steer.engine.collect import collect_stream
     from steer.core.corpus import open_corpus
     torch.set_num_threads(1)
+    after = []  # forward calls since the checkpoint at 6 batches
+
+    class AtSix(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("checkpoint: 6 batches done") and not after:
+                after.append(0)
+
+    def hold(*_):
+        if after:
+            after[0] += 1
+            if after[0] == 2:  # batch 7 counted, batch 8 starting
+                print("WAITING", flush=True)
+                sys.stdin.read()  # until SIGKILL (or EOF: the parent is gone)
+                os._exit(3)
+
+    logging.getLogger().addHandler(AtSix())
     model = tiny_model("llama")
-    model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.25))  # slow: killed mid-way
+    model.model.layers[0].register_forward_pre_hook(hold)
     collect_stream(model, tiny_tokenizer(), open_corpus({corpus!r}), checkpoint={ckpt!r},
                    checkpoint_every=3, **{stream!r})
     print("finished", flush=True)
@@ -192,21 +211,23 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(files, tmp_path):
     _, corpus_path = files
     ckpt = tmp_path / "checkpoint.safetensors"
     script = KILLED.format(tests=str(TESTS), corpus=str(corpus_path), ckpt=str(ckpt), stream=STREAM)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen = []
     try:
         for line in proc.stdout:
             seen.append(line)
-            if line.startswith("checkpoint: 6 batches done"):  # after calibration, 3 and 6
-                time.sleep(0.4)  # let it run on into the next batches: their work is lost
+            if line.strip() == "WAITING":  # blocked in batch 8, batch 7 counted since the checkpoint at 6
                 os.kill(proc.pid, signal.SIGKILL)
                 break
     finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, seen
+        proc.stdin.close()  # a child not killed above sees EOF and exits 3
+        proc.wait(timeout=120)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, seen)
+    assert any(line.startswith("checkpoint: 6 batches done") for line in seen), seen
     _, extra = StreamState.load(ckpt, with_extra=True)
-    assert 6 <= extra["position"] < 16  # of 16 batches (6 unless the machine stalled the kill)
+    assert extra["position"] == 6  # of 16 batches: batch 7 was counted and lost with the process
 
     model, tok, corpus = tiny_model("llama"), tiny_tokenizer(), open_corpus(corpus_path)
     with one_thread():

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from steer.core.runtime import dtype_name
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,29 @@ ADAPTERS: dict[str, Adapter] = {
     "xglm": Adapter("xglm", "model.layers", "fc2", "fc1", None, "activation_fn"),
     "opt": Adapter("opt", "model.decoder.layers", "fc2", "fc1", None, "activation_fn", flat_tokens=True),
 }
+
+
+SIGNATURE_CHUNKS = 16  # chunk sums per down projection in `NeuronSites.signature`
+SAME_WEIGHTS_TOLERANCE = 1e-2  # `NeuronSites.same_weights`: RMS chunk-sum difference / scale
+
+
+def _sample(module: nn.Module) -> torch.Tensor:
+    """The strided sample of a down projection's weights that fingerprints read (CPU, its dtype)."""
+    w = module.weight.detach().flatten()
+    return w[:: max(1, w.numel() // 4096)].cpu()
+
+
+def _digits(x: float) -> float:
+    return float(f"{x:.7g}")
+
+
+def _legacy_fingerprint(modules) -> str:
+    """The fingerprint before dtype-independence (fp32 bytes of the sample): read for old records."""
+    digest = hashlib.sha256()
+    for m in modules:
+        digest.update(str(tuple(m.weight.shape)).encode())
+        digest.update(_sample(m).float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
@@ -143,13 +169,56 @@ class NeuronSites:
         return h.view(batch, -1, h.shape[-1]) if h.dim() == 2 else h
 
     def fingerprint(self) -> str:
-        """Short hash of a strided sample of every down projection's weights (cheap, shape-aware)."""
+        """Short hex id of the down projections' weights (display, keys): sha256 of their shapes and
+        of a strided sample rounded to bf16, |w| < 2**-14 flushed to 0. The same for fp32 and bf16
+        loads of any checkpoint, and for fp16 loads of fp16- or bf16-stored ones; an fp16 load of
+        an fp32-stored checkpoint may differ (double rounding), so `same_weights` decides with
+        `signature`. It does not name the dtype: keys that must separate dtypes add it."""
         digest = hashlib.sha256()
         for m in self.modules:
-            w = m.weight.detach().flatten()
             digest.update(str(tuple(m.weight.shape)).encode())
-            digest.update(w[:: max(1, w.numel() // 4096)].float().cpu().numpy().tobytes())
+            b = _sample(m).to(torch.bfloat16)
+            b = torch.where(b.abs() < 2 ** -14, torch.zeros_like(b), b)  # fp16 keeps these inexactly
+            digest.update(b.view(torch.int16).numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    def signature(self) -> list[list[float]]:
+        """Per down projection [S, c_1 .. c_16]: the float64 sums c of 16 contiguous chunks of the
+        fingerprint's sample and their scale S (the RMS of the chunks' L2 norms), 7 significant
+        digits. Loading in another dtype moves each sum by rounding noise, ~2e-3 S (bf16);
+        other weights move them by ~S. Compared by `same_weights`."""
+        out = []
+        for m in self.modules:  # fsum: exact, so every machine and rank records the same numbers
+            s = _sample(m).double()
+            scale = math.sqrt(math.fsum(s.square().tolist()) / SIGNATURE_CHUNKS)
+            out.append([_digits(scale)] + [_digits(math.fsum(c.tolist())) for c in s.tensor_split(SIGNATURE_CHUNKS)])
+        return out
+
+    def same_weights(self, recorded: dict) -> bool:
+        """Whether `recorded` (metadata with "fingerprint", "signature", "dtype": an expert set's,
+        a collection's settings) names this model's weights, in whatever dtype either was loaded.
+
+        With a signature: the RMS over all chunks of |c - c'| / max(S, S') is at most
+        SAME_WEIGHTS_TOLERANCE (1e-2: bf16 rounding gives ~2e-3, other weights ~1.4), and, where
+        both dtypes are known and neither is float16, the fingerprints are equal too (then exact:
+        a fine-tune that moved sampled weights by one bf16 step is other weights).
+        Without (written before steer had signatures): the recorded fingerprint equals this
+        model's, by today's hash or by the older one (fp32 bytes of the sample: that one also
+        changes with the load dtype, so such records only match a load in their own dtype)."""
+        signature = recorded.get("signature")
+        fingerprint = self.fingerprint()
+        if signature is None:
+            return recorded.get("fingerprint") in (fingerprint, _legacy_fingerprint(self.modules))
+        dtypes = {recorded.get("dtype"), dtype_name(self.modules[0].weight.dtype)}
+        if None not in dtypes and "float16" not in dtypes and recorded.get("fingerprint") != fingerprint:
+            return False
+        try:
+            d = [abs(c - c2) / max(a[0], b[0]) if c != c2 else 0.0
+                 for a, b in zip(signature, self.signature(), strict=True)
+                 for c, c2 in zip(a[1:], b[1:], strict=True)]
+        except (TypeError, ValueError, IndexError, ZeroDivisionError):  # another layout, or garbage
+            return False
+        return bool(d) and (sum(x * x for x in d) / len(d)) ** 0.5 <= SAME_WEIGHTS_TOLERANCE
 
     def describe(self) -> str:
         family = self.adapter.family if self.adapter else "generic"

@@ -9,9 +9,10 @@ concept); optional layer filter. Two recipes are one option apart:
     the seed paper (Sundar et al. 2025)                 by="auroc", value="on_mean" (AUROC > 0.5)
 
 An `ExpertSet` is a directory: `experts.safetensors` (per concept: layer, unit, value, score,
-other score, sign) and `experts.json` (format version, model name and fingerprint,
-architecture, shape, labels, settings, corpus hash, package version). Loading it against a model
-of other shapes is an error; same shapes with another fingerprint is a warning.
+other score, sign) and `experts.json` (format version, model name, fingerprint, signature and
+dtype, architecture, shape, labels, settings, corpus hash, package version). Loading it against a
+model of other shapes is an error; same shapes with other weights (`NeuronSites.same_weights`:
+the same checkpoint in another dtype is the same weights) is a warning.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from steer.core import artifacts
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention
 from steer.core.metrics import check_k, rank_neurons
+from steer.core.runtime import dtype_name
 from steer.core.scores import Scores
 
 FORMAT_VERSION = 2  # 2: experts.safetensors is a steer.experts file (artifacts.py); 1 is still read
@@ -107,11 +109,16 @@ class ExpertSet:
                 f"expert set is for {self.meta.get('model')!r} with {self.shape[0]} layers x {self.shape[1]} "
                 f"neurons; this model has {sites.n_layers} x {sites.width}"
             )
-        if sites.fingerprint() != self.meta.get("fingerprint"):
+        if not sites.same_weights(self.meta):  # steer/core/adapters.py: in any load dtype
+            m = self.meta
+            found = ", ".join(str(v) for v in (m.get("fingerprint"), m.get("dtype")) if v is not None)
+            old = "" if m.get("signature") is not None else (
+                "; the set predates dtype-independent fingerprints, so a load in another dtype than the "
+                "set's also gets this warning")
             warnings.warn(
-                f"expert set was found on model {self.meta.get('model')!r} (fingerprint "
-                f"{self.meta.get('fingerprint')}); this model has the same shapes but other weights "
-                f"({sites.fingerprint()})", stacklevel=2)
+                f"expert set was found on model {m.get('model')!r} (fingerprint {found}); this model has "
+                f"the same shapes but other weights ({sites.fingerprint()}, "
+                f"{dtype_name(sites.modules[0].weight.dtype)}){old}", stacklevel=2)
 
     def save(self, directory) -> Path:
         """Write the set atomically (steer/core/artifacts.py: a temporary directory swapped in).
@@ -282,6 +289,7 @@ def select_experts(scores: Scores, k: int = 100, *, by: str = "ap", value: str =
     meta = {
         "format_version": FORMAT_VERSION, "steer_version": package_version(),
         "model": s.get("model"), "fingerprint": s.get("fingerprint"), "architecture": s.get("architecture"),
+        "dtype": s.get("dtype"), "signature": s.get("signature"),
         "layers": n_layers, "width": width,
         "labels": s.get("labels"), "splits": [sp.to_json() for sp in scores.splits],
         "selection": {"k": k, "by": by, "value": value, "bottom_k": bottom_k, "layers": layers, "min_auroc": min_auroc},

@@ -1,9 +1,13 @@
 """What steer runs on: device, dtype and threads, chosen from the machine, overridable everywhere.
 
 - device: CUDA (the local rank's under torchrun) when available, else the CPU.
-- dtype: what the device computes natively. bfloat16 on GPUs that support it and on CPUs with
-  bf16 matrix units (AMX-BF16 or AVX512-BF16: Sapphire Rapids and later, Zen 4 and later);
-  float32 elsewhere — on an AVX2-only CPU bf16 is emulated and ran 6.5x slower than fp32 here.
+- dtype: bfloat16 on GPUs with bf16 tensor cores (compute capability 8.0, Ampere, and later)
+  and on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later); float32 elsewhere.
+  Measured with `make run`: on an Intel Xeon with AVX512-BF16 but no AMX, collection ran at
+  611-656 tok/s in bf16 and 829 tok/s in fp32 (fp32 1.27x faster), and on an AVX2-only CPU,
+  where bf16 is emulated, bf16 was 6.5x slower than fp32. So AVX512-BF16 (Intel Cooper Lake and
+  later, AMD Zen 4 and later) alone does not select bf16. bf16 on AMX follows oneDNN, which runs
+  bf16 matrix products on the AMX tiles; steer has not timed an AMX machine.
 - threads: torch's default (the machine's cores); `--threads` sets it for one command.
 
 Every command that runs a model takes `--device`, `--dtype` and `--threads` (`add_arguments`);
@@ -52,14 +56,20 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def cpu_capabilities() -> dict:
+    """torch's record of the CPU's instruction sets (`torch.cpu.get_capabilities`; {} where absent)."""
+    return getattr(torch.cpu, "get_capabilities", lambda: {})()
+
+
 def cpu_has_bf16_matmul() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
-    caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    """True when "auto" takes bf16 on this CPU: it has AMX-BF16 tiles (torch's capability
+    `amx_bf16`). AVX512-BF16 alone does not count: fp32 was 1.27x faster there (module docstring)."""
+    return bool(cpu_capabilities().get("amx_bf16"))
 
 
 def native_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """The dtype `device` computes natively: bf16 where supported in hardware, else fp32."""
+    """The dtype "auto" picks on `device`: bf16 on CUDA devices of compute capability 8.0 and
+    later and on CPUs with AMX-BF16 (`cpu_has_bf16_matmul`), fp32 elsewhere."""
     device = resolve_device(device)
     if device.type == "cuda":  # bf16 tensor cores from compute capability 8.0 (Ampere) on
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
@@ -101,7 +111,8 @@ def environment() -> dict:
 
     env = {
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "cpu_bf16_matmul": cpu_has_bf16_matmul(), "platform": platform.platform(),
+        "cpu_amx_bf16": bool(cpu_capabilities().get("amx_bf16")),
+        "cpu_avx512_bf16": bool(cpu_capabilities().get("avx512_bf16")), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -116,8 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default auto: CUDA when available, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="model weights and activations (default auto: bfloat16 where the device computes it "
-                        "natively — GPUs, CPUs with AMX/AVX512-BF16 — else float32)")
+                   help="model weights and activations (default auto: bfloat16 on GPUs of compute capability "
+                        "8.0+ and on CPUs with AMX-BF16, float32 elsewhere, AVX512-BF16 CPUs included)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, i.e. the machine's cores)")
 
@@ -135,7 +146,7 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     and why), threads."""
     if device.type == "cpu":
         name = cpu_name()
-        why = "bf16 matrix units" if cpu_has_bf16_matmul() else "no bf16 matrix units (AMX/AVX512-BF16)"
+        why = "AMX-BF16" if cpu_has_bf16_matmul() else "no AMX-BF16"
     else:
         name = torch.cuda.get_device_name(device)
         why = f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"

@@ -18,7 +18,10 @@ Implementations:
 - `FusedPatch` (`steer.patch`): each MLP swapped for a module whose neuron tensor comes from one
   fused op that applies the override (neuron or activation site) and pools in the same pass.
 The residual site is a forward hook on every decoder layer in both, added the first time it is
-used. The semantics (override, pooling, activation statistics) are the kernels' reference
+used. Collection (`find_experts`, `steer find-experts`) defaults to backend "auto" (`choose`):
+the fused patch where it gives the hooks' exact responses (float32 on the CPU, where it was
+measured faster), the hooks elsewhere.
+The semantics (override, pooling, activation statistics) are the kernels' reference
 functions (`kernels/fused_mlp_ref.py`): written once, used by every site and both backends. `intervene(model, iv)` steers through the attached backend, or
 attaches hooks for the duration of its `with` block; collection pools the same way.
 """
@@ -39,7 +42,8 @@ from steer.core.token_stats import check_kinds
 from steer.kernels.fused_mlp_ref import activation_stats, apply_override, pool, pool_sum
 
 log = logging.getLogger(__name__)
-BACKENDS = ("hooks", "fused")
+BACKENDS = ("hooks", "fused")  # the two implementations
+CHOICES = ("auto", *BACKENDS)  # what `use` and collection's `backend=` take ("auto": `choose`)
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Backend]" = weakref.WeakKeyDictionary()
 
@@ -292,19 +296,74 @@ class HookBackend(Backend):
         super().remove()
 
 
+def check_choice(kind: str) -> None:
+    """ValueError unless `kind` is one of `CHOICES`."""
+    if kind not in CHOICES:
+        raise ValueError(f"backend={kind!r}; choose one of {CHOICES}")
+
+
+def choose(model: nn.Module, kind: str = "auto", neuron_module: str | None = None) -> str:
+    """The backend ("hooks" or "fused") that `kind` stands for when collecting from `model`.
+
+    "hooks" and "fused" stand for themselves. "auto" takes the backend already attached (an
+    `intervene`'s hooks, a `steer.patch`), else "fused" where it computes exactly the hooks'
+    responses and was measured the faster of the two, else "hooks": fused when the model has a
+    declared adapter (no `neuron_module`), every down projection is float32 on the CPU, and
+    every layer's activation module is one the fused op implements and gives the op's bits on a
+    probe (`_fused_is_exact`). Measured (bench/results/collection_paths.md, Gemma-3-270M, fp32,
+    2 CPU threads): streaming collection at 0.979x the bare forward's speed fused, 0.951x hooks.
+    Elsewhere fused is not taken: it computes `act(gate) * up` in fp32 and rounds once, so in
+    bf16 its responses differ from the model's own by rounding (up to a bf16 step); on CUDA it
+    runs Triton, not timed against the hooks on a GPU; GPT-2's and BLOOM's own tanh-GELU
+    formulas differ from the op's by an fp32 ulp; other activations it does not implement, or
+    maps by class name to a different function (nn.GELU(approximate="tanh"))."""
+    check_choice(kind)
+    if kind != "auto":
+        return kind
+    existing = attached(model)
+    if existing is not None:
+        return existing.kind
+    return "fused" if neuron_module is None and _fused_is_exact(NeuronSites(model)) else "hooks"
+
+
+def _fused_is_exact(sites: NeuronSites) -> bool:
+    """Whether the fused patch gives `sites`' model the same bits as its own forward (and so the
+    hooks' responses): float32 weights on the CPU, the fused op's torch path, and each layer's
+    activation equal, bit for bit on a probe, to the op's activation for that module."""
+    from steer.engine.patch import ACTS
+    from steer.kernels.fused_mlp_ref import ACTIVATIONS
+
+    if sites.adapter is None or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
+                                    for m in sites.modules):
+        return False
+    probe = torch.linspace(-10.0, 10.0, 4001).view(1, 1, -1)  # [B, T, M]: every regime of the activations
+    seen: set[int] = set()
+    for layer in range(sites.n_layers):
+        act = sites.layer_parts(layer)["act"]
+        if id(act) in seen:
+            continue
+        seen.add(id(act))
+        name = ACTS.get(type(act).__name__)
+        if name is None:
+            return False
+        with torch.no_grad():
+            if not torch.equal(act(probe), ACTIVATIONS[name](probe)):
+                return False
+    return True
+
+
 def use(model: nn.Module, kind: str = "hooks", neuron_module: str | None = None) -> tuple[Backend, bool]:
-    """(backend, owned): the backend attached to `model`, or a new one of `kind` that the caller
-    owns and removes when done. A hooks backend attached by `intervene` cannot serve kind="fused"
-    (patch the model first, then intervene)."""
-    if kind not in BACKENDS:
-        raise ValueError(f"backend={kind!r}; choose one of {BACKENDS}")
+    """(backend, owned): the backend attached to `model`, or a new one of `kind` ("auto":
+    `choose`) that the caller owns and removes when done. A hooks backend attached by
+    `intervene` cannot serve kind="fused" (patch the model first, then intervene)."""
+    check_choice(kind)
     existing = attached(model)
     if existing is not None:
         if kind == "fused" and existing.kind != "fused":
             raise RuntimeError("hooks are active on this model (a hook-based intervene?); with backend='fused', "
                                "patch the model first and intervene after")
         return existing, False
-    if kind == "fused":
+    if choose(model, kind, neuron_module) == "fused":
         from steer.engine.patch import FusedPatch
 
         return FusedPatch(model), True

@@ -193,7 +193,7 @@ def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **optio
     settings = {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
         "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
-        "dtype": dtype_name(sites.modules[0].weight.dtype), **options,
+        "dtype": dtype_name(sites.modules[0].weight.dtype), "signature": sites.signature(), **options,
         "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
     }
     if run is not None:
@@ -334,12 +334,15 @@ class _Progress:
         self.bar.close()
 
 
-VOLATILE = ("model", "corpus", "tokens", "seconds", "truncated")  # may differ on resume
+# not compared as settings on resume: they may differ, or (fingerprint, signature) `same_weights` decides
+VOLATILE = ("model", "corpus", "tokens", "seconds", "truncated", "fingerprint", "signature")
 
 
-def _mismatch(path, saved: dict, now: dict, saved_plan: dict, plan: dict) -> str | None:
-    """Why a checkpoint cannot be resumed with these settings (None: it can)."""
-    if saved.get("fingerprint") != now.get("fingerprint") or saved.get("architecture") != now.get("architecture"):
+def _mismatch(path, saved: dict, now: dict, saved_plan: dict, plan: dict, same_weights: bool) -> str | None:
+    """Why a checkpoint cannot be resumed with these settings (None: it can). `same_weights`:
+    `NeuronSites.same_weights(saved)`, which ignores the load dtype (another dtype is one of the
+    other settings, "dtype")."""
+    if saved.get("architecture") != now.get("architecture") or not same_weights:
         return (f"checkpoint {path} is from another model: fingerprint {saved.get('fingerprint')} "
                 f"({saved.get('architecture')}, model {saved.get('model')!r}), this model has "
                 f"{now.get('fingerprint')} ({now.get('architecture')}, model {now.get('model')!r})")
@@ -357,17 +360,18 @@ def _mismatch(path, saved: dict, now: dict, saved_plan: dict, plan: dict) -> str
     return None
 
 
-def _load_checkpoint(path, settings: dict, plan: dict, label_names: list[str], device):
+def _load_checkpoint(path, sites: NeuronSites, settings: dict, plan: dict, label_names: list[str]):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    state, extra = StreamState.load(path, device, with_extra=True)  # refuses corrupt / newer files
+    state, extra = StreamState.load(path, sites.device, with_extra=True)  # refuses corrupt / newer files
     kind, _, number = str(extra.get("format", "")).rpartition("/")
     if kind != "steer.checkpoint":
         raise ValueError(f"{path} is a streaming state, not a checkpoint (no corpus position)")
     if not number.isdigit() or int(number) > CHECKPOINT_VERSION:
         raise artifacts.newer(path, kind, number, CHECKPOINT_VERSION)
-    why = _mismatch(path, state.settings, json.loads(json.dumps(settings)), extra.get("plan", {}), plan)
+    why = _mismatch(path, state.settings, json.loads(json.dumps(settings)), extra.get("plan", {}), plan,
+                    sites.same_weights(state.settings))
     if why is None and state.label_names != list(label_names):
         why = f"checkpoint {path} has labels {state.label_names}, this corpus {list(label_names)}"
     if why:
@@ -454,7 +458,7 @@ class _StreamPass:
         if group.is_main:
             try:
                 if resume:
-                    state, extra = _load_checkpoint(self.path, settings, self.plan, label_names, device)
+                    state, extra = _load_checkpoint(self.path, forward.sites, settings, self.plan, label_names)
                 else:
                     state = _calibrate(forward, tokenizer, corpus, cal, bins, label_names, settings,
                                        run=self.delta, progress=self.show, **batching)

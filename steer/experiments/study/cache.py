@@ -18,6 +18,7 @@ import torch
 
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention
+from steer.core.runtime import dtype_name
 from steer.engine.backends import intervene
 from steer.engine.embed import embed
 
@@ -55,7 +56,7 @@ def tokenizer_key(tok) -> list:
 def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict) -> None:
     """{text: [n_layers, D]} as a steer.embeddings file, atomically (steer/core/artifacts.py): the
     texts as UTF-8 bytes + offsets tensors (no header size limit), `meta` (the model's
-    fingerprint, skip_bos, layers, numerics, tokenizer) in the metadata."""
+    fingerprint and dtype, skip_bos, layers, numerics, tokenizer) in the metadata."""
     from steer.core import artifacts
 
     raw = [t.encode("utf-8") for t in table]
@@ -69,8 +70,8 @@ def save_embedding_cache(path: Path, table: dict[str, torch.Tensor], meta: dict)
 
 def load_embedding_cache(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The table written by `save_embedding_cache`; ValueError naming the file when it is
-    corrupt, truncated, of a newer format, or for another model, skip_bos, layers, numerics or
-    tokenizer than `meta`."""
+    corrupt, truncated, of a newer format, or for another model, dtype, skip_bos, layers, numerics
+    or tokenizer than `meta`."""
     from steer.core import artifacts
 
     a = artifacts.load(path, kind="embeddings", version=CACHE_VERSION)
@@ -102,6 +103,7 @@ class Embedder:
         self.batch_size, self.skip_bos, self.progress = batch_size, skip_bos, progress
         sites = NeuronSites(model)
         self.n_layers, self.fingerprint = sites.n_layers, sites.fingerprint()
+        self.dtype = dtype_name(sites.modules[0].weight.dtype)  # the fingerprint ignores it; embeddings don't
         self.tokenizer = tokenizer_key(tokenizer)
         self.directory = directory
         if directory is not None:
@@ -112,12 +114,12 @@ class Embedder:
     def _file(self, cond: str, layers: tuple[int, ...]) -> Path | None:
         if self.directory is None:
             return None
-        spec = json.dumps([self.fingerprint, self.skip_bos, list(layers), NUMERICS, self.tokenizer])
+        spec = json.dumps([self.fingerprint, self.dtype, self.skip_bos, list(layers), NUMERICS, self.tokenizer])
         spec = hashlib.sha256(spec.encode()).hexdigest()[:12]
         return self.directory / f"{self.fingerprint}-{spec}-{cond}.safetensors"
 
     def _cache_meta(self, layers: tuple[int, ...]) -> dict:
-        return {"fingerprint": self.fingerprint, "skip_bos": self.skip_bos, "layers": list(layers),
+        return {"fingerprint": self.fingerprint, "dtype": self.dtype, "skip_bos": self.skip_bos, "layers": list(layers),
                 "numerics": NUMERICS, "tokenizer": self.tokenizer}
 
     def _table(self, cond: str, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
