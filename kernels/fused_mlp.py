@@ -20,11 +20,11 @@ pool_max is exact; pool_sum differs from torch's by summation order only (a few 
 
 The kernel (`fused_mlp_triton.py`) is exposed as `torch.ops.steer.fused_mlp` via
 `torch.library.triton_op` + `wrap_triton`, so Inductor traces into it on CUDA; `fused_mlp` here
-dispatches by `steer.kernels.use_triton` (CUDA tensors to Triton, others to the reference).
+dispatches by `steer.kernels.dispatch.use_triton` (CUDA tensors to Triton, others to the reference).
 """
 import torch
 
-from . import triton_module, use_triton
+from .dispatch import triton_module, use_triton
 from .fused_mlp_ref import POOLS, FusedOut, check_options, fused_mlp_ref
 
 

@@ -1,7 +1,7 @@
 """The fused MLP neuron op as a Triton kernel, registered as `torch.ops.steer.fused_mlp`.
 
 What it computes, its layout and precision: `fused_mlp.py`; semantics in plain torch:
-`fused_mlp_ref.py`. Imported on first use of the Triton path (`steer.kernels.triton_module`).
+`fused_mlp_ref.py`. Imported on first use of the Triton path (`steer.kernels.dispatch.triton_module`).
 """
 from typing import Optional
 

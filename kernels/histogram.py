@@ -14,12 +14,12 @@ atomics land: the kernel equals the reference exactly.
 
 The kernel (`histogram_triton.py`) is exposed as `torch.ops.steer.histogram_update` via
 `torch.library.triton_op` + `wrap_triton` (Inductor can trace into it on CUDA);
-`histogram_update` here dispatches by `steer.kernels.use_triton`; CPU tensors under backend
+`histogram_update` here dispatches by `steer.kernels.dispatch.use_triton`; CPU tensors under backend
 "auto" take the compiled CPU loop of `histogram_cpu.py` (same counts as the reference).
 """
 import torch
 
-from . import triton_module, use_triton
+from .dispatch import triton_module, use_triton
 from .histogram_cpu import histogram_update_cpu
 from .histogram_ref import check_update, histogram_update_ref
 

@@ -2,7 +2,7 @@
 `torch.ops.steer.histogram_update`.
 
 What it computes and its layout: `histogram.py`; semantics in plain torch: `histogram_ref.py`.
-Imported on first use of the Triton path (`steer.kernels.triton_module`).
+Imported on first use of the Triton path (`steer.kernels.dispatch.triton_module`).
 """
 import torch
 import triton

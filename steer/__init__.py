@@ -1,10 +1,12 @@
 """steer: find expert neurons in language models and steer models through them.
 
 The public API is re-exported here; each name lives in the module named in the README's table.
-`steer.kernels` is the repository's `kernels/` folder: installs map it (pyproject.toml), and a
-source tree imported without such an install (say, a Python started in the repository root beside
-a wheel installed elsewhere) maps it the same way (`_map_source_kernels`).
+`steer.kernels` is the repository's `kernels/` folder, a namespace package (no `__init__.py`, so
+it never shadows Hugging Face's `kernels` in the repository root: `kernels/dispatch.py`). A wheel
+holds it as `steer/kernels/`; an editable install, or a source tree imported without an install,
+has no finder that maps a namespace subpackage to another folder, so `_map_source_kernels` does.
 """
+import importlib.machinery as _machinery
 import importlib.util as _util
 import sys as _sys
 from pathlib import Path as _Path
@@ -12,11 +14,9 @@ from pathlib import Path as _Path
 
 def _map_source_kernels() -> None:
     if _util.find_spec("steer.kernels") is None:
-        folder = _Path(__file__).resolve().parents[1] / "kernels"
-        spec = _util.spec_from_file_location("steer.kernels", folder / "__init__.py",
-                                             submodule_search_locations=[str(folder)])
+        spec = _machinery.ModuleSpec("steer.kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(_Path(__file__).resolve().parents[1] / "kernels")]
         module = _sys.modules["steer.kernels"] = _util.module_from_spec(spec)
-        spec.loader.exec_module(module)
         setattr(_sys.modules[__name__], "kernels", module)
 
 

@@ -417,7 +417,7 @@ def test_dispatch():
 def test_triton_path_compiles_fullgraph():
     """The dispatcher reaches the Triton op inside a graph (no import machinery while tracing):
     on CUDA with real Triton, elsewhere under the interpreter."""
-    from steer.kernels import triton_module
+    from steer.kernels.dispatch import triton_module
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_module("fused_mlp_triton")  # as steer.patch does before any compile

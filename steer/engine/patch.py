@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from steer.engine.backends import Backend
-from steer.kernels import triton_module, use_triton
+from steer.kernels.dispatch import triton_module, use_triton
 from steer.kernels.fused_mlp import fused_mlp
 from steer.kernels.fused_mlp_ref import pool_mean
 

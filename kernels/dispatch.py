@@ -1,11 +1,11 @@
 """Triton kernels of steer, each beside its pure-PyTorch reference.
 
-Installed as `steer.kernels` (see pyproject.toml): the project never exposes a top-level
-`kernels` module, which would shadow Hugging Face's `kernels` package that transformers imports.
-A Python started in the repository root still finds this folder first under the name `kernels`
-(the working directory leads `sys.path`). `_hand_over` then gives that name to the package it
-means without the repository (ModuleNotFoundError where there is none), so `import kernels` and
-`import transformers` work there as anywhere else.
+The folder is installed as `steer.kernels` (pyproject.toml) and has no `__init__.py`: it is a
+namespace portion, so a Python started in the repository root (whose working directory leads
+`sys.path`) still imports Hugging Face's `kernels` package, which transformers imports, wherever
+it is installed (a regular package wins over a namespace portion), and where none is, the
+folder is an empty namespace that transformers takes for "not installed". This module holds
+what the package's `__init__` would: the backend rule and the Triton loader.
 
 Each op has three files: `<op>_ref.py` (the semantics in plain torch: the CPU path and the tests'
 reference), `<op>_triton.py` (the Triton kernel, registered as `torch.ops.steer.<op>`) and
@@ -15,25 +15,6 @@ importing steer imports neither Triton nor Inductor, and works where Triton does
 fourth, `histogram_cpu.py`: a compiled CPU loop that "auto" takes on CPU (equal counts).
 """
 import importlib
-import os
-import sys
-
-
-def _hand_over() -> None:
-    """Replace this module, imported as top-level `kernels`, by the `kernels` found on `sys.path`
-    without the repository root (the import statement returns what `sys.modules` then holds)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
-    del sys.modules["kernels"]
-    try:
-        importlib.import_module("kernels")
-    finally:
-        sys.path[:] = saved
-
-
-if __name__ == "kernels":
-    _hand_over()
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -56,7 +37,7 @@ def triton_module(name: str):
     module = _LOADED.get(name)
     if module is None:
         try:
-            module = _LOADED[name] = importlib.import_module(f"{__name__}.{name}")
+            module = _LOADED[name] = importlib.import_module(f"{__package__}.{name}")
         except ImportError as e:
             raise ImportError(f"the Triton path needs Triton, which does not import here ({e}); "
                               "use backend='auto' or 'torch'") from e

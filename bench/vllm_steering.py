@@ -1,0 +1,170 @@
+"""Steering inside vLLM: output tokens/s of stock vLLM, the plugin idle, every request steered by
+one set, and K = 8 and 64 distinct sets in one batch; and the same batch through steer's
+transformers `generate`. Gemma-3-270M, fp32, greedy, fixed output length (ignore_eos).
+
+    python bench/vllm_steering.py [--requests 128] [--tokens 32] [--modes eager,compiled]
+
+Runs in an environment with vLLM (`make install-vllm`). Each engine runs in its own process
+(the plugin patches vLLM for the whole process; VLLM_PLUGINS="" gives stock vLLM), using both
+cores (VLLM_CPU_OMP_THREADS_BIND=0-1). Inside an engine the scenarios run round-robin, twice,
+and each keeps its best time; ratios are to stock vLLM in the same mode. The expert set is found
+on the fly (UDHR, 8 languages x 50 paragraphs) unless `--experts` names one; the K sets are its
+8 labels x 8 strengths. Writes bench/results/vllm_steering.{md,csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LANGS = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
+STRENGTHS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0]
+
+
+def prompts(n: int) -> list[str]:
+    from steer import udhr_parallel
+
+    texts = [t for lang in LANGS for t in udhr_parallel([lang]).texts[lang]]
+    return [" ".join(t.split()[:12]) for t in (texts * (n // len(texts) + 1))[:n]]
+
+
+def scenarios(experts: str, n: int) -> dict[str, list[dict | None]]:
+    def cfg(i: int, distinct: int) -> dict:
+        j = i % distinct
+        return {"steer_experts": experts, "steer_label": LANGS[j % 8], "steer_strength": STRENGTHS[j // 8 % 8]}
+
+    return {"idle": [None] * n, "one set": [cfg(0, 1)] * n,
+            "K=8": [cfg(i, 8) for i in range(n)], "K=64": [cfg(i, 64) for i in range(n)]}
+
+
+def child(args) -> None:
+    from vllm import LLM, SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=args.mode == "eager", max_model_len=512, seed=0)
+    start = time.perf_counter() - t
+    texts = prompts(args.requests)
+    runs = scenarios(args.experts, args.requests)
+    if not args.plugin:
+        runs = {"idle": runs["idle"]}
+
+    def go(extras):
+        ps = [SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, extra_args=e) for e in extras]
+        t = time.perf_counter()
+        outs = llm.generate(texts, ps, use_tqdm=False)
+        return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs), outs
+
+    go(runs["idle"][:8])  # warm-up
+    best, tokens, first = {}, {}, {}
+    for _ in range(2):
+        for name, extras in runs.items():
+            s, n, outs = go(extras)
+            best[name] = min(best.get(name, float("inf")), s)
+            tokens[name] = n
+            first[name] = [list(o.outputs[0].token_ids[:4]) for o in outs[:4]]
+    Path(args.out).write_text(json.dumps({"start": start, "seconds": best, "tokens": tokens, "first": first}))
+
+
+def engine(args, mode: str, plugin: bool, experts: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "out.json"
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.bind, "VLLM_CPU_KVCACHE_SPACE": "2"}
+        if not plugin:
+            env["VLLM_PLUGINS"] = ""
+        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", args.model, "--experts", experts,
+               "--requests", str(args.requests), "--tokens", str(args.tokens), "--out", str(out)]
+        cmd += ["--plugin"] if plugin else []
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def transformers_generate(args, experts: str) -> float:
+    """steer's `generate` on the same prompts, every request steered by the one set (seconds)."""
+    import torch
+
+    import steer
+
+    torch.set_num_threads(args.threads)
+    model, tok = steer.load_model(args.model, dtype="float32", device="cpu")
+    iv = steer.ExpertSet.load(experts).intervention("en", model)
+    texts = prompts(args.requests)
+    steer.generate(model, tok, texts[:8], intervention=iv, max_new_tokens=4)  # warm-up
+    t = time.perf_counter()
+    steer.generate(model, tok, texts, intervention=iv, max_new_tokens=args.tokens, batch_size=args.requests)
+    return time.perf_counter() - t
+
+
+def find_set(model_path: str, out: Path, threads: int) -> str:
+    import torch
+
+    import steer
+
+    torch.set_num_threads(threads)
+    model, tok = steer.load_model(model_path, dtype="float32", device="cpu")
+    p = steer.udhr_parallel(LANGS)
+    corpus = steer.Corpus([t for lang in LANGS for t in p.texts[lang]], [lang for lang in LANGS for _ in p.texts[lang]])
+    steer.find_experts(model, tok, corpus, k=100, progress=False).experts.save(out)
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="a checkpoint folder (default: steer's converted Gemma-3-270M)")
+    ap.add_argument("--experts", default=None)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the transformers run")
+    ap.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND of the engines")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plugin", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    from harness import RESULTS, Table, environment, finish, write_results
+    from steer.engine.models import resolve
+
+    args.model = args.model or resolve("gemma-3-270m")
+    env = environment("float32")
+    with tempfile.TemporaryDirectory() as d:
+        experts = args.experts or find_set(args.model, Path(d) / "experts", args.threads)
+        rows = []
+        for mode in args.modes.split(","):
+            stock = engine(args, mode, False, experts)
+            plug = engine(args, mode, True, experts)
+            base = stock["tokens"]["idle"] / stock["seconds"]["idle"]
+            rows.append({"mode": mode, "run": "stock vLLM", "tok/s": base, "vs stock": 1.0,
+                         "engine start s": stock["start"]})
+            for name, s in plug["seconds"].items():
+                rate = plug["tokens"][name] / s
+                rows.append({"mode": mode, "run": f"plugin, {name}", "tok/s": rate, "vs stock": rate / base,
+                             "engine start s": plug["start"] if name == "idle" else ""})
+            assert plug["first"]["idle"] == stock["first"]["idle"], "the idle plugin changed greedy tokens"
+        seconds = transformers_generate(args, experts)
+        tf_rate = args.requests * args.tokens / seconds
+        stock_rates = {r["mode"]: r["tok/s"] for r in rows if r["run"] == "stock vLLM"}
+        for mode, rate in stock_rates.items():
+            rows.append({"mode": mode, "run": "steer generate (transformers), one set", "tok/s": tf_rate,
+                         "vs stock": tf_rate / rate})
+    note = (f"{args.requests} requests x {args.tokens} greedy tokens (ignore_eos), Gemma-3-270M fp32. "
+            "tok/s = output tokens / seconds of the whole batch, best of 2 round-robin runs in one "
+            "engine; 'vs stock' = tok/s / stock vLLM's in the same mode (engines in separate processes, "
+            f"both cores: VLLM_CPU_OMP_THREADS_BIND={args.bind}). The transformers row: steer's "
+            f"`generate`, one batch, {args.threads} threads, every request steered by one set.")
+    write_results("vllm_steering", finish(env), [Table("Output tokens/s", rows, note=note)],
+                  title="Steering inside vLLM (steer's plugin) vs stock vLLM", out_dir=RESULTS)
+    print((RESULTS / "vllm_steering.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""steer's vLLM plugin (steer/vllm/) against stock vLLM and steer's transformers path.
+
+Needs vLLM (`make install-vllm`; `make test-vllm` runs this folder with STEER_VLLM_TESTS=1, where
+a missing vLLM is an error, not a skip). Three engine processes, one per module (tests/vllm/
+engine_run.py runs every scenario in each): stock vLLM with general plugins off
+(VLLM_PLUGINS=""), the plugin in eager mode, the plugin compiled (Inductor on the CPU). Each
+start costs 30-120 s on 2 cores; the module takes about 4-6 minutes.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not os.environ.get("STEER_VLLM_TESTS"):
+    pytest.importorskip("vllm")
+
+import steer  # noqa: E402
+from steer.vllm.requests import SteerRequest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny import tiny_tokenizer  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+from engine_run import LONG, SHORT  # noqa: E402
+
+
+def tiny_gemma3(seed=0, intermediate=96):
+    import transformers as T
+
+    cfg = T.Gemma3TextConfig(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=64,
+                             intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=64)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny Gemma-3 folder (vLLM's CPU attention needs head_dim 32+), its expert set (found by
+    steer on a toy corpus) and a set of another model's shapes."""
+    d = tmp_path_factory.mktemp("vllm")
+    model, tok = tiny_gemma3(), tiny_tokenizer()
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    corpus = steer.Corpus(["the cat sat", "le chat est", "the dog ran", "le chien court", "a man walks",
+                           "un homme marche"] * 3, ["en", "fr"] * 9)
+    steer.find_experts(model, tok, corpus, k=10, progress=False).experts.save(d / "experts")
+    other = tiny_gemma3(intermediate=64)
+    steer.find_experts(other, tok, corpus, k=5, progress=False).experts.save(d / "other")
+    return d
+
+
+def _engine(served, mode, plugins=True):
+    out = served / f"{mode}-{'plugin' if plugins else 'stock'}.json"
+    env = dict(os.environ)
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""
+    cmd = [sys.executable, str(HERE / "engine_run.py"), str(served / "model"), str(served / "experts"), str(out),
+           "--other", str(served / "other"), "--mode", mode]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def stock(served):
+    return _engine(served, "eager", plugins=False)
+
+
+@pytest.fixture(scope="module")
+def eager(served):
+    return _engine(served, "eager")
+
+
+@pytest.fixture(scope="module")
+def compiled(served):
+    return _engine(served, "compiled")
+
+
+def test_unsteered_requests_equal_stock_vllm(stock, eager):
+    """No request steered: the same tokens as vLLM without general plugins, and in eager mode
+    the same logprobs bit for bit."""
+    assert eager["plain"] == stock["plain"]
+    assert eager["after_bad"] == stock["plain"]
+
+
+def test_compiled_mode(stock, eager, compiled):
+    """Compiled (Inductor on the CPU, traced once): unsteered greedy tokens equal stock vLLM's,
+    steered ones the eager plugin's; logprobs within 1e-4 (stated in the README)."""
+    assert [r["tokens"] for r in compiled["plain"]] == [r["tokens"] for r in stock["plain"]]
+    for name in eager["alone"]:
+        assert [r["tokens"] for r in compiled["alone"][name]] == [r["tokens"] for r in eager["alone"][name]], name
+    diff = max(abs(a["first"][t] - b["first"][t]) for x, y in ((compiled["plain"], stock["plain"]),
+                                                              (compiled["alone"]["all"], eager["alone"]["all"]))
+               for a, b in zip(x, y) for t in a["first"] if t in b["first"])
+    print(f"compiled vs eager: max first-step logprob difference {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_steered_neurons_hold_the_sets_values(served, eager):
+    """At every steered layer and position the neuron tensor holds the set's values exactly
+    (value x strength, in fp32); up to the first steered layer every other neuron is the
+    unsteered one, bit for bit (later layers see the steered residual stream)."""
+    iv = SteerRequest(str(served / "experts"), "fr", strength=4.0).intervention((2, 96))
+    first = int(iv.mask.any(1).nonzero()[0])
+    for layer in range(2):
+        steered = torch.tensor(eager["neurons_steered"][str(layer)])
+        plain = torch.tensor(eager["neurons_plain"][str(layer)])
+        mask = iv.mask[layer]
+        assert steered.shape == plain.shape and steered.shape[0] == len(SHORT[0]) + 1  # BOS + characters
+        assert torch.equal(steered[:, mask], iv.add[layer][mask].expand(steered.shape[0], -1))
+        if layer <= first:
+            assert torch.equal(steered[:, ~mask], plain[:, ~mask])
+
+
+def _transformers_first_logprobs(served, extra, prompt):
+    """log_softmax of the first generated token's logits through steer's transformers path."""
+    model, tok = steer.load_model(served / "model", dtype="float32", device="cpu")
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        if extra is None:
+            logits = model(ids).logits[0, -1]
+        else:
+            iv = SteerRequest.parse(extra).intervention((2, 96))
+            with steer.intervene(model, iv):
+                logits = model(ids).logits[0, -1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+@pytest.mark.parametrize("name", ["all", "prompt", "last", "en_k3"])
+def test_first_step_logprobs_equal_steers_transformers_path(served, eager, name):
+    """The first generated token's logprobs (top 5) equal steer's transformers path with the
+    same set, k, strength and positions, within 1e-5 (fp32; the unsteered vLLM-vs-transformers
+    difference, measured beside it, is the floor). The long prompt is prefilled in 5 chunks:
+    "last" steers only its last token, in the last chunk."""
+    from engine_run import steer as config
+
+    extra = {"all": config(str(served / "experts")), "prompt": config(str(served / "experts"), positions="prompt"),
+             "last": config(str(served / "experts"), positions="last"),
+             "en_k3": {**config(str(served / "experts"), label="en", strength=8.0), "steer_k": 3}}[name]
+    floor = 0.0
+    for i, prompt in enumerate(SHORT + [LONG]):
+        for ex, got in ((None, eager["plain"][i]), (extra, eager["alone"][name][i])):
+            want = _transformers_first_logprobs(served, ex, prompt)
+            d = max(abs(lp - float(want[int(t)])) for t, lp in got["first"].items())
+            if ex is None:
+                floor = max(floor, d)
+            else:
+                assert d < 1e-5, (name, prompt[:12], d)
+    assert floor < 1e-5
+    assert eager["alone"][name] != eager["plain"]  # the steering changed something
+
+
+def test_positions_differ_where_they_should(eager):
+    """"generated" leaves the first step alone (its logits come from prompt tokens only)."""
+    for plain, gen in zip(eager["plain"], eager["alone"]["generated"]):
+        assert gen["first"] == plain["first"]
+    assert eager["alone"]["generated"] != eager["plain"]
+
+
+def test_mixed_batch_equals_each_request_alone(eager):
+    """Several sets, positions and unsteered rows in one batch: each request's greedy tokens
+    and logprobs equal that request run alone."""
+    m = eager["mixed"]
+    index = {p: i for i, p in enumerate(SHORT + [LONG])}
+    for name, prompt, got in zip(m["names"], m["prompts"], m["results"]):
+        alone = (eager["plain"] if name is None else eager["alone"][name])[index[prompt]]
+        assert got["tokens"] == alone["tokens"], (name, prompt[:12])
+        assert all(math.isclose(got["first"][t], alone["first"][t], abs_tol=1e-6) for t in alone["first"])
+
+
+def test_prefix_cache_never_mixes_steered_and_unsteered(eager):
+    """The same long prompt, steered then unsteered then steered then unsteered: each equals
+    its own fresh run (the steered request's KV blocks are salted)."""
+    steered, plain = eager["alone"]["all"][2], eager["plain"][2]
+    assert steered["tokens"] != plain["tokens"]
+    for got, want in zip(eager["prefix"], (steered, plain, steered, plain)):
+        assert got["tokens"] == want["tokens"]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("missing", "no expert set at /nonexistent"), ("shapes", "the served model has 2 x 96"),
+    ("k", "steer_k"), ("label", "no experts for label 'xx'"), ("positions", "steer_positions='middle'"),
+    ("strength", "steer_strength=inf"), ("key", "unknown key(s) ['steer_layers']")])
+def test_bad_requests_are_refused_and_the_engine_serves_on(eager, name, words):
+    said = eager["bad"][name]
+    assert said is not None and "steer: " in said and words in said, said
+    assert eager["after_bad"] == eager["plain"]
+
+
+def test_requests_without_the_plugin_are_refused(stock):
+    """General plugins off: a steering request is refused, not served unsteered."""
+    assert stock["refused"] is not None and "plugin is not active" in stock["refused"]
+
+
+def test_readme_example_runs(served, tmp_path):
+    """The README's vLLM example, as written, on the tiny model and its expert set."""
+    import re
+
+    readme = (HERE.parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from vllm" in b)
+    code = block
+    for old, new in (('resolve("gemma-3-270m")', repr(str(served / "model"))),
+                     ('"runs/experts/experts"', repr(str(served / "experts"))), ('"steer_k": 100', '"steer_k": 5')):
+        assert old in code, old
+        code = code.replace(old, new)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()[-2:]
+    assert len(lines) == 2 and lines[0] != lines[1], run.stdout
