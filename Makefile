@@ -38,7 +38,7 @@ VLLM_ENV = .venv-vllm
 test-vllm:
 	$(PYTHON) -m venv --clear $(VLLM_ENV)
 	$(MAKE) install-vllm PYTHON=$(VLLM_ENV)/bin/python
-	STEER_VLLM_TESTS=1 $(VLLM_ENV)/bin/python -m pytest -q --durations=5 tests/vllm
+	STEER_VLLM_TESTS=1 $(VLLM_ENV)/bin/python -m pytest -q --durations=5 tests/vllm_plugin
 
 bench: install
 	$(PYTHON) bench/run.py

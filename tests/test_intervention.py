@@ -147,6 +147,6 @@ def test_importing_steer_changes_no_process_state():
             "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())\n"
             "assert matplotlib.get_backend() == backend and torch.get_num_threads() == threads\n"
             "assert logging.getLogger().handlers == handlers and not logging.getLogger('steer').handlers\n"
-            "assert 'triton' not in sys.modules and 'torch._dynamo' not in sys.modules\n")
+            "assert 'triton' not in sys.modules and 'torch._dynamo' not in sys.modules and 'vllm' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, env={k: v for k, v in os.environ.items()
                                                                        if k != "TORCHINDUCTOR_CACHE_DIR"})

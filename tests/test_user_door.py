@@ -141,7 +141,7 @@ def test_load_model_resolves_a_hub_id_from_the_local_hub_cache(checkpoint, tmp_p
 
 def test_readme_python_snippets_run(checkpoint, monkeypatch, tmp_path):
     """Every ```python block of the README runs as written, on a tiny model where it names Gemma
-    (the vLLM example runs in tests/vllm, where vLLM is installed)."""
+    (the vLLM example runs in tests/vllm_plugin, where vLLM is installed)."""
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "from vllm" not in b]
     assert blocks, "the README shows no Python"
     real_load = steer.load_model

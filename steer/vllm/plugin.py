@@ -1,25 +1,27 @@
 """steer inside stock vLLM: neuron sets per request, in eager and compiled mode.
 
-Registered on two vLLM entry points (pyproject.toml), so a plain `LLM(model=...)` or `vllm serve`
-with steer installed accepts steering requests (`steer/vllm/requests.py`: the contract):
-- `vllm.general_plugins` -> `register`, run in the front end, the engine core and every worker
-  before the model is built. It swaps the forward of vLLM's `Gemma3MLP` and `LlamaMLP` for one
-  that calls `torch.ops.steer_vllm.neuron_override(h, layer)` on the neuron tensor (the input of
-  `down_proj`, `act(gate) * up`), records the served model's shape for admission checks, salts
-  the prefix cache of steered requests, and wraps the model runner's `_model_forward` so that
-  each step's per-token table is built before the forward.
-- `vllm.logits_processors` -> `SteerLogits`. vLLM calls its `validate_params` at admission, in
-  the front end (a bad request is refused there), and its `update_state` in the worker before
-  every step, with the rows that joined, left or moved in the persistent batch. It never
-  changes logits.
+Registered on vLLM's `vllm.general_plugins` entry point (pyproject.toml): `register` runs in the
+front end, the engine core and every worker before the model is built, so a plain
+`LLM(model=...)` or `vllm serve` with steer installed accepts steering requests
+(`steer/vllm/requests.py`: the contract). It
+- swaps the forward of vLLM's `Gemma3MLP` and `LlamaMLP` for one that calls
+  `torch.ops.steer_vllm.neuron_override(h, layer)` on the neuron tensor (the input of
+  `down_proj`, `act(gate) * up`);
+- checks every request at admission, in the front end (`InputProcessor._validate_params`): a bad
+  request, or any steering request where the plugin cannot serve it, is refused there;
+- adds `SteerLogits` to the engine's logits processors (Model Runner V1, vLLM's CPU build): its
+  `update_state` runs in the worker before every step with the rows that joined, left or moved
+  in the persistent batch; it never changes logits;
+- wraps the model runner's `_model_forward`, so each step's steered tokens are listed before the
+  forward, and salts the prefix cache of steered requests.
 
 Per-request state lives in the worker (`Worker`): an `InterventionSets` (steer.core) of
 `max_num_seqs` sets, one per distinct steering config in the batch (requests with the same
-config share one), and, per step, `rows` [tokens]: the set each token's neurons follow, or the
-"no set" row where a token is not steered (other positions, unsteered requests). The custom op
-is opaque to torch.compile: it reads the tables at run time, so new requests, sets or positions
+config share one), and, per step, the steered tokens (`index`) and the set each follows
+(`rows`); other tokens (other positions, unsteered requests) are not touched. The custom op is
+opaque to torch.compile: it reads the tables at run time, so new requests, sets or positions
 never recompile, and it applies `apply_override` (steer.kernels), the one override semantic of
-every steer path. A step with nothing steered skips it (`rows` is None).
+every steer path. A step with nothing steered skips it (`index` is None).
 
 Positions per request (token at absolute position p of a request whose prompt has P tokens):
 "all"; "prompt" p < P; "generated" p >= P (a token fed back after it was sampled); "last" the
@@ -27,7 +29,13 @@ tokens whose output is sampled, p >= P - 1: the last prompt token (in whatever p
 falls) and every generated token, as steer's `generate` steers the last token of each call.
 
 Prefix caching: a steered request's cache salt gets a hash of its steering keys, so its KV
-blocks are never served to an unsteered request or another config, nor theirs to it.
+blocks are never served to an unsteered request or another config, nor theirs to it; with
+positions other than "all" also its request id (whether a token is steered then depends on the
+prompt's length, so its blocks are not shared).
+
+Where it runs: vLLM's CPU build (Model Runner V1), eager or compiled, one process per model
+(no tensor or pipeline parallelism), no speculative decoding, unquantized MLPs. Elsewhere a
+steering request is refused at admission and everything else is served as by stock vLLM.
 """
 from __future__ import annotations
 
@@ -40,12 +48,12 @@ import torch
 
 from steer.core.intervention import InterventionSets
 from steer.kernels.fused_mlp_ref import apply_override
-from steer.vllm.requests import PREFIX, SteerRequest
+from steer.vllm.requests import PREFIX, SteerRequest, set_time
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = {"Gemma3ForCausalLM": "gemma3", "LlamaForCausalLM": "llama"}
-_SHAPE: dict = {}  # front end: the served model's (layers, MLP width) and architecture
+_FRONT: dict = {}  # front end: the served model's (layers, MLP width), why it cannot steer (or None)
 
 
 def model_shape(hf_config) -> tuple[int, int]:
@@ -54,53 +62,60 @@ def model_shape(hf_config) -> tuple[int, int]:
 
 
 class Worker:
-    """The worker's steering state: sets, the batch rows' sets and prompt lengths, and the
-    current step's per-token set index (`rows`)."""
+    """The worker's steering state: sets, the batch rows' sets, and the current step's steered
+    tokens (`index`) with the set each follows (`rows`)."""
 
-    def __init__(self, shape: tuple[int, int], sets: int, max_tokens: int, device):
+    def __init__(self, shape: tuple[int, int], sets: int, device):
         self.shape, self.device = shape, torch.device(device)
         self.sets = InterventionSets(*shape, sets=sets, capacity=0, device=self.device)
-        self.max_tokens = max_tokens
-        self.configs: dict[SteerRequest, int] = {}  # config -> set index
+        self.configs: dict[tuple, int] = {}  # (config, set file time) -> set index
         self.users: list[int] = [0] * sets  # batch rows using each set
         self.row_set: dict[int, int] = {}  # batch row -> set index (steered rows only)
-        self.row_prompt: dict[int, int] = {}  # batch row -> prompt length
         self.tables: list | None = None  # per layer (mask, mul, add) [S + 1, width], built on change
-        self.rows: torch.Tensor | None = None  # [tokens] set index this step; None: nothing steered
+        self.index: torch.Tensor | None = None  # [k] steered tokens of this step; None: none
+        self.rows: torch.Tensor | None = None  # [k] their sets
 
     # -- batch changes (SteerLogits.update_state, before each step) --
-    def add(self, row: int, request: SteerRequest | None, prompt_len: int) -> None:
+    def add(self, row: int, request: SteerRequest | None) -> None:
         self.remove(row)
-        self.row_prompt[row] = prompt_len
         if request is None:
             return
-        index = self.configs.get(request)
-        if index is None:
-            index = self.users.index(0)  # sets >= max_num_seqs: never full
-            for old, i in list(self.configs.items()):
-                if i == index:
-                    del self.configs[old]
-            iv = request.intervention(self.shape)
-            self._grow(len(iv))
-            self.sets.put(index, iv.to(self.device))
-            self.configs[request] = index
-            self.tables = None
+        try:
+            key = (request, set_time(request.experts))
+            index = self.configs.get(key)
+            if index is None:
+                index = self._load(key)
+        except ValueError as e:  # checked at admission; the set changed or vanished since
+            log.error("%s: this request runs unsteered", e)
+            return
         self.users[index] += 1
         self.row_set[row] = index
 
+    def _load(self, key: tuple) -> int:
+        iv = key[0].intervention(self.shape)
+        index = self.users.index(0)  # as many sets as the batch has rows: never full
+        for old in [k for k, i in self.configs.items() if i == index]:
+            del self.configs[old]
+        self._grow(len(iv))
+        self.sets.put(index, iv.to(self.device))
+        self.configs[key] = index
+        self.tables = None
+        return index
+
     def remove(self, row: int) -> None:
-        self.row_prompt.pop(row, None)
         index = self.row_set.pop(row, None)
         if index is not None:
             self.users[index] -= 1
 
     def move(self, a: int, b: int, swap: bool) -> None:
-        for table in (self.row_set, self.row_prompt):
-            va, vb = table.pop(a, None), table.pop(b, None)
-            if va is not None:
-                table[b] = va
-            if swap and vb is not None:
-                table[a] = vb
+        """Row a goes to b: b's request is replaced (it has left) or, with `swap`, goes to a."""
+        if not swap:
+            self.remove(b)
+        va, vb = self.row_set.pop(a, None), self.row_set.pop(b, None)
+        if va is not None:
+            self.row_set[b] = va
+        if vb is not None:
+            self.row_set[a] = vb
 
     def _grow(self, extra: int) -> None:
         """Room for `extra` more neurons: a larger InterventionSets with the same sets."""
@@ -118,36 +133,39 @@ class Worker:
         self.sets = new
 
     # -- each step (the wrapped _model_forward) --
-    def prepare(self, num_reqs: int, query_start_loc: torch.Tensor, positions: torch.Tensor | None,
-                num_tokens: int) -> None:
-        """`rows` for this step: query_start_loc [num_reqs + 1] (host) splits the flattened
-        tokens into the batch rows, positions [tokens] are their absolute positions."""
-        steered = [r for r in range(num_reqs) if r in self.row_set]
-        if not steered or positions is None:
-            self.rows = None
-            return
+    def prepare(self, query_start_loc, computed, prompt) -> None:
+        """The steered tokens of this step: query_start_loc [rows + 1] splits the flattened
+        tokens into the batch rows, `computed` [rows] counts each row's tokens before this step
+        (so row r's tokens sit at positions computed[r] ...), `prompt` [rows] its prompt length
+        (host arrays of the input batch)."""
         if self.tables is None:
             self.tables = [self.sets.table(layer) for layer in range(self.shape[0])]
-        none = self.sets.sets
-        rows = torch.full((num_tokens,), none, dtype=torch.long)
-        pos = positions[:num_tokens].to("cpu", torch.long)
-        qsl = query_start_loc.tolist()
         codes = self.sets.codes.tolist()
-        for r in steered:
-            a, b = qsl[r], qsl[r + 1]
-            index, prompt = self.row_set[r], self.row_prompt.get(r, 0)
-            where = POSITION_RULES[codes[index]](pos[a:b], prompt)
-            rows[a:b] = torch.where(where, index, none)
-        self.rows = rows.to(self.device, non_blocking=True)
+        index, rows = [], []
+        for r, s in self.row_set.items():
+            if r + 1 >= len(query_start_loc):
+                continue
+            a, b = int(query_start_loc[r]), int(query_start_loc[r + 1])
+            if b <= a:
+                continue
+            pos = torch.arange(int(computed[r]), int(computed[r]) + b - a)
+            keep = POSITION_RULES[codes[s]](pos, int(prompt[r]))
+            tokens = torch.arange(a, b)[keep]
+            index.append(tokens)
+            rows.append(torch.full_like(tokens, s))
+        if not index or sum(len(t) for t in index) == 0:
+            self.index = self.rows = None
+            return
+        self.index = torch.cat(index).to(self.device, non_blocking=True)
+        self.rows = torch.cat(rows).to(self.device, non_blocking=True)
 
     def override(self, h: torch.Tensor, layer: int) -> None:
-        rows = self.rows
-        if rows is None or self.tables is None:
+        """h [tokens, width] with the steered tokens' neurons overridden, in place."""
+        if self.index is None:
             return
-        n = h.shape[0]
         mask, mul, add = self.tables[layer]
-        r = rows[:n] if rows.shape[0] >= n else torch.cat([rows, rows.new_full((n - rows.shape[0],), self.sets.sets)])
-        h.copy_(apply_override(h.view(n, 1, -1), mask, mul, add, None, r).view_as(h))
+        sub = h.index_select(0, self.index).unsqueeze(1)  # [k, 1, width]
+        h.index_copy_(0, self.index, apply_override(sub, mask, mul, add, None, self.rows).squeeze(1))
 
 
 # index = POSITIONS.index(name): all, last, prompt, generated (steer/core/intervention.py)
@@ -171,7 +189,36 @@ def _neuron_override_fake(h: torch.Tensor, layer: int) -> None:
     return None
 
 
-# -- the logits processor: admission checks and batch changes --
+# -- admission (front end) --
+def refusal(architecture: str, vllm_config) -> str | None:
+    """Why this engine cannot steer (None: it can): `validate` refuses every steering request."""
+    from vllm.platforms import current_platform
+
+    par = vllm_config.parallel_config
+    if architecture not in ARCHITECTURES:
+        return f"{architecture} is not supported by steer's vLLM plugin; supported: {sorted(ARCHITECTURES)}"
+    if not current_platform.is_cpu() or vllm_config.use_v2_model_runner:
+        return "steer's vLLM plugin runs on vLLM's CPU build (Model Runner V1) only, so far"
+    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+        return "steer's vLLM plugin does not support tensor or pipeline parallelism yet"
+    if vllm_config.speculative_config is not None:
+        return "steer's vLLM plugin does not support speculative decoding"
+    if vllm_config.model_config.quantization:
+        return f"steer's vLLM plugin needs unquantized MLPs (this model: {vllm_config.model_config.quantization})"
+    return None
+
+
+def validate(params) -> None:
+    """Refuse a request whose steering is bad or cannot be served here (ValueError -> HTTP 400)."""
+    request = SteerRequest.parse(getattr(params, "extra_args", None))
+    if request is None:
+        return
+    if _FRONT.get("refusal"):
+        raise ValueError(f"steer: {_FRONT['refusal']}")
+    request.intervention(_FRONT["shape"])  # raises ValueError naming the problem
+
+
+# -- the worker: batch changes --
 def _logits_processor_base():
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
@@ -179,27 +226,13 @@ def _logits_processor_base():
 
 
 class SteerLogits(_logits_processor_base()):
-    """Admission checks (`validate_params`, front end) and the batch's rows (`update_state`,
-    worker) of steering requests; leaves logits as they are."""
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        request = SteerRequest.parse(sampling_params.extra_args)
-        if request is None:
-            return
-        if not _SHAPE:
-            raise ValueError("steer: steer's vLLM plugin is not active in this server (VLLM_PLUGINS excludes "
-                             "'steer'?), so steer_* requests cannot be served")
-        if _SHAPE["architecture"] not in ARCHITECTURES:
-            raise ValueError(f"steer: {_SHAPE['architecture']} is not supported by steer's vLLM plugin; "
-                             f"supported: {sorted(ARCHITECTURES)}")
-        request.intervention(_SHAPE["shape"])  # raises ValueError naming the problem
+    """The batch's rows of steering requests (`update_state`, in the worker before each step);
+    leaves logits as they are."""
 
     def __init__(self, vllm_config, device, is_pin_memory: bool):
         global WORKER
-        sched = vllm_config.scheduler_config
-        WORKER = Worker(model_shape(vllm_config.model_config.hf_config), sets=int(sched.max_num_seqs),
-                        max_tokens=int(sched.max_num_batched_tokens), device=device)
+        WORKER = Worker(model_shape(vllm_config.model_config.hf_config),
+                        sets=int(vllm_config.scheduler_config.max_num_seqs), device=device)
         self.worker = WORKER
 
     def is_argmax_invariant(self) -> bool:
@@ -216,9 +249,8 @@ class SteerLogits(_logits_processor_base()):
         w = self.worker
         for row in batch_update.removed:
             w.remove(row)
-        for row, params, prompt_ids, _ in batch_update.added:
-            extra = getattr(params, "extra_args", None)
-            w.add(row, SteerRequest.parse(extra), len(prompt_ids) if prompt_ids is not None else 0)
+        for row, params, _, _ in batch_update.added:
+            w.add(row, SteerRequest.parse(getattr(params, "extra_args", None)))
         for a, b, direction in batch_update.moved:
             w.move(a, b, direction == MoveDirectionality.SWAP)
 
@@ -237,6 +269,7 @@ def register() -> None:
     _patch_mlps()
     _patch_runner()
     _patch_front_end()
+    _patch_config()
     _patch_cache_salt()
 
 
@@ -250,31 +283,29 @@ def _register_op() -> None:
                               fake_impl=_neuron_override_fake, target_lib=_LIB)
 
 
-def _steered_forward(self, x):
-    gate_up, _ = self.gate_up_proj(x)
-    h = self.act_fn(gate_up)
-    torch.ops.steer_vllm.neuron_override(h, self.steer_layer)
-    out, _ = self.down_proj(h)
-    return out
-
-
 def _patch_mlps() -> None:
     from vllm.model_executor.models import gemma3, llama
     from vllm.model_executor.models.utils import extract_layer_index
 
     for cls in (gemma3.Gemma3MLP, llama.LlamaMLP):
-        init = cls.__init__
+        init, forward = cls.__init__, cls.forward
 
         def __init__(self, *args, _init=init, **kwargs):
             _init(self, *args, **kwargs)
-            self.steer_layer = extract_layer_index(self.down_proj.prefix)
-            quant = getattr(self.down_proj, "quant_method", None)
-            if quant is not None and type(quant).__name__ != "UnquantizedLinearMethod":
-                raise ValueError(f"steer's vLLM plugin: quantized MLPs ({type(quant).__name__}) are not supported; "
-                                 "serve the model unquantized, or without the plugin (VLLM_PLUGINS)")
+            quant = getattr(self.down_proj, "quant_method", None)  # quantized: vLLM's own forward
+            plain = quant is None or type(quant).__name__ == "UnquantizedLinearMethod"
+            self.steer_layer = extract_layer_index(self.down_proj.prefix) if plain else None
 
-        cls.__init__ = __init__
-        cls.forward = _steered_forward
+        def steered_forward(self, x, _forward=forward):
+            if self.steer_layer is None:
+                return _forward(self, x)
+            gate_up, _ = self.gate_up_proj(x)
+            h = self.act_fn(gate_up)
+            torch.ops.steer_vllm.neuron_override(h, self.steer_layer)
+            out, _ = self.down_proj(h)
+            return out
+
+        cls.__init__, cls.forward = __init__, steered_forward
 
 
 def _patch_runner() -> None:
@@ -282,17 +313,16 @@ def _patch_runner() -> None:
 
     forward = GPUModelRunner._model_forward
 
-    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+    def _model_forward(self, *args, **kwargs):
         w = WORKER
         if w is not None and w.row_set:
-            num_reqs = self.input_batch.num_reqs
-            n = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
-            w.prepare(num_reqs, self.query_start_loc.cpu[:num_reqs + 1], positions, n)
+            n, batch = self.input_batch.num_reqs, self.input_batch
+            w.prepare(self.query_start_loc.cpu[:n + 1], batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n])
         try:
-            return forward(self, input_ids, positions, *args, **kwargs)
+            return forward(self, *args, **kwargs)
         finally:
             if w is not None:
-                w.rows = None
+                w.index = w.rows = None
 
     GPUModelRunner._model_forward = _model_forward
 
@@ -300,17 +330,45 @@ def _patch_runner() -> None:
 def _patch_front_end() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    init = InputProcessor.__init__
+    init, check = InputProcessor.__init__, InputProcessor._validate_params
 
     def __init__(self, vllm_config, *args, **kwargs):
         init(self, vllm_config, *args, **kwargs)
         config = vllm_config.model_config.hf_config
-        _SHAPE.update(shape=model_shape(config), architecture=(config.architectures or ["?"])[0])
+        architecture = (config.architectures or ["?"])[0]
+        _FRONT.update(shape=model_shape(config), refusal=refusal(architecture, vllm_config))
 
-    InputProcessor.__init__ = __init__
+    def _validate_params(self, params, *args, **kwargs):
+        out = check(self, params, *args, **kwargs)
+        try:
+            validate(params)
+        except ValueError as e:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(str(e)) from None
+        return out
+
+    InputProcessor.__init__, InputProcessor._validate_params = __init__, _validate_params
 
 
-def cache_salt(extra_args: dict | None) -> str | None:
+def _patch_config() -> None:
+    """Add `SteerLogits` to the engine's logits processors where it can run (Model Runner V1:
+    vLLM's V2 runner refuses logits processors of this interface)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    create = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        config = create(self, *args, **kwargs)
+        model = config.model_config
+        if not config.use_v2_model_runner and model.runner_type == "generate":
+            model.logits_processors = [*(model.logits_processors or []), f"{__name__}:SteerLogits"]
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def cache_salt(extra_args: dict | None, request_id: str) -> str | None:
     """The salt steering adds to a request's prefix-cache key (None: the request does not steer)."""
     keys = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
     if not keys:
@@ -321,6 +379,8 @@ def cache_salt(extra_args: dict | None) -> str | None:
             keys["steer_experts"] = [path, os.stat(os.path.join(path, "experts.safetensors")).st_mtime_ns]
         except OSError:
             keys["steer_experts"] = [path]
+    if keys.get("steer_positions", "all") != "all":  # steered tokens depend on the prompt's length
+        keys["request"] = request_id
     return "steer:" + hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -331,7 +391,7 @@ def _patch_cache_salt() -> None:
 
     def from_engine_core_request(cls, request, block_hasher):
         params = request.sampling_params
-        salt = cache_salt(getattr(params, "extra_args", None)) if params is not None else None
+        salt = cache_salt(getattr(params, "extra_args", None), request.request_id) if params is not None else None
         if salt is not None:
             request.cache_salt = (request.cache_salt or "") + salt
         return original(cls, request, block_hasher)

@@ -66,7 +66,7 @@ class SteerRequest:
         """The Intervention this request forces, for a model of `shape` (layers, MLP width), on
         the CPU; ValueError for a missing or unreadable set, another model's shapes, an unknown
         label, k out of range or non-finite values."""
-        experts = _load(self.experts, _mtime(self.experts))
+        experts = _load(self.experts, set_time(self.experts))
         if experts.shape != tuple(shape):
             raise ValueError(f"steer: expert set {self.experts} is for {experts.shape[0]} layers x "
                              f"{experts.shape[1]} neurons ({experts.meta.get('model')!r}); the served model "
@@ -84,7 +84,8 @@ class SteerRequest:
         return iv
 
 
-def _mtime(path: str) -> float:
+def set_time(path: str) -> float:
+    """The modification time of the set's tensors (ValueError where there is no set)."""
     try:
         return os.stat(os.path.join(path, "experts.safetensors")).st_mtime
     except OSError:

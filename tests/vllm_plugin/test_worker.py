@@ -1,0 +1,91 @@
+"""The plugin's worker state without an engine: batch rows joining, leaving and moving as
+vLLM's persistent batch reports them, the steered tokens of a step, and the override."""
+import os
+
+import pytest
+import torch
+
+if not os.environ.get("STEER_VLLM_TESTS"):
+    pytest.importorskip("vllm")
+
+from steer.kernels.fused_mlp_ref import apply_override  # noqa: E402
+from steer.vllm.plugin import Worker  # noqa: E402
+from steer.vllm.requests import SteerRequest  # noqa: E402
+
+
+def configs(served):
+    return [SteerRequest(str(served / "experts"), label, strength=s) for label in ("fr", "en") for s in (1.0, 2.0)]
+
+
+def test_rows_that_leave_or_are_overwritten_free_their_sets(served):
+    """condense() fills a hole by moving the last row into it (UNIDIRECTIONAL): the request
+    that was there has left, so its set is free again; sets are reused by equal configs and
+    never run out while the batch has at most `sets` rows."""
+    x, y, z, u = configs(served)
+    w = Worker((2, 96), sets=3, device="cpu")
+    w.add(0, x), w.add(1, y), w.add(2, None)
+    assert w.users[:2] == [1, 1] and w.row_set == {0: 0, 1: 1}
+    w.move(2, 1, swap=False)  # row 1 (y) left; the unsteered row 2 now sits at 1
+    assert w.row_set == {0: 0} and w.users == [1, 0, 0]
+    w.add(1, x)  # the same config shares set 0
+    assert w.users == [2, 0, 0] and w.row_set == {0: 0, 1: 0}
+    w.move(0, 1, swap=True)
+    assert w.row_set == {0: 0, 1: 0} and w.users == [2, 0, 0]
+    for step in range(10):  # many distinct configs over time, at most 3 rows at once
+        w.remove(2)
+        w.add(2, (z, u)[step % 2] if step % 3 else y)
+        assert sum(w.users) == 3 and sorted(w.row_set) == [0, 1, 2]
+    w.remove(0), w.remove(1), w.remove(2)
+    assert w.users == [0, 0, 0] and w.row_set == {}
+
+
+def test_a_rewritten_set_is_read_again(served, tmp_path):
+    """A set's config is keyed by its file time too: a set rewritten on disk is read again."""
+    import shutil
+
+    d = tmp_path / "experts"
+    shutil.copytree(served / "experts", d)
+    w = Worker((2, 96), sets=2, device="cpu")
+    request = SteerRequest(str(d), "fr")
+    w.add(0, request)
+    first = list(w.configs)
+    os.utime(d / "experts.safetensors", (1, 1))
+    w.add(1, request)  # row 0 still holds the old one
+    assert len(w.configs) == 2 and list(w.configs)[0] == first[0] and list(w.configs)[1] == (request, 1.0)
+    assert w.row_set == {0: 0, 1: 1}
+
+
+@pytest.mark.parametrize("positions, want", [
+    ("all", [4, 5, 6, 7, 8, 9]), ("prompt", [4, 5, 6, 7]), ("generated", [8, 9]), ("last", [7, 8, 9])])
+def test_steered_tokens_of_a_step(served, positions, want):
+    """Row 1 holds tokens 4..9 of the flattened step, at positions 6..11 of a request whose
+    prompt has 10 tokens (a prefill chunk ending the prompt, then two fed-back tokens would be
+    another step; here: any mix). Row 0 is unsteered."""
+    w = Worker((2, 96), sets=2, device="cpu")
+    w.add(0, None)
+    w.add(1, SteerRequest(str(served / "experts"), "fr", positions=positions))
+    qsl, computed, prompt = torch.tensor([0, 4, 10]), torch.tensor([0, 6]), torch.tensor([4, 10])
+    w.prepare(qsl, computed, prompt)
+    assert w.index.tolist() == want and w.rows.tolist() == [0] * len(want)
+    h = torch.randn(10, 96)
+    expect = h.clone()
+    mask, mul, add = w.sets.table(0)
+    tokens = torch.zeros(10, 1, dtype=torch.bool)
+    tokens[want] = True
+    rows = torch.full((10,), w.sets.sets, dtype=torch.long)
+    rows[want] = 0
+    expect = apply_override(expect.unsqueeze(1), mask, mul, add, tokens, rows).squeeze(1)
+    w.override(h, 0)
+    assert torch.equal(h, expect)
+    assert not torch.equal(h[want], torch.zeros_like(h[want]))  # the set touches layer 0
+
+
+def test_a_step_without_steered_tokens_touches_nothing(served):
+    w = Worker((2, 96), sets=2, device="cpu")
+    w.add(0, SteerRequest(str(served / "experts"), "fr", positions="generated"))
+    w.prepare(torch.tensor([0, 5]), torch.tensor([0]), torch.tensor([9]))  # a prefill chunk
+    assert w.index is None
+    h = torch.randn(5, 96)
+    before = h.clone()
+    w.override(h, 0)
+    assert torch.equal(h, before)
