@@ -8,8 +8,8 @@ Runs in an environment with vLLM (`make install-vllm`). Each engine runs in its 
 (the plugin patches vLLM for the whole process; VLLM_PLUGINS="" gives stock vLLM), using both
 cores (VLLM_CPU_OMP_THREADS_BIND=0-1). Inside an engine the scenarios run round-robin, twice,
 and each keeps its best time; ratios are to stock vLLM in the same mode. The expert set is found
-on the fly (UDHR, 8 languages x 50 paragraphs) unless `--experts` names one; the K sets are its
-8 labels x 8 strengths. Writes bench/results/vllm_steering.{md,csv}.
+once (UDHR, 8 languages x 50 paragraphs; kept in steer's cache) unless `--experts` names one; the
+K sets are its 8 labels x 8 strengths. Writes bench/results/vllm_steering.{md,csv}.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def child(args) -> None:
     def go(extras):
         ps = [SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, extra_args=e) for e in extras]
         t = time.perf_counter()
-        outs = llm.generate(texts, ps, use_tqdm=False)
+        outs = llm.generate(texts[:len(ps)], ps, use_tqdm=False)
         return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs), outs
 
     go(runs["idle"][:8])  # warm-up
@@ -110,6 +110,7 @@ def find_set(model_path: str, out: Path, threads: int) -> str:
     model, tok = steer.load_model(model_path, dtype="float32", device="cpu")
     p = steer.udhr_parallel(LANGS)
     corpus = steer.Corpus([t for lang in LANGS for t in p.texts[lang]], [lang for lang in LANGS for _ in p.texts[lang]])
+    out.parent.mkdir(parents=True, exist_ok=True)
     steer.find_experts(model, tok, corpus, k=100, progress=False).experts.save(out)
     return str(out)
 
@@ -132,30 +133,31 @@ def main() -> None:
         return child(args)
 
     from harness import RESULTS, Table, environment, finish, write_results
-    from steer.engine.models import resolve
+    from steer.engine.models import cache_dir, resolve
 
     args.model = args.model or resolve("gemma-3-270m")
     env = environment("float32")
-    with tempfile.TemporaryDirectory() as d:
-        experts = args.experts or find_set(args.model, Path(d) / "experts", args.threads)
-        rows = []
-        for mode in args.modes.split(","):
-            stock = engine(args, mode, False, experts)
-            plug = engine(args, mode, True, experts)
-            base = stock["tokens"]["idle"] / stock["seconds"]["idle"]
-            rows.append({"mode": mode, "run": "stock vLLM", "tok/s": base, "vs stock": 1.0,
-                         "engine start s": stock["start"]})
-            for name, s in plug["seconds"].items():
-                rate = plug["tokens"][name] / s
-                rows.append({"mode": mode, "run": f"plugin, {name}", "tok/s": rate, "vs stock": rate / base,
-                             "engine start s": plug["start"] if name == "idle" else ""})
-            assert plug["first"]["idle"] == stock["first"]["idle"], "the idle plugin changed greedy tokens"
-        seconds = transformers_generate(args, experts)
-        tf_rate = args.requests * args.tokens / seconds
-        stock_rates = {r["mode"]: r["tok/s"] for r in rows if r["run"] == "stock vLLM"}
-        for mode, rate in stock_rates.items():
-            rows.append({"mode": mode, "run": "steer generate (transformers), one set", "tok/s": tf_rate,
-                         "vs stock": tf_rate / rate})
+    cached = cache_dir() / "bench" / "vllm-steering-experts"  # found once per machine
+    experts = args.experts or (str(cached) if (cached / "experts.json").exists() else
+                               find_set(args.model, cached, args.threads))
+    rows = []
+    for mode in args.modes.split(","):
+        stock = engine(args, mode, False, experts)
+        plug = engine(args, mode, True, experts)
+        base = stock["tokens"]["idle"] / stock["seconds"]["idle"]
+        rows.append({"mode": mode, "run": "stock vLLM", "tok/s": base, "vs stock": 1.0,
+                     "engine start s": stock["start"]})
+        for name, s in plug["seconds"].items():
+            rate = plug["tokens"][name] / s
+            rows.append({"mode": mode, "run": f"plugin, {name}", "tok/s": rate, "vs stock": rate / base,
+                         "engine start s": plug["start"] if name == "idle" else ""})
+        assert plug["first"]["idle"] == stock["first"]["idle"], "the idle plugin changed greedy tokens"
+    seconds = transformers_generate(args, experts)
+    tf_rate = args.requests * args.tokens / seconds
+    stock_rates = {r["mode"]: r["tok/s"] for r in rows if r["run"] == "stock vLLM"}
+    for mode, rate in stock_rates.items():
+        rows.append({"mode": mode, "run": "steer generate (transformers), one set", "tok/s": tf_rate,
+                     "vs stock": tf_rate / rate})
     note = (f"{args.requests} requests x {args.tokens} greedy tokens (ignore_eos), Gemma-3-270M fp32. "
             "tok/s = output tokens / seconds of the whole batch, best of 2 round-robin runs in one "
             "engine; 'vs stock' = tok/s / stock vLLM's in the same mode (engines in separate processes, "

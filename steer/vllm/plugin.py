@@ -17,11 +17,11 @@ front end, the engine core and every worker before the model is built, so a plai
 
 Per-request state lives in the worker (`Worker`): an `InterventionSets` (steer.core) of
 `max_num_seqs` sets, one per distinct steering config in the batch (requests with the same
-config share one), and, per step, the steered tokens (`index`) and the set each follows
-(`rows`); other tokens (other positions, unsteered requests) are not touched. The custom op is
-opaque to torch.compile: it reads the tables at run time, so new requests, sets or positions
-never recompile, and it applies `apply_override` (steer.kernels), the one override semantic of
-every steer path. A step with nothing steered skips it (`index` is None).
+config share one). Before each forward the step's steered tokens (by each request's positions)
+are paired with their set's neurons and grouped by layer; the custom op, opaque to
+torch.compile, reads those pairs at run time, so new requests, sets or positions never
+recompile, and applies `apply_override` (steer.kernels), the one override semantic of every
+steer path, to them only. A step with nothing steered skips it.
 
 Positions per request (token at absolute position p of a request whose prompt has P tokens):
 "all"; "prompt" p < P; "generated" p >= P (a token fed back after it was sampled); "last" the
@@ -62,8 +62,9 @@ def model_shape(hf_config) -> tuple[int, int]:
 
 
 class Worker:
-    """The worker's steering state: sets, the batch rows' sets, and the current step's steered
-    tokens (`index`) with the set each follows (`rows`)."""
+    """The worker's steering state: sets, the batch rows' sets, and the current step's overrides
+    (`step`: per layer, the flat indices of the steered (token, neuron) pairs in the neuron
+    tensor with their mul and add; None where nothing is steered)."""
 
     def __init__(self, shape: tuple[int, int], sets: int, device):
         self.shape, self.device = shape, torch.device(device)
@@ -71,9 +72,9 @@ class Worker:
         self.configs: dict[tuple, int] = {}  # (config, set file time) -> set index
         self.users: list[int] = [0] * sets  # batch rows using each set
         self.row_set: dict[int, int] = {}  # batch row -> set index (steered rows only)
-        self.tables: list | None = None  # per layer (mask, mul, add) [S + 1, width], built on change
-        self.index: torch.Tensor | None = None  # [k] steered tokens of this step; None: none
-        self.rows: torch.Tensor | None = None  # [k] their sets
+        self.slots: dict[int, torch.Tensor] = {}  # set index -> its slots in `sets` (cached)
+        self.steered: torch.Tensor | None = None  # this step's steered tokens (sorted); None: none
+        self.step: list | None = None  # per layer (flat, mask, mul, add) or None
 
     # -- batch changes (SteerLogits.update_state, before each step) --
     def add(self, row: int, request: SteerRequest | None) -> None:
@@ -99,7 +100,7 @@ class Worker:
         self._grow(len(iv))
         self.sets.put(index, iv.to(self.device))
         self.configs[key] = index
-        self.tables = None
+        self.slots.clear()
         return index
 
     def remove(self, row: int) -> None:
@@ -131,41 +132,55 @@ class Worker:
         new.codes.copy_(old.codes)
         new.sizes = list(old.sizes)
         self.sets = new
+        self.slots.clear()
 
     # -- each step (the wrapped _model_forward) --
     def prepare(self, query_start_loc, computed, prompt) -> None:
-        """The steered tokens of this step: query_start_loc [rows + 1] splits the flattened
-        tokens into the batch rows, `computed` [rows] counts each row's tokens before this step
-        (so row r's tokens sit at positions computed[r] ...), `prompt` [rows] its prompt length
-        (host arrays of the input batch)."""
-        if self.tables is None:
-            self.tables = [self.sets.table(layer) for layer in range(self.shape[0])]
+        """This step's overrides: query_start_loc [rows + 1] splits the flattened tokens into the
+        batch rows, `computed` [rows] counts each row's tokens before this step (so row r's
+        tokens sit at positions computed[r] ...), `prompt` [rows] its prompt length (host arrays
+        of the input batch). Each steered token is paired with its set's neurons (`slots`), and
+        the pairs are grouped by layer: the forward then touches only them."""
         codes = self.sets.codes.tolist()
-        index, rows = [], []
+        by_set: dict[int, list[torch.Tensor]] = {}
         for r, s in self.row_set.items():
             if r + 1 >= len(query_start_loc):
                 continue
             a, b = int(query_start_loc[r]), int(query_start_loc[r + 1])
-            if b <= a:
-                continue
-            pos = torch.arange(int(computed[r]), int(computed[r]) + b - a)
-            keep = POSITION_RULES[codes[s]](pos, int(prompt[r]))
-            tokens = torch.arange(a, b)[keep]
-            index.append(tokens)
-            rows.append(torch.full_like(tokens, s))
-        if not index or sum(len(t) for t in index) == 0:
-            self.index = self.rows = None
+            pos = torch.arange(int(computed[r]), int(computed[r]) + max(b - a, 0))
+            tokens = torch.arange(a, a + len(pos))[POSITION_RULES[codes[s]](pos, int(prompt[r]))]
+            if len(tokens):
+                by_set.setdefault(s, []).append(tokens)
+        if not by_set:
+            self.steered = self.step = None
             return
-        self.index = torch.cat(index).to(self.device, non_blocking=True)
-        self.rows = torch.cat(rows).to(self.device, non_blocking=True)
+        sets, width, dev = self.sets, self.shape[1], self.sets.device
+        flat, slot = [], []
+        for s, parts in by_set.items():
+            tokens = torch.cat(parts).to(dev)
+            if s not in self.slots:
+                self.slots[s] = (sets.set == s).nonzero()[:, 0]
+            slots = self.slots[s]
+            flat.append((tokens[:, None] * width + sets.unit[slots][None, :]).reshape(-1))
+            slot.append(slots.expand(len(tokens), -1).reshape(-1))
+        flat, slot = torch.cat(flat), torch.cat(slot)
+        layer = sets.layer[slot]
+        order = torch.argsort(layer, stable=True)
+        flat, slot = flat[order], slot[order]
+        counts = torch.bincount(layer, minlength=self.shape[0])[:self.shape[0]].tolist()
+        self.step = [(f, torch.ones_like(f, dtype=torch.bool), sets.mul[j], sets.add[j]) if len(f) else None
+                     for f, j in zip(flat.split(counts), slot.split(counts))]
+        self.steered = torch.cat([torch.cat(p) for p in by_set.values()]).sort().values
 
     def override(self, h: torch.Tensor, layer: int) -> None:
-        """h [tokens, width] with the steered tokens' neurons overridden, in place."""
-        if self.index is None:
+        """h [tokens, width] with this step's steered (token, neuron) pairs of `layer` overridden
+        in place, through `apply_override` over the pairs (one axis of steered neurons)."""
+        step = self.step[layer] if self.step is not None else None
+        if step is None:
             return
-        mask, mul, add = self.tables[layer]
-        sub = h.index_select(0, self.index).unsqueeze(1)  # [k, 1, width]
-        h.index_copy_(0, self.index, apply_override(sub, mask, mul, add, None, self.rows).squeeze(1))
+        flat, mask, mul, add = step
+        values = h.view(-1)
+        values[flat] = apply_override(values[flat].view(1, 1, -1), mask, mul, add).view(-1)
 
 
 # index = POSITIONS.index(name): all, last, prompt, generated (steer/core/intervention.py)
@@ -322,7 +337,7 @@ def _patch_runner() -> None:
             return forward(self, *args, **kwargs)
         finally:
             if w is not None:
-                w.index = w.rows = None
+                w.steered = w.step = None
 
     GPUModelRunner._model_forward = _model_forward
 

@@ -47,3 +47,26 @@ def served(tmp_path_factory):
     return d
 
 
+
+
+@pytest.fixture(scope="session")
+def served_llama(tmp_path_factory):
+    """The same for a tiny Llama (SiLU-gated MLP: vLLM's LlamaMLP)."""
+    import transformers as T
+
+    d = tmp_path_factory.mktemp("vllm-llama")
+    cfg = T.LlamaConfig(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=64,
+                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        max_position_embeddings=512)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(1)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    tok = tiny_tokenizer()
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    corpus = steer.Corpus(["the cat sat", "le chat est", "the dog ran", "le chien court"] * 3, ["en", "fr"] * 6)
+    steer.find_experts(model, tok, corpus, k=10, progress=False).experts.save(d / "experts")
+    return d

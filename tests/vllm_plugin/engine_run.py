@@ -33,6 +33,28 @@ def steer(experts, label="fr", positions="all", strength=4.0, **extra):
             "steer_strength": strength, **extra}
 
 
+def scenarios(args, out, configs, run, params, llm):
+    """The mixed batch, the prefix cache and the bad requests."""
+    # one batch: unsteered rows between rows of four configs
+    mixed = [None, "all", "last", None, "prompt", "en_k3", "generated"]
+    prompts = [SHORT[i % 2] if i % 3 else LONG for i in range(len(mixed))]
+    out["mixed"] = {"names": mixed, "prompts": prompts,
+                    "results": run(prompts, [None if m is None else configs[m] for m in mixed])}
+    # prefix cache: the same long prompt steered, then not, then steered (and the other order)
+    out["prefix"] = [run([LONG], [c])[0] for c in (configs["all"], None, configs["all"], None)]
+    # bad requests: refused at admission, the engine serves on
+    out["bad"] = {}
+    for name, extra in BAD.items():
+        extra = {k: v.format(experts=args.experts, other=args.other) if isinstance(v, str) else v
+                 for k, v in extra.items()}
+        try:
+            llm.generate(SHORT, [params(None), params(extra)], use_tqdm=False)
+            out["bad"][name] = None
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            out["bad"][name] = f"{type(e).__name__}: {e}"
+    out["after_bad"] = run(SHORT + [LONG], [None] * 3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -40,6 +62,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--other", help="an expert set of another model's shapes")
     ap.add_argument("--mode", choices=("eager", "compiled"), default="eager")
+    ap.add_argument("--basic", action="store_true", help="unsteered, 'all' and 'last' runs and the neurons only")
     args = ap.parse_args()
 
     import torch
@@ -65,25 +88,11 @@ def main():
                "generated": steer(args.experts, positions="generated"),
                "last": steer(args.experts, positions="last"),
                "en_k3": {**steer(args.experts, label="en", strength=8.0), "steer_k": 3}}
+    if args.basic:
+        configs = {name: configs[name] for name in ("all", "last")}
     out["alone"] = {name: run(SHORT + [LONG], [c] * 3) for name, c in configs.items()}
-    # one batch: unsteered rows between rows of four configs
-    mixed = [None, "all", "last", None, "prompt", "en_k3", "generated"]
-    prompts = [SHORT[i % 2] if i % 3 else LONG for i in range(len(mixed))]
-    out["mixed"] = {"names": mixed, "prompts": prompts,
-                    "results": run(prompts, [None if m is None else configs[m] for m in mixed])}
-    # prefix cache: the same long prompt steered, then not, then steered (and the other order)
-    out["prefix"] = [run([LONG], [c])[0] for c in (configs["all"], None, configs["all"], None)]
-    # bad requests: refused at admission, the engine serves on
-    out["bad"] = {}
-    for name, extra in BAD.items():
-        extra = {k: v.format(experts=args.experts, other=args.other) if isinstance(v, str) else v
-                 for k, v in extra.items()}
-        try:
-            llm.generate(SHORT, [params(None), params(extra)], use_tqdm=False)
-            out["bad"][name] = None
-        except Exception as e:  # noqa: BLE001 - the test reads the message
-            out["bad"][name] = f"{type(e).__name__}: {e}"
-    out["after_bad"] = run(SHORT + [LONG], [None] * 3)
+    if not args.basic:
+        scenarios(args, out, configs, run, params, llm)
 
     # the neuron tensor (the input of down_proj) of the first forward of one steered prompt
     seen = {}

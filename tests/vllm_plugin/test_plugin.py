@@ -25,13 +25,13 @@ from steer.vllm.requests import SteerRequest  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def _engine(served, mode, plugins=True):
+def _engine(served, mode, plugins=True, basic=False):
     out = served / f"{mode}-{'plugin' if plugins else 'stock'}.json"
     env = dict(os.environ)
     if not plugins:
         env["VLLM_PLUGINS"] = ""
     cmd = [sys.executable, str(HERE / "engine_run.py"), str(served / "model"), str(served / "experts"), str(out),
-           "--other", str(served / "other"), "--mode", mode]
+           "--other", str(served / "other"), "--mode", mode] + (["--basic"] if basic else [])
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
@@ -50,6 +50,11 @@ def eager(served):
 @pytest.fixture(scope="module")
 def compiled(served):
     return _engine(served, "compiled")
+
+
+@pytest.fixture(scope="module")
+def llama(served_llama):
+    return _engine(served_llama, "eager", basic=True)
 
 
 def test_unsteered_requests_equal_stock_vllm(stock, eager):
@@ -72,10 +77,13 @@ def test_compiled_mode(stock, eager, compiled):
     assert diff < 1e-4
 
 
-def test_steered_neurons_hold_the_sets_values(served, eager):
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_steered_neurons_hold_the_sets_values(request, family):
     """At every steered layer and position the neuron tensor holds the set's values exactly
     (value x strength, in fp32); up to the first steered layer every other neuron is the
     unsteered one, bit for bit (later layers see the steered residual stream)."""
+    served = request.getfixturevalue("served" if family == "gemma3" else "served_llama")
+    eager = request.getfixturevalue("eager" if family == "gemma3" else "llama")
     iv = SteerRequest(str(served / "experts"), "fr", strength=4.0).intervention((2, 96))
     first = int(iv.mask.any(1).nonzero()[0])
     for layer in range(2):
@@ -102,14 +110,17 @@ def _transformers_first_logprobs(served, extra, prompt):
     return torch.log_softmax(logits.double(), -1)
 
 
-@pytest.mark.parametrize("name", ["all", "prompt", "last", "en_k3"])
-def test_first_step_logprobs_equal_steers_transformers_path(served, eager, name):
+@pytest.mark.parametrize("family, name", [("gemma3", "all"), ("gemma3", "prompt"), ("gemma3", "last"),
+                                          ("gemma3", "en_k3"), ("llama", "all"), ("llama", "last")])
+def test_first_step_logprobs_equal_steers_transformers_path(request, family, name):
     """The first generated token's logprobs (top 5) equal steer's transformers path with the
     same set, k, strength and positions, within 1e-5 (fp32; the unsteered vLLM-vs-transformers
     difference, measured beside it, is the floor). The long prompt is prefilled in 5 chunks:
     "last" steers only its last token, in the last chunk."""
     from engine_run import steer as config
 
+    served = request.getfixturevalue("served" if family == "gemma3" else "served_llama")
+    eager = request.getfixturevalue("eager" if family == "gemma3" else "llama")
     extra = {"all": config(str(served / "experts")), "prompt": config(str(served / "experts"), positions="prompt"),
              "last": config(str(served / "experts"), positions="last"),
              "en_k3": {**config(str(served / "experts"), label="en", strength=8.0), "steer_k": 3}}[name]

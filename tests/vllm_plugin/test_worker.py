@@ -59,32 +59,32 @@ def test_a_rewritten_set_is_read_again(served, tmp_path):
     ("all", [4, 5, 6, 7, 8, 9]), ("prompt", [4, 5, 6, 7]), ("generated", [8, 9]), ("last", [7, 8, 9])])
 def test_steered_tokens_of_a_step(served, positions, want):
     """Row 1 holds tokens 4..9 of the flattened step, at positions 6..11 of a request whose
-    prompt has 10 tokens (a prefill chunk ending the prompt, then two fed-back tokens would be
-    another step; here: any mix). Row 0 is unsteered."""
-    w = Worker((2, 96), sets=2, device="cpu")
+    prompt has 10 tokens; row 0 (tokens 0..3) is unsteered, row 2 (tokens 10..11) follows
+    another set. Every layer's override equals the dense reference (`apply_override` with the
+    sets' tables, a set index per token) bit for bit."""
+    w = Worker((2, 96), sets=3, device="cpu")
     w.add(0, None)
     w.add(1, SteerRequest(str(served / "experts"), "fr", positions=positions))
-    qsl, computed, prompt = torch.tensor([0, 4, 10]), torch.tensor([0, 6]), torch.tensor([4, 10])
+    w.add(2, SteerRequest(str(served / "experts"), "en", strength=3.0))
+    qsl, computed, prompt = torch.tensor([0, 4, 10, 12]), torch.tensor([0, 6, 20]), torch.tensor([4, 10, 5])
     w.prepare(qsl, computed, prompt)
-    assert w.index.tolist() == want and w.rows.tolist() == [0] * len(want)
-    h = torch.randn(10, 96)
-    expect = h.clone()
-    mask, mul, add = w.sets.table(0)
-    tokens = torch.zeros(10, 1, dtype=torch.bool)
-    tokens[want] = True
-    rows = torch.full((10,), w.sets.sets, dtype=torch.long)
-    rows[want] = 0
-    expect = apply_override(expect.unsqueeze(1), mask, mul, add, tokens, rows).squeeze(1)
-    w.override(h, 0)
-    assert torch.equal(h, expect)
-    assert not torch.equal(h[want], torch.zeros_like(h[want]))  # the set touches layer 0
+    assert w.steered.tolist() == want + [10, 11]
+    for layer in range(2):
+        h = torch.randn(12, 96)
+        mask, mul, add = w.sets.table(layer)
+        rows = torch.full((12,), w.sets.sets, dtype=torch.long)  # "no set"
+        rows[want], rows[10:] = 0, 1
+        expect = apply_override(h.clone().unsqueeze(1), mask, mul, add, None, rows).squeeze(1)
+        w.override(h, layer)
+        assert torch.equal(h, expect)
+        assert mask[0].any() or mask[1].any()
 
 
 def test_a_step_without_steered_tokens_touches_nothing(served):
     w = Worker((2, 96), sets=2, device="cpu")
     w.add(0, SteerRequest(str(served / "experts"), "fr", positions="generated"))
     w.prepare(torch.tensor([0, 5]), torch.tensor([0]), torch.tensor([9]))  # a prefill chunk
-    assert w.index is None
+    assert w.steered is None and w.step is None
     h = torch.randn(5, 96)
     before = h.clone()
     w.override(h, 0)
