@@ -120,8 +120,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     name_or_path: a built-in name (`gemma-3-270m`, `smollm2-135m`), a local checkpoint folder,
       or a Hugging Face Hub id (`HuggingFaceTB/SmolLM2-135M`; downloaded through transformers'
       cache, or read from it under `HF_HUB_OFFLINE=1`).
-    dtype: "auto" (default: what the device computes natively, see `steer.core.runtime`), a name
-      (`float32`, `bfloat16`, `float16`) or a torch dtype.
+    dtype: "auto" (default: bf16 on GPUs of compute capability 8.0+ and on AMX-BF16 CPUs, else
+      fp32: `steer.core.runtime`), a name (`float32`, `bfloat16`, `float16`) or a torch dtype.
     device: where the model goes (None or "auto": CUDA when available, else the CPU); ignored with
       `device_map` (e.g. "auto" to spread a large model over GPUs, via accelerate).
     revision, trust_remote_code: passed to `from_pretrained` (Hub models).

@@ -89,3 +89,40 @@ def test_a_step_without_steered_tokens_touches_nothing(served):
     before = h.clone()
     w.override(h, 0)
     assert torch.equal(h, before)
+
+
+def test_engines_that_cannot_steer_refuse_steering_requests(served):
+    """`refusal` names why an engine cannot steer (other architectures, parallelism, speculative
+    decoding, quantization, GPU builds); `validate` then refuses every steering request and lets
+    the others through."""
+    from types import SimpleNamespace as NS
+
+    from steer.vllm import plugin
+
+    def config(tp=1, pp=1, spec=None, quant=None, v2=False):
+        return NS(parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=pp), speculative_config=spec,
+                  model_config=NS(quantization=quant), use_v2_model_runner=v2)
+
+    assert plugin.refusal("Gemma3ForCausalLM", config()) is None
+    assert plugin.refusal("LlamaForCausalLM", config()) is None
+    for why, args in (("Qwen2ForCausalLM is not supported", ("Qwen2ForCausalLM", config())),
+                      ("tensor or pipeline parallelism", ("LlamaForCausalLM", config(tp=2))),
+                      ("speculative decoding", ("LlamaForCausalLM", config(spec=object()))),
+                      ("unquantized", ("LlamaForCausalLM", config(quant="awq"))),
+                      ("CPU build", ("LlamaForCausalLM", config(v2=True)))):
+        assert why in plugin.refusal(*args)
+    steering = NS(extra_args={"steer_experts": str(served / "experts"), "steer_label": "fr"})
+    saved = dict(plugin._FRONT)
+    try:
+        plugin._FRONT.update(shape=(2, 96), refusal=plugin.refusal("Qwen2ForCausalLM", config()))
+        with pytest.raises(ValueError, match="steer: Qwen2ForCausalLM is not supported"):
+            plugin.validate(steering)
+        plugin.validate(NS(extra_args=None))  # not steering: through
+        plugin._FRONT.update(refusal=None)
+        plugin.validate(steering)
+        with pytest.raises(ValueError, match="the served model has 2 x 64"):
+            plugin._FRONT.update(shape=(2, 64))
+            plugin.validate(steering)
+    finally:
+        plugin._FRONT.clear()
+        plugin._FRONT.update(saved)

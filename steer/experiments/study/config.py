@@ -37,7 +37,7 @@ class StudyConfig:
     """Everything a study run depends on. `layer=None` is the last hidden state (the paper's)."""
 
     model: str = "gemma-3-270m"
-    dtype: str = "auto"  # runtime.native_dtype: bf16 where the device computes it natively, else fp32
+    dtype: str = "auto"  # runtime.native_dtype: bf16 on GPUs (cc 8.0+) and AMX-BF16 CPUs, else fp32
     device: str = "auto"
     targets: list[str] = field(default_factory=lambda: ["fr", "de"])
     languages: list[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it", "pt", "ru", "zh"])
