@@ -28,10 +28,16 @@ LANGS = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 STRENGTHS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0]
 
 
-def prompts(n: int) -> list[str]:
-    from steer import udhr_parallel
+def udhr():
+    """The UDHR paragraphs of LANGS as a labelled corpus (language by language)."""
+    import steer
 
-    texts = [t for lang in LANGS for t in udhr_parallel([lang]).texts[lang]]
+    texts = steer.udhr_parallel(LANGS).texts
+    return steer.Corpus([t for lang in LANGS for t in texts[lang]], [lang for lang in LANGS for _ in texts[lang]])
+
+
+def prompts(n: int) -> list[str]:
+    texts = udhr().texts
     return [" ".join(t.split()[:12]) for t in (texts * (n // len(texts) + 1))[:n]]
 
 
@@ -108,10 +114,8 @@ def find_set(model_path: str, out: Path, threads: int) -> str:
 
     torch.set_num_threads(threads)
     model, tok = steer.load_model(model_path, dtype="float32", device="cpu")
-    p = steer.udhr_parallel(LANGS)
-    corpus = steer.Corpus([t for lang in LANGS for t in p.texts[lang]], [lang for lang in LANGS for _ in p.texts[lang]])
     out.parent.mkdir(parents=True, exist_ok=True)
-    steer.find_experts(model, tok, corpus, k=100, progress=False).experts.save(out)
+    steer.find_experts(model, tok, udhr(), k=100, progress=False).experts.save(out)
     return str(out)
 
 

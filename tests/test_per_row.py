@@ -227,6 +227,15 @@ def test_sets_storage_tables_and_errors():
         intervene(model, sets)  # sets without rows
     with pytest.raises(ValueError, match="2 interventions for 3 inputs"):
         steer.embed(model, tiny_tokenizer(), ["a", "b", "c"], intervention=[a, b], progress=False)
+    # another capacity: the same tables and positions, room for more; never below what is held
+    wider = sets.with_capacity(sets.capacity + 100)
+    assert wider.capacity == sets.capacity + 100 and len(wider) == len(sets) and wider.sizes == sets.sizes
+    assert torch.equal(wider.codes, sets.codes)
+    for layer in range(2):
+        assert all(torch.equal(x, y) for x, y in zip(wider.table(layer), sets.table(layer)))
+    wider.put(1, Intervention.for_model(model).set(0, list(range(48)), 1.0))  # fits now
+    with pytest.raises(ValueError, match="capacity 1 <"):
+        sets.with_capacity(1)
     # storage grows with the forced neurons: 64 sets of k = 2,000 on Llama-3-8B's 32 x 14,336
     big = InterventionSets(32, 14336, sets=64, capacity=64 * 2000)
     nbytes = sum(t.numel() * t.element_size() for t in (big.layer, big.unit, big.set, big.mul, big.add, big.codes))

@@ -41,9 +41,14 @@ def config(family):
 
 
 def tiny_model(family, dtype=torch.float32, seed=0):
+    return from_config(config(family), dtype, seed)
+
+
+def from_config(cfg, dtype=torch.float32, seed=0):
+    """A random model of `cfg`, perturbed: random init leaves some biases at zero and norms at
+    one, so every path matters."""
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(config(family)).to(dtype).eval()
-    # random init leaves some biases at zero and norms at one: perturb so every path matters
+    model = T.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

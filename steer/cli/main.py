@@ -230,9 +230,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--memory-budget", type=float, default=2.0, help="GiB for exact responses in auto mode")
     f.add_argument("--bins", type=int, default=64, help="histogram bins per neuron (stream mode)")
     f.add_argument("--backend", choices=["auto", "hooks", "fused"], default="auto",
-                   help="auto (default): fused where it gives the hooks' exact responses (float32 on the CPU, "
-                        "where it was measured faster), else hooks; hooks: reference pre-hooks; fused: the fused "
-                        "MLP op (steer.patch)")
+                   help="auto (default): fused where it gives the hooks' exact responses (float32 on the CPU), "
+                        "else hooks; hooks: reference pre-hooks; fused: the fused MLP op (steer.patch)")
     f.add_argument("--save-responses", action=argparse.BooleanOptionalAction, default=True,
                    help="keep every response (needed by `steer score`)")
     f.add_argument("--labels", default=None,

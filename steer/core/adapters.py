@@ -144,6 +144,12 @@ class NeuronSites:
         first layer's down projection (under a device map, per-layer buffers move with each call)."""
         return self.modules[0].weight.device
 
+    @property
+    def dtype(self) -> str:
+        """The name of the dtype the weights were loaded in (`float32`, `bfloat16`, ...): what
+        fingerprints leave out and records that depend on it (settings, caches) name."""
+        return dtype_name(self.modules[0].weight.dtype)
+
     def layer_parts(self, layer: int) -> dict[str, nn.Module | None]:
         """The up / gate / act / down modules of one layer (declared adapters only)."""
         if self.adapter is None:
@@ -209,7 +215,7 @@ class NeuronSites:
         fingerprint = self.fingerprint()
         if signature is None:
             return recorded.get("fingerprint") in (fingerprint, _legacy_fingerprint(self.modules))
-        dtypes = {recorded.get("dtype"), dtype_name(self.modules[0].weight.dtype)}
+        dtypes = {recorded.get("dtype"), self.dtype}
         if None not in dtypes and "float16" not in dtypes and recorded.get("fingerprint") != fingerprint:
             return False
         try:

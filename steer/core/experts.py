@@ -34,7 +34,6 @@ from steer.core import artifacts
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention
 from steer.core.metrics import check_k, rank_neurons
-from steer.core.runtime import dtype_name
 from steer.core.scores import Scores
 
 FORMAT_VERSION = 2  # 2: experts.safetensors is a steer.experts file (artifacts.py); 1 is still read
@@ -118,7 +117,7 @@ class ExpertSet:
             warnings.warn(
                 f"expert set was found on model {m.get('model')!r} (fingerprint {found}); this model has "
                 f"the same shapes but other weights ({sites.fingerprint()}, "
-                f"{dtype_name(sites.modules[0].weight.dtype)}){old}", stacklevel=2)
+                f"{sites.dtype}){old}", stacklevel=2)
 
     def save(self, directory) -> Path:
         """Write the set atomically (steer/core/artifacts.py: a temporary directory swapped in).

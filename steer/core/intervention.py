@@ -205,6 +205,18 @@ class InterventionSets:
             out.put(i, iv)
         return out
 
+    def with_capacity(self, capacity: int) -> "InterventionSets":
+        """The same sets in a new object of `capacity` slots (at least the neurons in use)."""
+        if capacity < len(self):
+            raise ValueError(f"capacity {capacity} < the {len(self)} neurons these sets hold")
+        out = InterventionSets(self.n_layers, self.width, self.sets, capacity, device=self.device, site=self.site)
+        used = self.layer < self.n_layers
+        for name in ("layer", "unit", "set", "mul", "add"):
+            getattr(out, name)[:len(self)] = getattr(self, name)[used]
+        out.codes.copy_(self.codes)
+        out.sizes = list(self.sizes)
+        return out
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n_layers, self.width)

@@ -109,10 +109,11 @@ def environment() -> dict:
     """Machine and software record stored with results (CPU, cores, threads, versions, load)."""
     import transformers
 
+    caps = cpu_capabilities()
     env = {
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "cpu_amx_bf16": bool(cpu_capabilities().get("amx_bf16")),
-        "cpu_avx512_bf16": bool(cpu_capabilities().get("avx512_bf16")), "platform": platform.platform(),
+        "cpu_amx_bf16": bool(caps.get("amx_bf16")), "cpu_avx512_bf16": bool(caps.get("avx512_bf16")),
+        "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

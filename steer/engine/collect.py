@@ -52,7 +52,6 @@ from steer.core import artifacts
 from steer.core.adapters import NeuronSites, base_inputs, check_eval
 from steer.core.corpus import Corpus, check_labels
 from steer.core.metrics import check_k, score_splits
-from steer.core.runtime import dtype_name
 from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_scores
 from steer.core.stream import StreamState, calibrate_edges
 from steer.core.token_stats import KINDS as TOKEN_STATS
@@ -193,7 +192,7 @@ def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **optio
     settings = {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
         "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
-        "dtype": dtype_name(sites.modules[0].weight.dtype), "signature": sites.signature(), **options,
+        "dtype": sites.dtype, "signature": sites.signature(), **options,
         "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
     }
     if run is not None:

@@ -52,7 +52,7 @@ from steer.vllm.requests import PREFIX, SteerRequest, set_time
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {"Gemma3ForCausalLM": "gemma3", "LlamaForCausalLM": "llama"}
+ARCHITECTURES = ("Gemma3ForCausalLM", "LlamaForCausalLM")  # their MLPs are patched
 _FRONT: dict = {}  # front end: the served model's (layers, MLP width), why it cannot steer (or None)
 
 
@@ -73,7 +73,6 @@ class Worker:
         self.users: list[int] = [0] * sets  # batch rows using each set
         self.row_set: dict[int, int] = {}  # batch row -> set index (steered rows only)
         self.slots: dict[int, torch.Tensor] = {}  # set index -> its slots in `sets` (cached)
-        self.steered: torch.Tensor | None = None  # this step's steered tokens (sorted); None: none
         self.step: list | None = None  # per layer (flat, mask, mul, add) or None
 
     # -- batch changes (SteerLogits.update_state, before each step) --
@@ -119,20 +118,11 @@ class Worker:
             self.row_set[a] = vb
 
     def _grow(self, extra: int) -> None:
-        """Room for `extra` more neurons: a larger InterventionSets with the same sets."""
-        need = sum(self.sets.sizes) + extra
-        if need <= self.sets.capacity:
-            return
-        old, capacity = self.sets, max(need, 2 * self.sets.capacity, 4096)
-        new = InterventionSets(*self.shape, sets=old.sets, capacity=capacity, device=self.device)
-        used = old.layer < old.n_layers
-        n = int(used.sum())
-        for name in ("layer", "unit", "set", "mul", "add"):
-            getattr(new, name)[:n] = getattr(old, name)[used]
-        new.codes.copy_(old.codes)
-        new.sizes = list(old.sizes)
-        self.sets = new
-        self.slots.clear()
+        """Room for `extra` more neurons: the same sets with a larger capacity."""
+        need = len(self.sets) + extra
+        if need > self.sets.capacity:
+            self.sets = self.sets.with_capacity(max(need, 2 * self.sets.capacity, 4096))
+            self.slots.clear()
 
     # -- each step (the wrapped _model_forward) --
     def prepare(self, query_start_loc, computed, prompt) -> None:
@@ -152,7 +142,7 @@ class Worker:
             if len(tokens):
                 by_set.setdefault(s, []).append(tokens)
         if not by_set:
-            self.steered = self.step = None
+            self.step = None
             return
         sets, width, dev = self.sets, self.shape[1], self.sets.device
         flat, slot = [], []
@@ -170,7 +160,6 @@ class Worker:
         counts = torch.bincount(layer, minlength=self.shape[0])[:self.shape[0]].tolist()
         self.step = [(f, torch.ones_like(f, dtype=torch.bool), sets.mul[j], sets.add[j]) if len(f) else None
                      for f, j in zip(flat.split(counts), slot.split(counts))]
-        self.steered = torch.cat([torch.cat(p) for p in by_set.values()]).sort().values
 
     def override(self, h: torch.Tensor, layer: int) -> None:
         """h [tokens, width] with this step's steered (token, neuron) pairs of `layer` overridden
@@ -211,7 +200,7 @@ def refusal(architecture: str, vllm_config) -> str | None:
 
     par = vllm_config.parallel_config
     if architecture not in ARCHITECTURES:
-        return f"{architecture} is not supported by steer's vLLM plugin; supported: {sorted(ARCHITECTURES)}"
+        return f"{architecture} is not supported by steer's vLLM plugin; supported: {list(ARCHITECTURES)}"
     if not current_platform.is_cpu() or vllm_config.use_v2_model_runner:
         return "steer's vLLM plugin runs on vLLM's CPU build (Model Runner V1) only, so far"
     if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
@@ -337,7 +326,7 @@ def _patch_runner() -> None:
             return forward(self, *args, **kwargs)
         finally:
             if w is not None:
-                w.steered = w.step = None
+                w.step = None
 
     GPUModelRunner._model_forward = _model_forward
 

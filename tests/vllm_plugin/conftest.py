@@ -7,66 +7,61 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import steer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import tiny_tokenizer  # noqa: E402
+from tiny import from_config, tiny_tokenizer  # noqa: E402
+
+
+VOCAB = dict(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)  # head_dim 32:
+# the smallest vLLM's CPU attention takes
 
 
 def tiny_gemma3(seed=0, intermediate=96):
     import transformers as T
 
-    cfg = T.Gemma3TextConfig(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=64,
-                             intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=64)
+    cfg = T.Gemma3TextConfig(**VOCAB, **SIZES, intermediate_size=intermediate, head_dim=32, sliding_window=64)
     cfg.architectures = ["Gemma3ForCausalLM"]
-    torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return from_config(cfg, seed=seed)
+
+
+def tiny_llama(seed=1):
+    import transformers as T
+
+    cfg = T.LlamaConfig(**VOCAB, **SIZES, intermediate_size=96)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return from_config(cfg, seed=seed)
+
+
+CORPUS = (["the cat sat", "le chat est", "the dog ran", "le chien court", "a man walks", "un homme marche"] * 3,
+          ["en", "fr"] * 9)
+
+
+def find(model, k: int, out: Path) -> None:
+    """An expert set found by steer on a toy corpus, saved to `out`."""
+    steer.find_experts(model, tiny_tokenizer(), steer.Corpus(*CORPUS), k=k, progress=False).experts.save(out)
+
+
+def serve(d: Path, model, k: int) -> Path:
+    """`d`/model (checkpoint and tokenizer) and `d`/experts."""
+    model.save_pretrained(d / "model")
+    tiny_tokenizer().save_pretrained(d / "model")
+    find(model, k, d / "experts")
+    return d
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """A tiny Gemma-3 folder (vLLM's CPU attention needs head_dim 32+), its expert set (found by
-    steer on a toy corpus) and a set of another model's shapes."""
-    d = tmp_path_factory.mktemp("vllm")
-    model, tok = tiny_gemma3(), tiny_tokenizer()
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    corpus = steer.Corpus(["the cat sat", "le chat est", "the dog ran", "le chien court", "a man walks",
-                           "un homme marche"] * 3, ["en", "fr"] * 9)
-    steer.find_experts(model, tok, corpus, k=10, progress=False).experts.save(d / "experts")
-    other = tiny_gemma3(intermediate=64)
-    steer.find_experts(other, tok, corpus, k=5, progress=False).experts.save(d / "other")
+    """A tiny Gemma-3 folder, its expert set, and (other/) a set of another model's shapes."""
+    d = serve(tmp_path_factory.mktemp("vllm"), tiny_gemma3(), k=10)
+    find(tiny_gemma3(intermediate=64), 5, d / "other")
     return d
-
-
 
 
 @pytest.fixture(scope="session")
 def served_llama(tmp_path_factory):
     """The same for a tiny Llama (SiLU-gated MLP: vLLM's LlamaMLP)."""
-    import transformers as T
-
-    d = tmp_path_factory.mktemp("vllm-llama")
-    cfg = T.LlamaConfig(vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=64,
-                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                        max_position_embeddings=512)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(1)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    tok = tiny_tokenizer()
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    corpus = steer.Corpus(["the cat sat", "le chat est", "the dog ran", "le chien court"] * 3, ["en", "fr"] * 6)
-    steer.find_experts(model, tok, corpus, k=10, progress=False).experts.save(d / "experts")
-    return d
+    return serve(tmp_path_factory.mktemp("vllm-llama"), tiny_llama(), k=10)

@@ -5,6 +5,7 @@ per module (engine_run.py runs every scenario in each): stock vLLM with general 
 (VLLM_PLUGINS=""), the plugin in eager mode, the plugin compiled (Inductor on the CPU), and a
 fourth for the README's example; each start costs 20-50 s here (2 cores, tiny model).
 """
+import functools
 import json
 import math
 import os
@@ -96,9 +97,14 @@ def test_steered_neurons_hold_the_sets_values(request, family):
             assert torch.equal(steered[:, ~mask], plain[:, ~mask])
 
 
+@functools.lru_cache(maxsize=2)
+def _load(folder):
+    return steer.load_model(folder, dtype="float32", device="cpu")
+
+
 def _transformers_first_logprobs(served, extra, prompt):
     """log_softmax of the first generated token's logits through steer's transformers path."""
-    model, tok = steer.load_model(served / "model", dtype="float32", device="cpu")
+    model, tok = _load(served / "model")
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         if extra is None:

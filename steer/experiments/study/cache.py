@@ -18,7 +18,6 @@ import torch
 
 from steer.core.adapters import NeuronSites
 from steer.core.intervention import Intervention
-from steer.core.runtime import dtype_name
 from steer.engine.backends import intervene
 from steer.engine.embed import embed
 
@@ -103,7 +102,7 @@ class Embedder:
         self.batch_size, self.skip_bos, self.progress = batch_size, skip_bos, progress
         sites = NeuronSites(model)
         self.n_layers, self.fingerprint = sites.n_layers, sites.fingerprint()
-        self.dtype = dtype_name(sites.modules[0].weight.dtype)  # the fingerprint ignores it; embeddings don't
+        self.dtype = sites.dtype  # the fingerprint ignores it; embeddings don't
         self.tokenizer = tokenizer_key(tokenizer)
         self.directory = directory
         if directory is not None:
