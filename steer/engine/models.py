@@ -19,11 +19,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from steer.core.artifacts import atomic_directory
 from steer.core.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -54,31 +55,46 @@ def _smollm2_gguf(workdir: Path) -> Path:
 PACKAGED = {"gemma-3-270m": _gemma_gguf, "smollm2-135m": _smollm2_gguf}
 #: built-in models whose tokenizer adds no start token -> the token every text starts with
 DOCUMENT_START = {"smollm2-135m": "<|endoftext|>"}
-CONVERSION = 2  # raised when the conversion changes (2: DOCUMENT_START); older checkpoints reconvert
+CONVERSION = 3  # raised when the conversion changes (2: DOCUMENT_START; 3: tokenizer checked); older checkpoints reconvert
+#: a sentence every packaged tokenizer splits into words and pieces, never into characters
+_WORDS = "The quick brown fox jumps over the lazy dog."
+
+
+def _check_tokenizer(tok, name: str) -> None:
+    """Refuse a tokenizer that splits words into characters: transformers 4.56 read Gemma's GGUF
+    vocabulary so, and a cached conversion outlives the version that made it."""
+    import transformers
+
+    pieces = len(tok(_WORDS, add_special_tokens=False)["input_ids"])
+    if pieces > 2 * len(_WORDS.split()):
+        raise RuntimeError(f"transformers {transformers.__version__} read the tokenizer of {name} as "
+                           f"{pieces} pieces for {len(_WORDS.split())} words; steer needs transformers >= 5.2")
 
 
 def _convert(name: str, target: Path) -> None:
-    """De-quantise a packaged GGUF model once and save it as safetensors under `target`."""
+    """De-quantise a packaged GGUF model once and save it as safetensors under `target`, replacing
+    any earlier conversion in one atomic step (`artifacts.atomic_directory`)."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    work = target.with_name(target.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    gguf = PACKAGED[name](work)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if name in DOCUMENT_START:
-        tok.bos_token, tok.add_bos_token = DOCUMENT_START[name], True
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out = work / "model"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "steer_conversion.json").write_text(json.dumps({"conversion": CONVERSION}))
-    shutil.rmtree(target, ignore_errors=True)
-    out.rename(target)  # atomic: a crash never leaves a half-written cache entry
-    shutil.rmtree(work, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.gguf.") as work:
+        gguf = PACKAGED[name](Path(work))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _check_tokenizer(tok, name)
+        if name in DOCUMENT_START:
+            tok.bos_token, tok.add_bos_token = DOCUMENT_START[name], True
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        # the cache entry is steer's own: whatever an earlier conversion wrote may be replaced
+        earlier = tuple(p.name for p in target.iterdir()) if target.is_dir() else ()
+        with atomic_directory(target, owned=earlier) as out:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            (out / "steer_conversion.json").write_text(json.dumps(
+                {"conversion": CONVERSION, "transformers": transformers.__version__}))
 
 
 def _conversion(target: Path) -> int | None:
