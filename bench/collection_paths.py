@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, compare, environment, finish, write_results  # noqa: E402
 
-from steer import NeuronSites, bible_corpus, collect_stream, load_model
+from steer import NeuronLayout, bible_corpus, collect_stream, load_model
 from steer import collect  # noqa: E402
 from steer.core import stream as stream_module  # noqa: E402
 from steer.engine import backends, batching, patch  # noqa: E402
@@ -117,7 +117,7 @@ def previous_path():
     ref = fused_mlp_module.fused_mlp_ref
     histogram_cpu.MIN_RESPONSES = 1 << 62  # every update below the fast path's minimum
     fused_mlp_ref.token_core = lambda tokens: None
-    fused_mlp_module.fused_mlp_ref = lambda *a, **k: ref(*a, **{**k, "pools": fused_mlp_ref.POOLS})
+    fused_mlp_module.fused_mlp_ref = lambda *a, **k: ref(*a, **{**k, "reductions": fused_mlp_ref.REDUCTIONS})
     try:
         yield
     finally:
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     rows = [{**r, "tokens": tokens, "tok_per_s_best": tokens / r["min_s"],
              "speed_vs_bare_same_batches": same / r["min_s"] if r["variant"].startswith("stream") else ""}
             for r in result.rows()]
-    n_neurons = NeuronSites(model).n_neurons
+    n_neurons = NeuronLayout(model).n_neurons
     write_results("collection_paths", finish(env), [Table(
         f"Collection paths, {len(corpus)} Bible verses, {n_neurons:,} neurons", rows)],
         title="Collection paths on Gemma-3-270M (fp32, CPU)")

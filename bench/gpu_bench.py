@@ -222,7 +222,7 @@ def stage_smoke(args, device, dtype, dl) -> list[Table]:
                 torch.full((M,), 2.0, device=device))
     pool = torch.ones(B, T_, dtype=torch.bool, device=device)
     t0 = time.perf_counter()
-    got = fused_mlp(up, gate, act="gelu_tanh", override=override, pool_tokens=pool, act_stats=True, backend="triton")
+    got = fused_mlp(up, gate, act="gelu_tanh", override=override, pool_tokens=pool, act_stats=True, impl="triton")
     sync(device)
     first = time.perf_counter() - t0
     want = fused_mlp_ref(up, gate, act="gelu_tanh", override=override, pool_tokens=pool, act_stats=True)

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         "alternative: scatter_add_ on one thread": threads(1),
         "alternative: scatter in the compiled graph (atomics)": lambda: atomic(fast, xt, labels, edges),
         "StreamState.update, auto (fast)": lambda: state["auto"].update(x, labels),
-        "StreamState.update, torch (reference)": lambda: state["torch"].update(x, labels, backend="torch"),
+        "StreamState.update, torch (reference)": lambda: state["torch"].update(x, labels, impl="torch"),
     }
     result = compare(variants, baseline="reference: searchsorted + index_add_",
                      repeats=args.repeats, log=None)

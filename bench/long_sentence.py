@@ -67,7 +67,7 @@ def model(layers: int):
 
 def child(args) -> None:
     """Run one plan; print a JSON line per batch (tokens done) and one at the end."""
-    from steer.core.adapters import NeuronSites
+    from steer.core.adapters import NeuronLayout
     from steer.engine.collect import pooled_batches
     from tiny import tiny_tokenizer
 
@@ -75,9 +75,9 @@ def child(args) -> None:
     batch_size, max_tokens = PLANS[args.child]
     m, tok, c = model(args.layers), tiny_tokenizer(), corpus(args.short, args.long)
     print(json.dumps({"ready": True}), flush=True)
-    sites, done = NeuronSites(m), 0
+    layout, done = NeuronLayout(m), 0
     start = time.perf_counter()
-    for rows, _ in pooled_batches(m, tok, c.texts, c.keys, sites, batch_size=batch_size, max_tokens=max_tokens,
+    for rows, _ in pooled_batches(m, tok, c.texts, c.keys, layout, batch_size=batch_size, max_tokens=max_tokens,
                                   progress=False):
         done += len(rows)
         print(json.dumps({"sentences": done, "seconds": time.perf_counter() - start}), flush=True)

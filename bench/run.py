@@ -171,11 +171,11 @@ def case_collection(model, tok, cfg) -> None:
 
 
 def case_e2e(model, tok, cfg, sizes=None) -> None:
-    from steer.core.adapters import NeuronSites
+    from steer.core.adapters import NeuronLayout
     from steer.engine.collect import collect
 
     env = environment("float32")
-    n_neurons = NeuronSites(model).n_neurons
+    n_neurons = NeuronLayout(model).n_neurons
     rows, checks = [], []
     for n in sizes or cfg["e2e_n"]:
         c = corpus(n)
@@ -326,7 +326,7 @@ def _memory_child(method: str, n: int) -> None:
     """Run in a fresh process: load, collect N sentences, print the memory figures as JSON."""
     import psutil
 
-    from steer.core.adapters import NeuronSites
+    from steer.core.adapters import NeuronLayout
     from steer.engine.collect import collect
 
     model, tok = load()
@@ -355,7 +355,7 @@ def _memory_child(method: str, n: int) -> None:
     print(json.dumps({"method": method, "N": len(c), "rss_after_load_mib": rss_load / mib,
                       "peak_during_collection_mib": peak[0] / mib, "growth_mib": (peak[0] - rss_load) / mib,
                       "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "response_table_mib": len(c) * NeuronSites(model).n_neurons * 4 / mib, "seconds": seconds}))
+                      "response_table_mib": len(c) * NeuronLayout(model).n_neurons * 4 / mib, "seconds": seconds}))
     del out
 
 

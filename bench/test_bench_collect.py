@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import todays_way
-from steer.core.adapters import NeuronSites, base_inputs
+from steer.core.adapters import NeuronLayout, base_inputs
 from steer.engine.backends import attached
 from steer.engine.batching import batches, pad, tokenize
 from steer.engine.collect import collect
@@ -27,20 +27,20 @@ CLOSE = dict(rtol=1e-5, atol=1e-5)  # batched and padded vs one sentence alone: 
 def by_hand(model, tok, texts):
     """One sentence at a time, no padding: max-pooled neuron values over the tokens after BOS
     [N, L, M], and the last hidden states [T, H] of each sentence."""
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     pooled, hidden = [], []
     for text in texts:
         ids = torch.tensor([tok(text)["input_ids"]])
         seen = {}
-        handles = [m.register_forward_pre_hook(lambda mod, a, l=l: seen.__setitem__(l, sites.view(a[0], 1)[0]))
-                   for l, m in enumerate(sites.modules)]
+        handles = [m.register_forward_pre_hook(lambda mod, a, l=l: seen.__setitem__(l, layout.view(a[0], 1)[0]))
+                   for l, m in enumerate(layout.modules)]
         try:
             with torch.inference_mode():
                 out = model.base_model(**base_inputs(model, ids, torch.ones_like(ids)))
         finally:
             for h in handles:
                 h.remove()
-        pooled.append(torch.stack([seen[l][1:].amax(0) for l in range(sites.n_layers)]))
+        pooled.append(torch.stack([seen[l][1:].amax(0) for l in range(layout.n_layers)]))
         hidden.append(out.last_hidden_state[0])
     return torch.stack(pooled), hidden
 
@@ -92,7 +92,7 @@ def test_bare_forward(benchmark, setup):
 def test_steer_collect(benchmark, setup):
     model, tok, corpus, pooled, _, before = setup
     r = benchmark(collect, model, tok, corpus, batch_size=BATCH, progress=False)
-    assert r.values.shape == pooled.shape == (len(corpus), 2, NeuronSites(model).width)
+    assert r.values.shape == pooled.shape == (len(corpus), 2, NeuronLayout(model).width)
     torch.testing.assert_close(r.values, pooled, **CLOSE)
     assert [r.label_names[i] for i in r.label_ids] == corpus.labels
     assert_bare(model, tok, corpus, before)

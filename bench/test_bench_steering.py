@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import todays_way
-from steer.core.adapters import NeuronSites, base_inputs
+from steer.core.adapters import NeuronLayout, base_inputs
 from steer.engine.backends import attached, intervene
 from steer.core.intervention import Intervention
 from tiny import batch, tiny_model
@@ -32,7 +32,7 @@ def reference(model, kwargs):
         h[..., UNITS] = VALUES.to(h.dtype)
         return (h, *args[1:])
 
-    handles = [m.register_forward_pre_hook(write) for m in NeuronSites(model).modules]
+    handles = [m.register_forward_pre_hook(write) for m in NeuronLayout(model).modules]
     try:
         return forward(model, kwargs)
     finally:
@@ -69,7 +69,7 @@ def test_no_steering(benchmark, setup):
 @pytest.mark.benchmark(group="steering-tiny")
 def test_todays_way_hooks(benchmark, setup):
     model, kwargs, bare, steered = setup
-    layers = NeuronSites(model).n_layers
+    layers = NeuronLayout(model).n_layers
     handles = todays_way.steer(model, {l: (UNITS, VALUES) for l in range(layers)})
     try:
         out = benchmark(forward, model, kwargs)

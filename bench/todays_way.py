@@ -36,23 +36,23 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer.core.adapters import NeuronSites, base_inputs
+from steer.core.adapters import NeuronLayout, base_inputs
 
 
 class _Recorder:
     """Pre-hooks that max-pool each layer's neuron tensor over pooled tokens and keep numpy copies."""
 
-    def __init__(self, sites: NeuronSites):
-        self.sites = sites
+    def __init__(self, layout: NeuronLayout):
+        self.layout = layout
         self.tokens: torch.Tensor | None = None  # [B, T] bool, pooled tokens of the current batch
-        self.chunks: list[list[np.ndarray]] = [[] for _ in sites.modules]  # per layer: [B, M] arrays
+        self.chunks: list[list[np.ndarray]] = [[] for _ in layout.modules]  # per layer: [B, M] arrays
         self.hook_s = 0.0
-        self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(sites.modules)]
+        self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(layout.modules)]
 
     def _hook(self, layer: int):
         def pre_hook(module, args):
             t0 = time.perf_counter()
-            h = self.sites.view(args[0], self.tokens.shape[0]).detach().clone()  # [B, T, M]
+            h = self.layout.view(args[0], self.tokens.shape[0]).detach().clone()  # [B, T, M]
             h[~self.tokens] = torch.nan  # ignored by the pooling (ml-aura)
             pooled = h.nan_to_num(torch.finfo(h.dtype).min).max(dim=1).values  # [B, M]
             self.chunks[layer].append(pooled.float().cpu().numpy())
@@ -90,10 +90,10 @@ def collect(model, tokenizer, texts: list[str], batch_size: int = 16, skip_speci
     `skip_special` leaves BOS/special tokens out of the pooling (as steer does by default), so the
     responses equal `steer.collect`'s.
     """
-    sites = NeuronSites(model, neuron_module)
-    device = sites.modules[0].weight.device
+    layout = NeuronLayout(model, neuron_module)
+    device = layout.modules[0].weight.device
     head = _ModuleTimer(model.get_output_embeddings())  # measurement only: how much of forward is the LM head
-    rec = _Recorder(sites)
+    rec = _Recorder(layout)
     tok_s = fwd_s = 0.0
     n_tokens = n_positions = 0
     try:
@@ -185,7 +185,7 @@ def steer(model, forced: dict[int, tuple[torch.Tensor, torch.Tensor]], neuron_mo
 
     Returns the hook handles; `.remove()` each to undo.
     """
-    sites = NeuronSites(model, neuron_module)
+    layout = NeuronLayout(model, neuron_module)
 
     def make(units, values):
         def pre_hook(module, args):
@@ -195,5 +195,5 @@ def steer(model, forced: dict[int, tuple[torch.Tensor, torch.Tensor]], neuron_mo
 
         return pre_hook
 
-    return [sites.modules[l].register_forward_pre_hook(make(torch.as_tensor(u), torch.as_tensor(v)))
+    return [layout.modules[l].register_forward_pre_hook(make(torch.as_tensor(u), torch.as_tensor(v)))
             for l, (u, v) in forced.items()]

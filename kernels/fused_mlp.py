@@ -25,7 +25,7 @@ dispatches by `steer.kernels.dispatch.use_triton` (CUDA tensors to Triton, other
 import torch
 
 from .dispatch import triton_module, use_triton
-from .fused_mlp_ref import POOLS, FusedOut, check_options, fused_mlp_ref
+from .fused_mlp_ref import REDUCTIONS, FusedOut, check_options, fused_mlp_ref
 
 
 def fused_mlp(
@@ -39,32 +39,32 @@ def fused_mlp(
     override_rows: torch.Tensor | None = None,
     override_site: str = "neuron",
     act_stats: bool = False,
-    pools: tuple[str, ...] = POOLS,
-    backend: str = "auto",
+    reductions: tuple[str, ...] = REDUCTIONS,
+    impl: str = "auto",
 ) -> FusedOut:
     """`FusedOut`: the neuron tensor h [B, T, M] with the override applied (to the neuron or the
-    activation: `override_site`), pool_max / pool_sum [B, M] fp32 over pool_tokens (those `pools`
+    activation: `override_site`), pool_max / pool_sum [B, M] fp32 over pool_tokens (those `reductions`
     names: the Triton kernel computes both in registers, the CPU reference only those) and, with
     act_stats, act_pos / act_sum [B, M] fp32 (None where not asked for). override: [M] buffers
     for every row, or [R, M] tables with override_rows [B] (per-row steering: the kernel reads
     row b's table row). Semantics: `fused_mlp_ref`.
 
-    backend: "auto" (CUDA tensors -> Triton op, others -> reference), "torch" (reference),
+    impl: "auto" (CUDA tensors -> Triton op, others -> reference), "torch" (reference),
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).
     """
-    triton = use_triton(backend, up)
-    check_options(act, override_site, act_stats, pool_tokens, pools)
+    triton = use_triton(impl, up)
+    check_options(act, override_site, act_stats, pool_tokens, reductions)
     if up.dim() != 3 or (gate is not None and (gate.shape != up.shape or gate.dtype != up.dtype)):
         raise ValueError("up must be [B, T, M], and gate (if given) of the same shape and dtype")
     if not triton:
         return fused_mlp_ref(up, gate, act=act, override=override, steer_tokens=steer_tokens,
                              pool_tokens=pool_tokens, override_rows=override_rows,
-                             override_site=override_site, act_stats=act_stats, pools=pools)
+                             override_site=override_site, act_stats=act_stats, reductions=reductions)
     mask, mul, add = override if override is not None else (None, None, None)
     op = triton_module("fused_mlp_triton").fused_mlp_op
     h, pool_max, pool_sum, act_pos, act_sum = op(up, gate, act, mask, mul, add, steer_tokens, pool_tokens,
                                                  override_rows, override_site == "activation", act_stats)
     if pool_tokens is None:
         return FusedOut(h, None, None, None, None)
-    return FusedOut(h, pool_max if "max" in pools else None, pool_sum if "sum" in pools else None,
+    return FusedOut(h, pool_max if "max" in reductions else None, pool_sum if "sum" in reductions else None,
                     *((act_pos, act_sum) if act_stats else (None, None)))

@@ -10,7 +10,7 @@ It spells out, one readable step at a time, what `steer.kernels.fused_mlp` compu
    value it overrides: the neuron (default) or the activation `act(gate)` before its product
    with `up` (LAPE-style deactivation / activation; for ungated MLPs the two are the same value);
 3. `h`, that value cast back to the input dtype, for the down projection;
-4. per sentence, the max and / or the sum of `h` (`pools`; as written, upcast to fp32) over its
+4. per sentence, the max and / or the sum of `h` (`reductions`; as written, upcast to fp32) over its
    real tokens (`pool_tokens`): padding never counts, so results do not depend on padding side
    or batch;
 5. with `act_stats`, per sentence over the same tokens, the number of positions where the
@@ -20,7 +20,7 @@ It spells out, one readable step at a time, what `steer.kernels.fused_mlp` compu
 Traced, it is only tensor ops with no Python branching on tensor values (the eager CPU split of
 the reductions below steps aside while torch.compile traces): `torch.compile(fullgraph=True)`
 turns it into one fused loop on CPU. The override and the pooling are functions of their own
-(`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`, `activation_stats`): the hooks backend, collection
+(`apply_override`, `pool_max`, `pool_sum`, `pool_mean`, `pool`, `pooled`, `activation_stats`): the hooks backend, collection
 and embeddings use the same ones, so each semantic is written once. Run eagerly on CPU, the
 reductions read the positions every row pools as a plain view and mask only the ragged edges
 (`token_core`); elsewhere, and under torch.compile, the whole tensor is masked. The two sums
@@ -37,8 +37,12 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-SITES = ("neuron", "activation")  # what an override replaces in the MLP (the residual stream is not here)
-POOLS = ("max", "sum")  # the per-sentence poolings the op can return
+MLP_SITES = ("neuron", "activation")  # the intervention sites inside the MLP (the residual is outside)
+#: One vocabulary: a *pooling* turns a sentence's token values into its response (max or mean);
+#: the op returns *reductions* (max, sum), and each pooling needs one (mean = sum / tokens: `pooled`).
+POOLINGS = ("max", "mean")
+REDUCTIONS = ("max", "sum")
+REDUCTION = {"max": "max", "mean": "sum"}  # pooling -> the reduction it is computed from
 
 
 class FusedOut(NamedTuple):
@@ -52,16 +56,16 @@ class FusedOut(NamedTuple):
 
 
 def check_options(act: str, override_site: str, act_stats: bool, pool_tokens: torch.Tensor | None,
-                  pools: tuple[str, ...] = POOLS) -> None:
+                  reductions: tuple[str, ...] = REDUCTIONS) -> None:
     """The op's options, checked alike on every path (the dispatcher and this reference)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    if override_site not in SITES:
-        raise ValueError(f"override_site must be one of {SITES}, got {override_site!r}")
+    if override_site not in MLP_SITES:
+        raise ValueError(f"override_site must be one of {MLP_SITES}, got {override_site!r}")
     if act_stats and pool_tokens is None:
         raise ValueError("act_stats needs pool_tokens (the tokens they count)")
-    if not set(pools) <= set(POOLS):
-        raise ValueError(f"pools must be among {POOLS}, got {pools!r}")
+    if not set(reductions) <= set(REDUCTIONS):
+        raise ValueError(f"reductions must be among {REDUCTIONS}, got {reductions!r}")
 
 
 def fused_mlp_ref(
@@ -75,7 +79,7 @@ def fused_mlp_ref(
     override_rows: torch.Tensor | None = None,
     override_site: str = "neuron",
     act_stats: bool = False,
-    pools: tuple[str, ...] = POOLS,
+    reductions: tuple[str, ...] = REDUCTIONS,
 ) -> FusedOut:
     """Neuron tensor with override, its per-sentence max / sum pooling and activation statistics.
 
@@ -83,10 +87,10 @@ def fused_mlp_ref(
     or [R, M] tables with override_rows [B] int64 (row b takes table row override_rows[b]),
     applied to the neuron or the activation (`override_site`); steer_tokens, pool_tokens: [B, T]
     bool. Returns `FusedOut`: h [B, T, M] in up's dtype and, when pool_tokens is given, those of
-    pool_max / pool_sum [B, M] fp32 that `pools` names (pool_max is -inf for a row without tokens)
+    pool_max / pool_sum [B, M] fp32 that `reductions` names (pool_max is -inf for a row without tokens)
     and, with act_stats, act_pos / act_sum [B, M] fp32 over the same tokens.
     """
-    check_options(act, override_site, act_stats, pool_tokens, pools)
+    check_options(act, override_site, act_stats, pool_tokens, reductions)
     a = ACTIVATIONS[act]((up if gate is None else gate).float())  # [B, T, M]
     if override is not None and override_site == "activation":
         a = apply_override(a, *override, steer_tokens, override_rows)
@@ -98,8 +102,8 @@ def fused_mlp_ref(
     if pool_tokens is None:
         return FusedOut(h, None, None, None, None)
     stats = activation_stats(a, pool_tokens) if act_stats else (None, None)
-    return FusedOut(h, pool_max(h, pool_tokens) if "max" in pools else None,
-                    pool_sum(h, pool_tokens) if "sum" in pools else None, *stats)
+    return FusedOut(h, pool_max(h, pool_tokens) if "max" in reductions else None,
+                    pool_sum(h, pool_tokens) if "sum" in reductions else None, *stats)
 
 
 # The semantics every path shares: the reference hooks (steer.engine.backends), this op and its
@@ -190,6 +194,13 @@ def pool_mean(pooled_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return pooled_sum / tokens.sum(1, keepdim=True)
 
 
+def pooled(how: str, tokens: torch.Tensor, maxed: torch.Tensor | None, summed: torch.Tensor | None) -> torch.Tensor:
+    """The pooling `how` ("max" or "mean") of each row [B, M] from its reduction (`REDUCTION[how]`)."""
+    return maxed if how == "max" else pool_mean(summed, tokens)
+
+
 def pool(h: torch.Tensor, tokens: torch.Tensor, how: str) -> torch.Tensor:
     """Max or mean of h [B, T, M] over the positions where tokens [B, T] is true -> [B, M] fp32."""
-    return pool_max(h, tokens) if how == "max" else pool_mean(pool_sum(h, tokens), tokens)
+    if how == "max":
+        return pooled(how, tokens, pool_max(h, tokens), None)
+    return pooled(how, tokens, None, pool_sum(h, tokens))

@@ -14,7 +14,7 @@ atomics land: the kernel equals the reference exactly.
 
 The kernel (`histogram_triton.py`) is exposed as `torch.ops.steer.histogram_update` via
 `torch.library.triton_op` + `wrap_triton` (Inductor can trace into it on CUDA);
-`histogram_update` here dispatches by `steer.kernels.dispatch.use_triton`; CPU tensors under backend
+`histogram_update` here dispatches by `steer.kernels.dispatch.use_triton`; CPU tensors under impl
 "auto" take the compiled CPU loop of `histogram_cpu.py` (same counts as the reference).
 """
 import torch
@@ -30,21 +30,21 @@ def histogram_update(
     label_ids: torch.Tensor,  # [B] integer label ids in [0, C)
     edges: torch.Tensor,  # [M, NB - 1] fp32, non-decreasing per neuron
     *,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> None:
     """counts[label_ids[b], m, bin] += 1 for every finite x[b, m], bin = #edges[m] <= x[b, m].
     Semantics: `histogram_update_ref`. Label ids are checked (out-of-range ids would write out of
     bounds in the kernel; on CUDA the check costs one synchronisation).
 
-    backend: "auto" (CUDA tensors -> Triton op, CPU tensors -> `histogram_update_cpu`, others
+    impl: "auto" (CUDA tensors -> Triton op, CPU tensors -> `histogram_update_cpu`, others
     -> reference), "torch" (reference),
     "triton" (Triton op on any device; on CPU only under TRITON_INTERPRET=1, for tests).
     """
-    triton = use_triton(backend, x)
+    triton = use_triton(impl, x)
     x, label_ids, edges = check_update(counts, x, label_ids, edges)
     if triton:
         triton_module("histogram_triton").histogram_update_op(counts, x, label_ids, edges)
-    elif backend == "auto" and x.device.type == "cpu":
+    elif impl == "auto" and x.device.type == "cpu":
         histogram_update_cpu(counts, x, label_ids, edges)
     else:
         histogram_update_ref(counts, x, label_ids, edges)

@@ -21,7 +21,7 @@ def _map_source_kernels() -> None:
 
 
 _map_source_kernels()
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.corpus import (
     Corpus,
     CorpusFile,
@@ -51,8 +51,15 @@ from steer.engine.patch import patch
 from steer.experiments.analysis import distance_report, retrieval, retrieval_matrix
 from steer.find import FindConfig, find_experts
 
+
+def __getattr__(name: str):
+    from steer.core.deprecation import renamed_attribute
+
+    return renamed_attribute(__name__, name)
+
+
 __all__ = [
-    "NeuronSites", "distance_report", "retrieval", "retrieval_matrix", "Responses", "Scores", "Split",
+    "NeuronLayout", "distance_report", "retrieval", "retrieval_matrix", "Responses", "Scores", "Split",
     "collect", "collect_stream", "refine", "score_state", "Corpus", "Parallel", "bible_corpus",
     "bible_parallel", "bible_paraphrases", "load_corpus", "open_corpus", "CorpusFile", "udhr_parallel", "embed", "ExpertSet",
     "export_selfcond", "export_statistics", "select_experts", "Intervention", "InterventionSets", "intervene", "auroc",

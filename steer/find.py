@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from steer.core.adapters import NeuronSites, check_eval
+from steer.core.adapters import NeuronLayout, check_eval
 from steer.core.corpus import check_labels
 from steer.core.experts import RECIPES, ExpertSet, check_k, select_experts
 from steer.core.scores import Responses, Scores, Split
@@ -87,13 +87,13 @@ class FindConfig:
             raise ValueError("checkpoints are a streaming feature: use mode stream (or auto)")
         return self
 
-    def check_model(self, sites: NeuronSites) -> None:
+    def check_model(self, layout: NeuronLayout) -> None:
         """The options that need the model: layers in range, k and bottom_k within its neurons."""
-        layers = self.layers if self.layers is not None else range(sites.n_layers)
-        bad = [l for l in layers if not 0 <= l < sites.n_layers]
+        layers = self.layers if self.layers is not None else range(layout.n_layers)
+        bad = [l for l in layers if not 0 <= l < layout.n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {sites.n_layers} layers")
-        n = len(set(layers)) * sites.width
+            raise ValueError(f"layers {bad} out of range: the model has {layout.n_layers} layers")
+        n = len(set(layers)) * layout.width
         where = "the model has {n} neurons" if self.layers is None else "the chosen layers hold {n} neurons"
         check_k(self.k, "k", available=n, where=where)
         check_k(self.bottom_k, "bottom_k", allow_zero=True, available=n, where=where)
@@ -164,9 +164,9 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
     by, value, min_auroc = config.selection()
     labels = list(corpus.label_names)
     splits = splits_for(labels, config.targets, config.negatives)
-    sites = NeuronSites(model)
-    config.check_model(sites)
-    mode = choose_mode(config, len(corpus), sites.n_neurons, group)
+    layout = NeuronLayout(model)
+    config.check_model(layout)
+    mode = choose_mode(config, len(corpus), layout.n_neurons, group)
     backend = choose(model, config.backend)  # "auto" resolved once: settings record what ran
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,
                 skip_special=config.skip_special, max_length=config.max_length, backend=backend,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steer.engine import backends
-from steer.core.adapters import NeuronSites, base_inputs
+from steer.core.adapters import NeuronLayout, base_inputs
 from steer.core.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
 
@@ -13,12 +13,12 @@ class Capture:
     """What each second projection receives (the neuron tensor), as [B, T, M], per layer."""
 
     def __init__(self, model, batch_size):
-        self.sites, self.seen = NeuronSites(model), {}
-        self.handles = [m.register_forward_pre_hook(self._hook(l, batch_size)) for l, m in enumerate(self.sites.modules)]
+        self.layout, self.seen = NeuronLayout(model), {}
+        self.handles = [m.register_forward_pre_hook(self._hook(l, batch_size)) for l, m in enumerate(self.layout.modules)]
 
     def _hook(self, layer, b):
         def hook(module, args):
-            self.seen[layer] = self.sites.view(args[0], b).detach().clone()
+            self.seen[layer] = self.layout.view(args[0], b).detach().clone()
         return hook
 
     def remove(self):

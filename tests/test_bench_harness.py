@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import harness  # noqa: E402
 import todays_way  # noqa: E402
-from steer.core.adapters import NeuronSites, base_inputs  # noqa: E402
+from steer.core.adapters import NeuronLayout, base_inputs  # noqa: E402
 from steer.engine.collect import collect  # noqa: E402
 from steer.core.corpus import Corpus  # noqa: E402
 from steer.engine.backends import attached, intervene  # noqa: E402
@@ -160,7 +160,7 @@ def test_todays_way_pools_over_real_tokens_only(skip_special):
     """Huge values planted at every padding position never reach a pooled response."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
     ref = collect(model, tok, Corpus(TEXTS, LABELS), batch_size=1, skip_special=skip_special, progress=False).values
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     call, planted = {}, []
 
     def plant(module, args):  # registered first, so it runs before today's pooling hooks
@@ -169,9 +169,9 @@ def test_todays_way_pools_over_real_tokens_only(skip_special):
         planted.append(bool((call["mask"] == 0).any()))
         return (h,)
 
-    handles = [sites.stack.register_forward_pre_hook(
+    handles = [layout.stack.register_forward_pre_hook(
         lambda m, a, kw: call.__setitem__("mask", kw["attention_mask"]), with_kwargs=True)]
-    handles += [m.register_forward_pre_hook(plant) for m in sites.modules]
+    handles += [m.register_forward_pre_hook(plant) for m in layout.modules]
     try:
         resp, _ = todays_way.collect(model, tok, TEXTS, batch_size=6, skip_special=skip_special)
     finally:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.scores import Responses, Split
 from steer.engine.collect import collect
 from steer.core.corpus import Corpus
@@ -30,14 +30,14 @@ def alone(model, text, pooling, skip_bos=True):
     """Pooled neuron values of one sentence computed directly from captured neuron tensors."""
     tok = tiny_tokenizer()
     ids = torch.tensor([tok(text)["input_ids"]])
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     out = {}
-    hs = [m.register_forward_pre_hook(lambda mod, a, l=l: out.__setitem__(l, sites.view(a[0], 1)[0])) for l, m in enumerate(sites.modules)]
+    hs = [m.register_forward_pre_hook(lambda mod, a, l=l: out.__setitem__(l, layout.view(a[0], 1)[0])) for l, m in enumerate(layout.modules)]
     with torch.no_grad():
         model.base_model(input_ids=ids)
     for h in hs:
         h.remove()
-    h = torch.stack([out[l][1:] if skip_bos else out[l] for l in range(sites.n_layers)])  # [L, T, M]
+    h = torch.stack([out[l][1:] if skip_bos else out[l] for l in range(layout.n_layers)])  # [L, T, M]
     return h.amax(1) if pooling == "max" else h.mean(1)
 
 
@@ -46,7 +46,7 @@ def alone(model, text, pooling, skip_bos=True):
 def test_responses_are_hand_computed(family, pooling, corpus):
     model = tiny_model(family)
     r = run(model, corpus, pooling=pooling, batch_size=5)
-    assert r.values.shape == (12, 2, NeuronSites(model).width)
+    assert r.values.shape == (12, 2, NeuronLayout(model).width)
     for i, text in enumerate(TEXTS):
         torch.testing.assert_close(r.values[i], alone(model, text, pooling), rtol=1e-5, atol=1e-6)
 
@@ -73,7 +73,7 @@ def test_batch_size_padding_side_and_order_do_not_matter(family, corpus):
 def test_padding_never_reaches_a_pooled_value(side, pooling, corpus):
     model = tiny_model("llama")
     ref = run(model, corpus, side=side, pooling=pooling, batch_size=1).values
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     call = {}
     planted = []
 
@@ -83,8 +83,8 @@ def test_padding_never_reaches_a_pooled_value(side, pooling, corpus):
         planted.append(bool((call["mask"] == 0).any()))
         return (h,)
 
-    handles = [sites.stack.register_forward_pre_hook(lambda m, a, kw: call.__setitem__("mask", kw["attention_mask"]), with_kwargs=True)]
-    handles += [m.register_forward_pre_hook(plant) for m in sites.modules]
+    handles = [layout.stack.register_forward_pre_hook(lambda m, a, kw: call.__setitem__("mask", kw["attention_mask"]), with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(plant) for m in layout.modules]
     try:
         got = run(model, corpus, side=side, pooling=pooling, batch_size=12).values
     finally:

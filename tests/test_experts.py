@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 from steer.core.scores import Scores, Split
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.engine.collect import _mismatch, _settings, collect
 from steer.core.corpus import Corpus
 from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
@@ -109,22 +109,22 @@ def test_exports(found, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the same weights in any load dtype (NeuronSites.fingerprint / signature / same_weights)
+# the same weights in any load dtype (NeuronLayout.fingerprint / signature / same_weights)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def weights_record(model):
     """What an expert set records of its model's weights (collect's settings, select_experts)."""
-    sites = NeuronSites(model)
-    return {"fingerprint": sites.fingerprint(), "signature": sites.signature(),
-            "dtype": str(sites.modules[0].weight.dtype).removeprefix("torch.")}
+    layout = NeuronLayout(model)
+    return {"fingerprint": layout.fingerprint(), "signature": layout.signature(),
+            "dtype": str(layout.modules[0].weight.dtype).removeprefix("torch.")}
 
 
 def old_fingerprint(model):
     """The fingerprint before dtype-independence, written out independently: fp32 bytes of the sample."""
     digest = hashlib.sha256()
-    for m in NeuronSites(model).modules:
+    for m in NeuronLayout(model).modules:
         w = m.weight.detach().flatten()
         digest.update(str(tuple(m.weight.shape)).encode())
         digest.update(w[:: max(1, w.numel() // 4096)].float().cpu().numpy().tobytes())
@@ -135,7 +135,7 @@ def old_fingerprint(model):
 def test_one_checkpoint_loaded_in_any_dtype_is_the_same_weights(stored, tmp_path):
     tiny_model("llama").to(stored).save_pretrained(tmp_path)
     loads = {dt: T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dt).eval() for dt in DTYPES}
-    assert {NeuronSites(m).modules[0].weight.dtype for m in loads.values()} == set(DTYPES)
+    assert {NeuronLayout(m).modules[0].weight.dtype for m in loads.values()} == set(DTYPES)
     records = {dt: weights_record(m) for dt, m in loads.items()}
     # the hex id is exact for fp32 and bf16 loads (and fp16 loads of a bf16 checkpoint)
     assert records[torch.float32]["fingerprint"] == records[torch.bfloat16]["fingerprint"]
@@ -143,19 +143,19 @@ def test_one_checkpoint_loaded_in_any_dtype_is_the_same_weights(stored, tmp_path
         assert records[torch.float16]["fingerprint"] == records[torch.float32]["fingerprint"]
     for a in DTYPES:
         for b in DTYPES:
-            assert NeuronSites(loads[b]).same_weights(records[a]), (a, b)
+            assert NeuronLayout(loads[b]).same_weights(records[a]), (a, b)
     for dt in DTYPES:
         other = tiny_model("llama", seed=1).to(dt)  # another random init, same shapes
-        assert not NeuronSites(other).same_weights(records[torch.float32]), dt
-        assert not NeuronSites(loads[dt]).same_weights(weights_record(other)), dt
+        assert not NeuronLayout(other).same_weights(records[torch.float32]), dt
+        assert not NeuronLayout(loads[dt]).same_weights(weights_record(other)), dt
     # a small change (0.5% relative, within the signature's tolerance) is other weights where the
     # fingerprint is exact: fp32 and bf16 loads on both sides
     for dt in (torch.float32, torch.bfloat16):
         tuned = tiny_model("llama").to(stored)
         with torch.no_grad():
-            for m in NeuronSites(tuned).modules:
+            for m in NeuronLayout(tuned).modules:
                 m.weight.mul_(1 + 0.005 * torch.randn_like(m.weight))
-        assert not NeuronSites(tuned.to(dt)).same_weights(records[torch.float32]), dt
+        assert not NeuronLayout(tuned.to(dt)).same_weights(records[torch.float32]), dt
 
 
 def test_a_set_found_in_bf16_steers_the_model_in_any_dtype_without_a_warning(tmp_path):
@@ -191,17 +191,17 @@ def test_an_old_set_with_only_the_old_fingerprint_still_loads(found, tmp_path):
 def test_a_collection_resumes_only_in_its_own_dtype():
     corpus = Corpus(["the cat", "le chat"], ["en", "fr"])
     fp32, bf16 = tiny_model("llama"), tiny_model("llama").to(torch.bfloat16)
-    saved, now = (json.loads(json.dumps(_settings(m, NeuronSites(m), corpus))) for m in (fp32, bf16))
+    saved, now = (json.loads(json.dumps(_settings(m, NeuronLayout(m), corpus))) for m in (fp32, bf16))
     assert saved["fingerprint"] == now["fingerprint"]  # the same weights: the dtype tells them apart
 
     def why(saved, now, model):
-        return _mismatch("ckpt", saved, now, {}, {}, NeuronSites(model).same_weights(saved))
+        return _mismatch("ckpt", saved, now, {}, {}, NeuronLayout(model).same_weights(saved))
 
     assert why(saved, saved, fp32) is None
     said = why(saved, now, bf16)
     assert "other settings: dtype: 'float32' in the checkpoint, 'bfloat16' now" in said and "signature" not in said
     other = tiny_model("llama", seed=1)
-    assert "from another model: fingerprint" in why(saved, _settings(other, NeuronSites(other), corpus), other)
+    assert "from another model: fingerprint" in why(saved, _settings(other, NeuronLayout(other), corpus), other)
     # written before signatures: its fingerprint was the old hash, read in its own dtype
     old = {**{k: v for k, v in saved.items() if k != "signature"}, "fingerprint": old_fingerprint(fp32)}
     assert why(old, saved, fp32) is None

@@ -1,6 +1,6 @@
 """The fused MLP neuron kernel against its reference, and the reference against a hand loop.
 
-On a machine without CUDA the Triton path (forced with backend="triton") runs through Triton's
+On a machine without CUDA the Triton path (forced with impl="triton") runs through Triton's
 interpreter (conftest.py sets TRITON_INTERPRET=1): shapes stay small and the blocks the launcher
 picks on CPU (16 positions x up to 128 neurons) make each case span several position chunks and
 neuron blocks, one of them partial. With CUDA the same tests run the compiled kernel.
@@ -29,7 +29,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def kernel(*args, **kwargs):
-    return fused_mlp(*args, backend="triton", **kwargs)
+    return fused_mlp(*args, impl="triton", **kwargs)
 
 
 def randn(*shape, gen, scale=1.0):
@@ -342,19 +342,19 @@ def test_without_pool_tokens_and_steer_everywhere():
     assert_same(h, torch.where(mask, up * mul, up))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_pools_returns_only_the_poolings_asked_for(backend):
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_only_the_reductions_asked_for_are_returned(impl):
     gen = torch.Generator().manual_seed(10)
     up, gate = randn(2, 6, 40, gen=gen), randn(2, 6, 40, gen=gen)
     pool = bools(2, 6, gen=gen, p=0.7)
-    both = fused_mlp(up, gate, act="silu", pool_tokens=pool, backend=backend)
-    only_max = fused_mlp(up, gate, act="silu", pool_tokens=pool, pools=("max",), backend=backend)
-    only_sum = fused_mlp(up, gate, act="silu", pool_tokens=pool, pools=("sum",), backend=backend)
+    both = fused_mlp(up, gate, act="silu", pool_tokens=pool, impl=impl)
+    only_max = fused_mlp(up, gate, act="silu", pool_tokens=pool, reductions=("max",), impl=impl)
+    only_sum = fused_mlp(up, gate, act="silu", pool_tokens=pool, reductions=("sum",), impl=impl)
     assert only_max.pool_sum is None and only_sum.pool_max is None
     assert_same(only_max.pool_max, both.pool_max)
     assert_same(only_sum.pool_sum, both.pool_sum)
-    with pytest.raises(ValueError, match="pools must be among"):
-        fused_mlp(up, gate, act="silu", pool_tokens=pool, pools=("mean",), backend=backend)
+    with pytest.raises(ValueError, match="reductions must be among"):
+        fused_mlp(up, gate, act="silu", pool_tokens=pool, reductions=("mean",), impl=impl)
 
 
 # --- the op: fake implementation, registration, dispatch ----------------------------------
@@ -403,11 +403,11 @@ def test_dispatch():
     up, gate = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 4, 8, generator=gen)
     pool = torch.ones(2, 4, dtype=torch.bool)
     ref = fused_mlp_ref(up, gate, act="gelu", pool_tokens=pool, act_stats=True)
-    for backend in ("auto", "torch"):  # CPU tensors take the reference
-        for a, b in zip(fused_mlp(up, gate, act="gelu", pool_tokens=pool, act_stats=True, backend=backend), ref):
+    for impl in ("auto", "torch"):  # CPU tensors take the reference
+        for a, b in zip(fused_mlp(up, gate, act="gelu", pool_tokens=pool, act_stats=True, impl=impl), ref):
             assert_same(a, b)
-    with pytest.raises(ValueError, match="backend"):
-        fused_mlp(up, gate, act="gelu", backend="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        fused_mlp(up, gate, act="gelu", impl="cuda")
     with pytest.raises(ValueError, match="act"):
         fused_mlp(up, gate, act="swish")
     with pytest.raises(ValueError, match="shape"):
@@ -421,11 +421,11 @@ def test_triton_path_compiles_fullgraph():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_module("fused_mlp_triton")  # as steer.patch does before any compile
-    f = torch.compile(lambda up, gate: fused_mlp(up, gate, act="silu", backend="triton")[0],
+    f = torch.compile(lambda up, gate: fused_mlp(up, gate, act="silu", impl="triton")[0],
                       fullgraph=True, backend="eager")
     g = torch.Generator().manual_seed(0)
     up, gate = (torch.randn(2, 3, 8, generator=g).to(device) for _ in range(2))
-    torch.testing.assert_close(f(up, gate), fused_mlp(up, gate, act="silu", backend="torch")[0])
+    torch.testing.assert_close(f(up, gate), fused_mlp(up, gate, act="silu", impl="torch")[0])
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 import steer.engine.generation as G
 import steer.experiments.language_sweep as LS
 from steer.cli import main as cli_main
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.experts import FORMAT_VERSION, ExpertSet, random_control
 from steer.engine.backends import intervene
 from steer.core.intervention import Intervention
@@ -38,16 +38,16 @@ def steer_iv(model, positions="all", units=(1, 5, 9, 20), value=6.0):
 
 def tiny_experts(model, concepts=("en", "fr"), k=8):
     """A hand-made expert set: k random neurons per concept, forced to +-4."""
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     g = torch.Generator().manual_seed(0)
     experts = {}
     for i, c in enumerate(concepts):
-        idx = torch.randperm(sites.n_neurons, generator=g)[:k]
-        experts[c] = {"layer": idx // sites.width, "unit": idx % sites.width,
+        idx = torch.randperm(layout.n_neurons, generator=g)[:k]
+        experts[c] = {"layer": idx // layout.width, "unit": idx % layout.width,
                       "value": torch.full((k,), 4.0 if i % 2 == 0 else -4.0), "score": torch.ones(k),
                       "other": torch.ones(k), "sign": torch.ones(k, dtype=torch.int8)}
-    meta = {"format_version": FORMAT_VERSION, "model": "tiny", "fingerprint": sites.fingerprint(),
-            "layers": sites.n_layers, "width": sites.width, "selection": {"k": k}}
+    meta = {"format_version": FORMAT_VERSION, "model": "tiny", "fingerprint": layout.fingerprint(),
+            "layers": layout.n_layers, "width": layout.width, "selection": {"k": k}}
     return ExpertSet(experts, meta)
 
 
@@ -75,9 +75,9 @@ class Capture:
     """Down-projection inputs [B, T, M] of every layer, grouped per forward call."""
 
     def __init__(self, model):
-        self.sites = NeuronSites(model)
+        self.layout = NeuronLayout(model)
         self.calls: list[list[torch.Tensor]] = []
-        self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(self.sites.modules)]
+        self.handles = [m.register_forward_pre_hook(self._hook(l)) for l, m in enumerate(self.layout.modules)]
 
     def _hook(self, layer):
         def hook(module, args):
@@ -159,7 +159,7 @@ def test_switching_steering_and_experts_needs_no_reload_and_leaves_nothing():
     with_b = G.generate_ids(model, tok, PROMPTS, intervention=b, **kw)
     assert with_a != base and with_b != base and with_a != with_b
     assert G.generate_ids(model, tok, PROMPTS, **kw) == base  # off again: nothing left behind
-    assert all(not m._forward_pre_hooks for m in NeuronSites(model).modules)
+    assert all(not m._forward_pre_hooks for m in NeuronLayout(model).modules)
     assert not model.model._forward_pre_hooks
 
     rng = torch.get_rng_state()

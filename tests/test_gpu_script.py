@@ -139,7 +139,7 @@ def test_device_histogram_update_equals_cpu_reference(C, M, B, NB, seed):
     ref = start.clone()
     histogram_update_ref(ref, x, labels, edges)
     got = start.to(DEV)
-    histogram_update(got, x.to(DEV), labels.to(DEV), edges.to(DEV), backend="triton")
+    histogram_update(got, x.to(DEV), labels.to(DEV), edges.to(DEV), impl="triton")
     assert torch.equal(got.cpu(), ref)
 
 
@@ -154,8 +154,8 @@ def test_device_stream_state_equals_cpu_state():
     edges = calibrate_edges(torch.randn(400, 300, generator=g), bins=16)
     cpu, dev = StreamState(edges, list("abc")), StreamState(edges.to(DEV), list("abc"))
     for i in range(0, 50, 16):
-        cpu.update(x[i:i + 16], labels[i:i + 16], backend="torch")
-        dev.update(x[i:i + 16].to(DEV), labels[i:i + 16].to(DEV), backend="triton")
+        cpu.update(x[i:i + 16], labels[i:i + 16], impl="torch")
+        dev.update(x[i:i + 16].to(DEV), labels[i:i + 16].to(DEV), impl="triton")
     assert torch.equal(dev.counts.cpu(), cpu.counts) and torch.equal(dev.nonfinite.cpu(), cpu.nonfinite)
     torch.testing.assert_close(dev.sums.cpu(), cpu.sums)
 
@@ -196,7 +196,7 @@ def test_device_patched_model_matches_cpu_reference(family, dtype):
         with intervene(dev, _experts(dev)):
             ref = _logits(dev, ids.to(DEV), mask.to(DEV))
         tol = dict(rtol=2e-2, atol=2e-2)
-    with patch(dev, backend="triton"):
+    with patch(dev, impl="triton"):
         with intervene(dev, _experts(dev)):
             got = _logits(dev, ids.to(DEV), mask.to(DEV))
         unsteered = _logits(dev, ids.to(DEV), mask.to(DEV))
@@ -219,6 +219,6 @@ def test_device_fused_collection_equals_cpu_exact_collection(family):
     cpu = tiny_model(family)
     dev = copy.deepcopy(cpu).to(DEV)
     ref = collect(cpu, tiny_tokenizer(), corpus, backend="hooks", batch_size=4, progress=False)
-    with patch(dev, backend="triton"):
+    with patch(dev, impl="triton"):
         got = collect(dev, tiny_tokenizer(), corpus, backend="fused", batch_size=4, progress=False)
     torch.testing.assert_close(got.values, ref.values, rtol=1e-4, atol=1e-5)

@@ -89,7 +89,7 @@ def test_triton_kernel_equals_fast_path():
     x[1] = edges[:, 1]
     labels = torch.randint(0, C, (21,), generator=g)
     tri, fast = (torch.zeros(C, M, NB, dtype=torch.int32) for _ in range(2))
-    histogram_update(tri, x, labels, edges, backend="triton")
+    histogram_update(tri, x, labels, edges, impl="triton")
     histogram_cpu.histogram_update_cpu(fast, x, labels, edges, min_responses=0, compile_after=0)
     assert torch.equal(tri, fast)
 
@@ -101,7 +101,7 @@ def test_dispatcher_auto_takes_the_fast_path_on_cpu(monkeypatch):
     counts = torch.zeros(C, M, NB, dtype=torch.int32)
     edges = _edges(torch.Generator().manual_seed(7))
     histogram_update(counts, torch.zeros(2, M), torch.tensor([0, 1]), edges)  # auto
-    histogram_update(counts, torch.zeros(2, M), torch.tensor([0, 1]), edges, backend="torch")
+    histogram_update(counts, torch.zeros(2, M), torch.tensor([0, 1]), edges, impl="torch")
     assert len(calls) == 1
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from steer.core.adapters import NeuronSites, base_inputs
+from steer.core.adapters import NeuronLayout, base_inputs
 from steer.engine.backends import intervene
 from steer.core.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
@@ -14,10 +14,10 @@ from tiny import FAMILIES, batch, tiny_model
 
 def down_inputs(model, ids, mask, steering=None):
     """What every down projection receives (hooks registered after the steering hooks run after them)."""
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     seen = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, l=l: seen.__setitem__(l, sites.view(a[0], ids.shape[0]).clone()))
-               for l, m in enumerate(sites.modules)]
+    handles = [m.register_forward_pre_hook(lambda mod, a, l=l: seen.__setitem__(l, layout.view(a[0], ids.shape[0]).clone()))
+               for l, m in enumerate(layout.modules)]
     with torch.no_grad():
         model.base_model(**base_inputs(model, ids, mask))
     for h in handles:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import ACT, FAMILIES, tiny_model, tiny_tokenizer
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.corpus import Corpus
 from steer.core.diffmean import diffmean_directions, diffmean_intervention
 from steer.core.lape import LapeNeurons, lape_intervention, select_lape
@@ -34,15 +34,15 @@ def corpus():
 def _oracle_sums(model, family, tok):
     """Per label: tokens, positive-activation counts, activation sums [L, M] and decoder-layer output
     sums [L, D], from each sentence run alone (no padding), every real token counted."""
-    sites = NeuronSites(model)
-    a = sites.adapter
+    layout = NeuronLayout(model)
+    a = layout.adapter
     grabbed = {}
     handles = []
-    for layer in range(sites.n_layers):
-        parts = sites.layer_parts(layer)
+    for layer in range(layout.n_layers):
+        parts = layout.layer_parts(layer)
         source = parts["up"] if a.gate is None and not a.merged_gate_up else (parts["up"] if a.merged_gate_up else parts["gate"])
         handles.append(source.register_forward_hook(lambda m, i, o, l=layer: grabbed.__setitem__(("pre", l), o)))
-        handles.append(sites.decoder_layer(layer).register_forward_hook(
+        handles.append(layout.decoder_layer(layer).register_forward_hook(
             lambda m, i, o, l=layer: grabbed.__setitem__(("out", l), o[0] if isinstance(o, tuple) else o)))
     out = {}
     try:
@@ -50,7 +50,7 @@ def _oracle_sums(model, family, tok):
             ids = torch.tensor([tok(text)["input_ids"]])
             with torch.no_grad():
                 hidden = model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
-            n, L, M = ids.shape[1], sites.n_layers, sites.width
+            n, L, M = ids.shape[1], layout.n_layers, layout.width
             pre = torch.stack([grabbed[("pre", l)].reshape(n, -1) for l in range(L)])  # [L, n, M or 2M]
             if a.merged_gate_up:
                 pre = pre[..., :M]  # Phi-3: the gate half first
@@ -222,8 +222,8 @@ def _steered_logits(model, iv, ids, backend, rows=None):
 @pytest.mark.parametrize("backend", ["hooks", "fused"])
 def test_activation_site_override_equals_a_hook_on_the_activation(family, backend):
     model = tiny_model(family).eval()
-    sites = NeuronSites(model)
-    L, M = sites.n_layers, sites.width
+    layout = NeuronLayout(model)
+    L, M = layout.n_layers, layout.width
     found = LapeNeurons(["fr", "de"], {"fr": (torch.tensor([0, 0, 1]), torch.tensor([3, 9, 4])),
                                        "de": (torch.tensor([1, 1]), torch.tensor([4, 20]))}, {})
     mean = torch.randn(2, L, M, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -241,7 +241,7 @@ def test_activation_site_override_equals_a_hook_on_the_activation(family, backen
             return out
         return hook
 
-    handles = [sites.layer_parts(l)["act"].register_forward_hook(hand(l)) for l in range(L)]
+    handles = [layout.layer_parts(l)["act"].register_forward_hook(hand(l)) for l in range(L)]
     want = _logits(model, ids)
     for h in handles:
         h.remove()
@@ -253,9 +253,9 @@ def test_activation_site_override_equals_a_hook_on_the_activation(family, backen
 @pytest.mark.parametrize("backend", ["hooks", "fused"])
 def test_diffmean_equals_a_residual_hook(family, backend):
     model = tiny_model(family).eval()
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     g = torch.Generator().manual_seed(4)
-    means = torch.randn(3, sites.n_layers, sites.hidden, generator=g, dtype=torch.float64)
+    means = torch.randn(3, layout.n_layers, layout.hidden, generator=g, dtype=torch.float64)
     names = ["en", "fr", "de"]
     dirs = diffmean_directions(means, names, "fr")
     want_dir = means[1] - (means[0] + means[2]) / 2
@@ -272,7 +272,7 @@ def test_diffmean_equals_a_residual_hook(family, backend):
         return output + strength * dirs[layer]
 
     before = _logits(model, ids)
-    h = sites.decoder_layer(layer).register_forward_hook(hand)
+    h = layout.decoder_layer(layer).register_forward_hook(hand)
     want = _logits(model, ids)
     h.remove()
     assert not torch.allclose(want, before)  # the hand-written hook changed something
@@ -294,14 +294,14 @@ def test_per_row_sets_at_the_other_sites_equal_each_row_alone(family, backend):
     from steer.core.intervention import Intervention, InterventionSets
 
     model = tiny_model(family).eval()
-    sites = NeuronSites(model)
+    layout = NeuronLayout(model)
     g = torch.Generator().manual_seed(5)
-    means = torch.randn(3, sites.n_layers, sites.hidden, generator=g, dtype=torch.float64)
+    means = torch.randn(3, layout.n_layers, layout.hidden, generator=g, dtype=torch.float64)
     names = ["en", "fr", "de"]
     residual = [diffmean_intervention(diffmean_directions(means, names, t), 1, 2.0) for t in ("fr", "de")]
     found = LapeNeurons(names, {"fr": (torch.tensor([0, 1]), torch.tensor([2, 7])),
                                 "de": (torch.tensor([1]), torch.tensor([11])), "en": (torch.tensor([0]), torch.tensor([5]))}, {})
-    act_mean = torch.randn(3, sites.n_layers, sites.width, generator=g, dtype=torch.float64)
+    act_mean = torch.randn(3, layout.n_layers, layout.width, generator=g, dtype=torch.float64)
     activation = [lape_intervention(found, act_mean, activate=t, deactivate=["en"]) for t in ("fr", "de")]
     ids = torch.tensor([[1, 5, 9, 14, 7, 3], [1, 8, 8, 2, 6, 4], [1, 3, 3, 3, 9, 9]])
     for ivs in (residual, activation):
@@ -317,11 +317,11 @@ def test_per_row_sets_at_the_other_sites_equal_each_row_alone(family, backend):
 
 def test_site_errors_and_directions_errors():
     model = tiny_model("llama").eval()
-    sites = NeuronSites(model)
-    on_meta = diffmean_intervention(torch.ones(sites.n_layers, sites.hidden), 0, 1.0, device="meta")
+    layout = NeuronLayout(model)
+    on_meta = diffmean_intervention(torch.ones(layout.n_layers, layout.hidden), 0, 1.0, device="meta")
     with pytest.raises(ValueError, match="build it there"):
         intervene(model, on_meta)
-    wrong = diffmean_intervention(torch.ones(sites.n_layers, sites.width), 0, 1.0)  # MLP width at the residual
+    wrong = diffmean_intervention(torch.ones(layout.n_layers, layout.width), 0, 1.0)  # MLP width at the residual
     with pytest.raises(ValueError, match="residual"):
         intervene(model, wrong)
     with pytest.raises(ValueError, match="site"):

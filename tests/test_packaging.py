@@ -52,7 +52,7 @@ def test_steer_works_without_triton(tmp_path):
         "ref = torch.zeros(3, 5, 8, dtype=torch.int32); histogram_update_ref(ref, x, labels, state.edges)\n"
         "assert torch.equal(state.counts, ref)\n"
         "with pytest.raises(ImportError, match='Triton'):\n"
-        "    state.update(x, labels, backend='triton')\n"
+        "    state.update(x, labels, impl='triton')\n"
         "cfg = T.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,\n"
         "                    num_attention_heads=2, num_key_value_heads=1, vocab_size=50)\n"
         "model = T.AutoModelForCausalLM.from_config(cfg).eval(); ids = torch.randint(0, 50, (2, 5))\n"

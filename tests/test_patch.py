@@ -6,7 +6,7 @@ import torch
 from steer.core.adapters import base_inputs
 from steer.engine.collect import collect
 from steer.core.corpus import Corpus
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.engine.backends import attached, intervene
 from steer.core.intervention import Intervention
 from steer.engine.patch import FusedActivation, FusedGatedMLP, patch
@@ -50,7 +50,7 @@ def test_fused_steering_matches_reference_hooks(family, positions):
     with patch(model):
         with intervene(model, experts(model, positions)) as s:
             assert s.backend.kind == "fused" and not s.owned  # the patch reads the buffers, no hooks
-            assert not any(m._forward_pre_hooks for m in NeuronSites(model).modules)
+            assert not any(m._forward_pre_hooks for m in NeuronLayout(model).modules)
             got = logits(model, ids, mask)
         unsteered = logits(model, ids, mask)
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
@@ -77,13 +77,13 @@ def test_triton_path_in_a_patched_model_under_the_interpreter():
     ids, mask = batch([5, 3], pad_left=False)
     with intervene(model, experts(model)):
         ref = logits(model, ids, mask)
-    with patch(model, backend="triton"):
+    with patch(model, impl="triton"):
         with intervene(model, experts(model)):
             got = logits(model, ids, mask)
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
     corpus = Corpus(TEXTS[:4], ["en", "en", "fr", "fr"])
     exact = collect(model, tiny_tokenizer(), corpus, progress=False)
-    with patch(model, backend="triton"):
+    with patch(model, impl="triton"):
         fused = collect(model, tiny_tokenizer(), corpus, backend="fused", progress=False)
     torch.testing.assert_close(fused.values, exact.values, rtol=1e-5, atol=1e-6)
 

@@ -5,7 +5,7 @@ SmolLM2's."""
 import pytest
 import torch
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.engine.collect import collect, collect_stream, refine
 from steer.core.corpus import bible_corpus
 from steer.core.experts import select_experts
@@ -24,9 +24,9 @@ def gemma():
 
 
 def test_gemma_layout(gemma):
-    sites = NeuronSites(gemma[0])
-    assert (sites.n_layers, sites.width) == (18, 2048)
-    assert sites.names[0] == "model.layers.0.mlp.down_proj"
+    layout = NeuronLayout(gemma[0])
+    assert (layout.n_layers, layout.width) == (18, 2048)
+    assert layout.names[0] == "model.layers.0.mlp.down_proj"
 
 
 def test_every_language_has_an_expert_with_auroc_above_095(gemma):
@@ -39,7 +39,7 @@ def test_streaming_plus_refine_equals_exact_mode(gemma):
     model, tok, corpus, exact = gemma
     state = collect_stream(model, tok, corpus, calibration=200, backend="fused", progress=False)
     refined = refine(model, tok, corpus, state, k=50, by=("ap", "auroc"), backend="fused", progress=False)
-    assert refined.settings["refined_neurons"] < NeuronSites(model).n_neurons / 10
+    assert refined.settings["refined_neurons"] < NeuronLayout(model).n_neurons / 10
     for by, value in [("ap", "on_p50"), ("auroc", "on_mean")]:
         want = select_experts(exact.score(), k=50, by=by, value=value)
         got = select_experts(refined, k=50, by=by, value=value)

@@ -65,8 +65,8 @@ def test_triton_kernel_equals_reference(C, M, B, NB, seed):
     labels = torch.randint(0, C, (B,), generator=g)
     start = torch.randint(0, 5, (C, M, NB), generator=g, dtype=torch.int32)  # accumulates
     ref, tri = start.clone(), start.clone()
-    histogram_update(ref, x, labels, edges, backend="torch")
-    histogram_update(tri, x, labels, edges, backend="triton")
+    histogram_update(ref, x, labels, edges, impl="torch")
+    histogram_update(tri, x, labels, edges, impl="triton")
     assert torch.equal(tri, ref)
     assert int((ref - start).sum()) == int(torch.isfinite(x).sum())
 
@@ -78,8 +78,8 @@ def test_histogram_update_checks_arguments():
         histogram_update(counts, torch.zeros(2, 3), torch.tensor([0, 2]), edges)
     with pytest.raises(ValueError, match="edges"):
         histogram_update(counts, torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="backend"):
-        histogram_update(counts, torch.zeros(2, 3), torch.tensor([0, 1]), edges, backend="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        histogram_update(counts, torch.zeros(2, 3), torch.tensor([0, 1]), edges, impl="cuda")
 
 
 def test_state_update_triton_equals_torch():
@@ -89,9 +89,9 @@ def test_state_update_triton_equals_torch():
     labels = torch.randint(0, 3, (19,), generator=g)
     edges = calibrate_edges(torch.randn(200, 40, generator=g), bins=8)
     states = []
-    for backend in ("torch", "triton"):
+    for impl in ("torch", "triton"):
         state = StreamState(edges, ["a", "b", "c"])
-        state.update(x, labels, backend=backend)
+        state.update(x, labels, impl=impl)
         states.append(state)
     assert torch.equal(states[0].counts, states[1].counts)
     assert states[0].nonfinite[7] == 1

@@ -129,7 +129,7 @@ def test_load_model_resolves_a_hub_id_from_the_local_hub_cache(checkpoint, tmp_p
         model, tok = steer.load_model("someone/tiny-llama", dtype="float32", device="cpu")
         assert type(model).__name__ == "LlamaForCausalLM", type(model)
         assert model.config.name_or_path == "someone/tiny-llama"
-        print(steer.NeuronSites(model).n_neurons)
+        print(steer.NeuronLayout(model).n_neurons)
     """)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

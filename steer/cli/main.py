@@ -15,7 +15,7 @@ from pathlib import Path
 
 from steer.core import runtime
 from steer.core.artifacts import writable_dir
-from steer.engine.batching import MAX_TOKENS
+from steer.engine.batching import MAX_TOKENS, POOLINGS
 
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
 
@@ -113,7 +113,7 @@ def cmd_find_experts(args) -> None:
     """Check every option, collect, score, select, and only then write the outputs, so a run that
     fails (bad input, a crash) leaves the earlier outputs of --out as they were; checkpoints and
     states are written atomically. Under torchrun rank 0 writes everything."""
-    from steer.core.adapters import NeuronSites
+    from steer.core.adapters import NeuronLayout
     from steer.core.corpus import bible_corpus, check_labels, open_corpus
     from steer.engine.distributed import init_from_env, shutdown
     from steer.engine.models import load_model
@@ -144,7 +144,7 @@ def cmd_find_experts(args) -> None:
     try:
         start = time.perf_counter()
         model, tok = load_model(args.model, device=device, dtype=dtype)
-        mode = choose_mode(config, len(corpus), NeuronSites(model).n_neurons, group)
+        mode = choose_mode(config, len(corpus), NeuronLayout(model).n_neurons, group)
         say = print if group.is_main else (lambda *a, **k: None)
         ranks = f" on {group.world} ranks" if group.active else ""
         say(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}; {mode} mode{ranks}")
@@ -195,15 +195,15 @@ def cmd_score(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from steer.core.adapters import NeuronSites
+    from steer.core.adapters import NeuronLayout
     from steer.engine.models import load_model
 
     device, dtype = runtime.apply(args)
     print(runtime.describe(device, dtype))
     model, _ = load_model(args.model, device=device, dtype=dtype)
-    sites = NeuronSites(model)
-    print(sites.describe())
-    print(f"fingerprint {sites.fingerprint()}")
+    layout = NeuronLayout(model)
+    print(layout.describe())
+    print(f"fingerprint {layout.fingerprint()}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--split", default="discovery", choices=["discovery", "dev", "test"])
     f.add_argument("--n", type=int, default=500, help="Bible verses per language (default 500)")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--pooling", default="max", choices=["max", "mean"])
+    f.add_argument("--pooling", default="max", choices=POOLINGS)
     f.add_argument("--keep-special", action="store_true", help="pool BOS/special tokens too")
     f.add_argument("--max-length", type=int, default=None, help="truncate sentences to this many tokens")
     f.add_argument("--batch-size", type=int, default=16, help="at most this many sentences a batch (default 16)")

@@ -11,7 +11,7 @@ TransformerLens declares its architecture adapters):
     gate    gate projection of gated MLPs, or None
     act     the activation module
 
-Everything else in steer reaches neurons through `NeuronSites`: the down projection of every
+Everything else in steer reaches neurons through `NeuronLayout`: the down projection of every
 layer, the layout (layers x width), and a `view` that restores [batch, pos, neuron] for families
 that flatten tokens (OPT). Unknown architectures take a user-given regex over module names.
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from steer.core.deprecation import renamed_attribute
 from steer.core.runtime import dtype_name
 
 
@@ -61,8 +62,8 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
-SIGNATURE_CHUNKS = 16  # chunk sums per down projection in `NeuronSites.signature`
-SAME_WEIGHTS_TOLERANCE = 1e-2  # `NeuronSites.same_weights`: RMS chunk-sum difference / scale
+SIGNATURE_CHUNKS = 16  # chunk sums per down projection in `NeuronLayout.signature`
+SAME_WEIGHTS_TOLERANCE = 1e-2  # `NeuronLayout.same_weights`: RMS chunk-sum difference / scale
 
 
 def _sample(module: nn.Module) -> torch.Tensor:
@@ -93,7 +94,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot read the input width of {type(module).__name__}; expected a Linear-like module")
 
 
-class NeuronSites:
+class NeuronLayout:
     """The neuron tensor of every layer of one model: its modules, layout and [B, T, M] view."""
 
     def __init__(self, model: nn.Module, neuron_module: str | None = None):
@@ -254,3 +255,7 @@ def base_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     if "position_ids" in inspect.signature(model.base_model.forward).parameters:
         kwargs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     return kwargs
+
+
+def __getattr__(name: str):
+    return renamed_attribute(__name__, name)

@@ -11,7 +11,7 @@ concept); optional layer filter. Two recipes are one option apart:
 An `ExpertSet` is a directory: `experts.safetensors` (per concept: layer, unit, value, score,
 other score, sign) and `experts.json` (format version, model name, fingerprint, signature and
 dtype, architecture, shape, labels, settings, corpus hash, package version). Loading it against a
-model of other shapes is an error; same shapes with other weights (`NeuronSites.same_weights`:
+model of other shapes is an error; same shapes with other weights (`NeuronLayout.same_weights`:
 the same checkpoint in another dtype is the same weights) is a warning.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from steer.core import artifacts
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.intervention import Intervention
 from steer.core.metrics import check_k, rank_neurons
 from steer.core.scores import Scores
@@ -97,18 +97,18 @@ class ExpertSet:
         device = "cpu"
         if model is not None:
             self.check(model)
-            device = NeuronSites(model).device
+            device = NeuronLayout(model).device
         iv = Intervention(*self.shape, positions=positions, device=device)
         return iv.set(e["layer"][:k], e["unit"][:k], e["value"][:k] * strength)
 
     def check(self, model: nn.Module, neuron_module: str | None = None) -> None:
-        sites = NeuronSites(model, neuron_module)
-        if (sites.n_layers, sites.width) != self.shape:
+        layout = NeuronLayout(model, neuron_module)
+        if (layout.n_layers, layout.width) != self.shape:
             raise ValueError(
                 f"expert set is for {self.meta.get('model')!r} with {self.shape[0]} layers x {self.shape[1]} "
-                f"neurons; this model has {sites.n_layers} x {sites.width}"
+                f"neurons; this model has {layout.n_layers} x {layout.width}"
             )
-        if not sites.same_weights(self.meta):  # steer/core/adapters.py: in any load dtype
+        if not layout.same_weights(self.meta):  # steer/core/adapters.py: in any load dtype
             m = self.meta
             found = ", ".join(str(v) for v in (m.get("fingerprint"), m.get("dtype")) if v is not None)
             old = "" if m.get("signature") is not None else (
@@ -116,8 +116,8 @@ class ExpertSet:
                 "set's also gets this warning")
             warnings.warn(
                 f"expert set was found on model {m.get('model')!r} (fingerprint {found}); this model has "
-                f"the same shapes but other weights ({sites.fingerprint()}, "
-                f"{sites.dtype}){old}", stacklevel=2)
+                f"the same shapes but other weights ({layout.fingerprint()}, "
+                f"{layout.dtype}){old}", stacklevel=2)
 
     def save(self, directory) -> Path:
         """Write the set atomically (steer/core/artifacts.py: a temporary directory swapped in).

@@ -7,7 +7,7 @@ unit becomes `h * mul + add` (computed in fp32, cast back), which covers the fou
     set v    mul 0, add v        scale s  mul s, add 0
     add v    mul 1, add v        zero     mul 0, add 0
 
-The `site` says which units (`SITES`; the width follows from it, `NeuronSites.width_of`):
+The `site` says which units (`SITES`; the width follows from it, `NeuronLayout.width_of`):
 "neuron" the input of the MLP's down projection (the experts' site), "activation" the
 activation `act(gate)` before its product with `up` (LAPE's deactivate / activate; for ungated
 MLPs the same value as the neuron), "residual" the output of a decoder layer, [layers, hidden]
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 
 POSITIONS = ("all", "last", "prompt", "generated")
 SITES = ("neuron", "activation", "residual")
@@ -63,8 +63,8 @@ class Intervention:
     @classmethod
     def for_model(cls, model: nn.Module, positions: str = "all", neuron_module: str | None = None,
                   site: str = "neuron") -> "Intervention":
-        sites = NeuronSites(model, neuron_module)
-        return cls(sites.n_layers, sites.width_of(site), positions, device=sites.device, site=site)
+        layout = NeuronLayout(model, neuron_module)
+        return cls(layout.n_layers, layout.width_of(site), positions, device=layout.device, site=site)
 
     @property
     def shape(self) -> tuple[int, int]:

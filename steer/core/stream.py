@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from steer.core import artifacts
+from steer.core.deprecation import renamed_argument
 from steer.core.token_stats import PREFIX, TokenStats
 from steer.kernels.histogram import histogram_update
 
@@ -219,12 +220,14 @@ class StreamState:
         """Bytes held by the state's tensors."""
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
-    def update(self, x: torch.Tensor, label_ids: torch.Tensor, *, backend: str = "auto") -> None:
-        """Add a tile of pooled responses x [B, M] with label ids [B] (backend: see
-        `steer.kernels.histogram.histogram_update`)."""
+    def update(self, x: torch.Tensor, label_ids: torch.Tensor, *, impl: str = "auto",
+               backend: str | None = None) -> None:
+        """Add a tile of pooled responses x [B, M] with label ids [B] (impl: see
+        `steer.kernels.histogram.histogram_update`; `backend` is its deprecated name)."""
+        impl = renamed_argument("StreamState.update", "backend", backend, "impl", impl)
         x = x.to(device=self.edges.device, dtype=torch.float32)  # [B, M]
         label_ids = label_ids.to(device=self.edges.device, dtype=torch.int64)  # [B]
-        histogram_update(self.counts, x, label_ids, self.edges, backend=backend)  # checks shapes
+        histogram_update(self.counts, x, label_ids, self.edges, impl=impl)  # checks shapes
         if x.shape[0] == 0:
             return
         self.n += torch.bincount(label_ids, minlength=len(self.label_names))

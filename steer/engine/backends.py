@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.intervention import Intervention, InterventionSets, steered_tokens
 from steer.core.token_stats import check_kinds
 from steer.kernels.fused_mlp_ref import activation_stats, apply_override, pool, pool_sum
@@ -105,7 +105,7 @@ class CallInfo:
 
 
 class Backend:
-    """The state both implementations share: the sites, the call info, the intervention being
+    """The state both implementations share: the layout, the call info, the intervention being
     applied and the pooling requested for the next forward."""
 
     kind = ""
@@ -116,8 +116,8 @@ class Backend:
             raise RuntimeError("this model is already patched; revert() the first patch" if existing.kind == "fused"
                                else "hooks are active on this model (an intervene or a collection); remove them first")
         self.model = model
-        self.sites = NeuronSites(model, neuron_module)
-        self.info = CallInfo(self.sites.stack)
+        self.layout = NeuronLayout(model, neuron_module)
+        self.info = CallInfo(self.layout.stack)
         self.intervention: Intervention | InterventionSets | None = None
         self.rows: torch.Tensor | None = None  # [B] set index per row, with InterventionSets
         self.pool_tokens: torch.Tensor | None = None  # [B, T] bool, for the next forward
@@ -130,18 +130,18 @@ class Backend:
     def steer(self, intervention: Intervention | InterventionSets, rows: torch.Tensor | None = None) -> None:
         """Apply `intervention` from the next forward on; InterventionSets need `rows` [B], the
         set of each row (replace it, or change it in place, between batches)."""
-        width = self.sites.width_of(intervention.site)
-        if intervention.shape != (self.sites.n_layers, width):
+        width = self.layout.width_of(intervention.site)
+        if intervention.shape != (self.layout.n_layers, width):
             unit = "hidden units" if intervention.site == "residual" else "neurons"
             raise ValueError(
                 f"intervention is for {intervention.shape[0]} layers x {intervention.shape[1]} {unit}; "
-                f"the model has {self.sites.n_layers} x {width} at the {intervention.site}")
+                f"the model has {self.layout.n_layers} x {width} at the {intervention.site}")
         if isinstance(intervention, InterventionSets) != (rows is not None):
             raise ValueError("rows (a set index per row) go with InterventionSets, and only with them")
         if rows is not None and (rows.dim() != 1 or rows.dtype != torch.long):
             raise ValueError(f"rows must be a 1-D int64 tensor, got {tuple(rows.shape)} {rows.dtype}")
-        if intervention.device.type != self.sites.device.type:
-            raise ValueError(f"the intervention is on {intervention.device}, the model's neurons on {self.sites.device}: "
+        if intervention.device.type != self.layout.device.type:
+            raise ValueError(f"the intervention is on {intervention.device}, the model's neurons on {self.layout.device}: "
                              "build it there (device=, or Intervention.to)")
         self.use_site(intervention.site)
         self.intervention, self.rows = intervention, rows
@@ -155,8 +155,8 @@ class Backend:
         if site == "residual" and not self.residual_handles:
             # prepended: Hugging Face's output_hidden_states capture (hooks added at the first
             # forward) then records the steered output as hidden state layer + 1
-            self.residual_handles = [self.sites.decoder_layer(layer).register_forward_hook(
-                self._residual_hook(layer), prepend=True) for layer in range(self.sites.n_layers)]
+            self.residual_handles = [self.layout.decoder_layer(layer).register_forward_hook(
+                self._residual_hook(layer), prepend=True) for layer in range(self.layout.n_layers)]
 
     def steers(self, site: str, layer: int) -> bool:
         """Whether the current call overrides `site` in `layer`. Sets and the residual stream: every
@@ -170,7 +170,7 @@ class Backend:
     def view(self, x: torch.Tensor, layer: int, steered: bool) -> torch.Tensor:
         """x (a site's tensor of this call) as [B, T, units], with the override of `layer` applied
         when `steered`: what every hook does first."""
-        h = self.sites.view(x, self.info.attention_mask.shape[0])
+        h = self.layout.view(x, self.info.attention_mask.shape[0])
         if not steered:
             return h
         (mask, mul, add), rows, tokens = self.override(layer)
@@ -215,14 +215,14 @@ class Backend:
         for site in check_kinds(stats):
             self.use_site(site)
         self.pool_tokens, self.pooling = tokens, how
-        B, L, dev = tokens.shape[0], self.sites.n_layers, tokens.device
-        self.pooled = torch.empty(B, L, self.sites.width, device=dev)
+        B, L, dev = tokens.shape[0], self.layout.n_layers, tokens.device
+        self.pooled = torch.empty(B, L, self.layout.width, device=dev)
         self.stats = {}
         if "activation" in stats:
-            self.stats.update(act_pos=torch.empty(B, L, self.sites.width, device=dev),
-                              act_sum=torch.empty(B, L, self.sites.width, device=dev))
+            self.stats.update(act_pos=torch.empty(B, L, self.layout.width, device=dev),
+                              act_sum=torch.empty(B, L, self.layout.width, device=dev))
         if "residual" in stats:
-            self.stats["resid_sum"] = torch.empty(B, L, self.sites.hidden, device=dev)
+            self.stats["resid_sum"] = torch.empty(B, L, self.layout.hidden, device=dev)
         return self.pooled
 
     def stop_pooling(self) -> None:
@@ -251,13 +251,13 @@ class HookBackend(Backend):
 
     def __init__(self, model: nn.Module, neuron_module: str | None = None):
         super().__init__(model, neuron_module)
-        self.handles = [m.register_forward_pre_hook(self._hook(layer)) for layer, m in enumerate(self.sites.modules)]
+        self.handles = [m.register_forward_pre_hook(self._hook(layer)) for layer, m in enumerate(self.layout.modules)]
         self.act_handles: list = []
 
     def use_site(self, site: str) -> None:
         super().use_site(site)
         if site == "activation" and not self.act_handles:
-            acts = [self.sites.layer_parts(layer)["act"] for layer in range(self.sites.n_layers)]
+            acts = [self.layout.layer_parts(layer)["act"] for layer in range(self.layout.n_layers)]
             if len({id(a) for a in acts}) != len(acts):
                 raise ValueError("the layers share one activation module: the activation site needs one per layer")
             self.act_handles = [a.register_forward_hook(self._act_hook(layer)) for layer, a in enumerate(acts)]
@@ -323,23 +323,23 @@ def choose(model: nn.Module, kind: str = "auto", neuron_module: str | None = Non
     existing = attached(model)
     if existing is not None:
         return existing.kind
-    return "fused" if neuron_module is None and _fused_is_exact(NeuronSites(model)) else "hooks"
+    return "fused" if neuron_module is None and _fused_is_exact(NeuronLayout(model)) else "hooks"
 
 
-def _fused_is_exact(sites: NeuronSites) -> bool:
-    """Whether the fused patch gives `sites`' model the same bits as its own forward (and so the
+def _fused_is_exact(layout: NeuronLayout) -> bool:
+    """Whether the fused patch gives `layout`'s model the same bits as its own forward (and so the
     hooks' responses): float32 weights on the CPU, the fused op's torch path, and each layer's
     activation equal, bit for bit on a probe, to the op's activation for that module."""
     from steer.engine.patch import ACTS
     from steer.kernels.fused_mlp_ref import ACTIVATIONS
 
-    if sites.adapter is None or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
-                                    for m in sites.modules):
+    if layout.adapter is None or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
+                                    for m in layout.modules):
         return False
     probe = torch.linspace(-10.0, 10.0, 4001).view(1, 1, -1)  # [B, T, M]: every regime of the activations
     seen: set[int] = set()
-    for layer in range(sites.n_layers):
-        act = sites.layer_parts(layer)["act"]
+    for layer in range(layout.n_layers):
+        act = layout.layer_parts(layer)["act"]
         if id(act) in seen:
             continue
         seen.add(id(act))

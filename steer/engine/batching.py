@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from steer.core.corpus import Record
+from steer.kernels.fused_mlp_ref import POOLINGS
 
-POOLINGS = ("max", "mean")
 TOO_LONG = ("truncate", "error")
 WINDOW = 4096
 # padded tokens per batch (sentences x the longest one's length): batches of 16 sentences of up to

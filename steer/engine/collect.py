@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steer.core import artifacts
-from steer.core.adapters import NeuronSites, base_inputs, check_eval
+from steer.core.adapters import NeuronLayout, base_inputs, check_eval
 from steer.core.corpus import Corpus, check_labels
 from steer.core.metrics import check_k, score_splits
 from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_scores
@@ -115,9 +115,9 @@ class _Forward:
     or hooks / the fused patch added for the duration), leaving removes what it added.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, sites: NeuronSites, pooling: str, backend: str,
+    def __init__(self, model: nn.Module, tokenizer, layout: NeuronLayout, pooling: str, backend: str,
                  stats: tuple[str, ...] = ()):
-        self.model, self.tokenizer, self.sites = model, tokenizer, sites
+        self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.pooling, self.kind, self.stats = pooling, backend, tuple(stats)
         self.device = input_device(model)
         self.backend, self.owned = None, False
@@ -151,7 +151,7 @@ class _Forward:
             stats.update(self.batch_stats, self.batch_tokens, torch.tensor(label_ids))
 
 
-def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str], sites: NeuronSites, *,
+def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str], layout: NeuronLayout, *,
                    pooling: str = "max", batch_size: int = 16, skip_special: bool = True,
                    max_length: int | None = None, backend: str = "hooks", progress: bool = True,
                    desc: str = "collect", run: Run | None = None, too_long: str = "truncate",
@@ -174,7 +174,7 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
     start = time.perf_counter()
     try:
         kinds = token_stats.kinds if token_stats is not None else ()
-        with _Forward(model, tokenizer, sites, pooling, backend, kinds) as forward:
+        with _Forward(model, tokenizer, layout, pooling, backend, kinds) as forward:
             for rows in batches([len(t) for t in ids], batch_size, max_tokens):
                 out = forward([ids[i] for i in rows], [pooled[i] for i in rows])
                 if token_stats is not None:
@@ -188,11 +188,11 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
         run.seconds += time.perf_counter() - start
 
 
-def _settings(model, sites: NeuronSites, corpus, run: Run | None = None, **options) -> dict:
+def _settings(model, layout: NeuronLayout, corpus, run: Run | None = None, **options) -> dict:
     settings = {
         "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
-        "fingerprint": sites.fingerprint(), "layers": sites.n_layers, "width": sites.width,
-        "dtype": sites.dtype, "signature": sites.signature(), **options,
+        "fingerprint": layout.fingerprint(), "layers": layout.n_layers, "width": layout.width,
+        "dtype": layout.dtype, "signature": layout.signature(), **options,
         "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
     }
     if run is not None:
@@ -221,16 +221,16 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
                            "collect_stream (--mode stream)")
     if not isinstance(corpus, Corpus):
         corpus = corpus.load()
-    sites = NeuronSites(model, neuron_module)
-    stats = _token_stats(sites, corpus.label_names, token_stats)
-    values = torch.empty(len(corpus), sites.n_layers, sites.width)  # [N, L, M]
+    layout = NeuronLayout(model, neuron_module)
+    stats = _token_stats(layout, corpus.label_names, token_stats)
+    values = torch.empty(len(corpus), layout.n_layers, layout.width)  # [N, L, M]
     run = Run()
-    for rows, pooled in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, pooling=pooling,
+    for rows, pooled in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, layout, pooling=pooling,
                                        batch_size=batch_size, skip_special=skip_special, max_length=max_length,
                                        backend=backend, progress=progress, run=run, too_long=too_long,
                                        max_tokens=max_tokens, token_stats=stats, label_ids=corpus.label_ids.tolist()):
         values[rows] = pooled.cpu()
-    settings = _settings(model, sites, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
+    settings = _settings(model, layout, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
                          backend=backend, max_length=max_length, too_long=too_long)
     return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings,
                      stats.to_("cpu") if stats is not None else None)
@@ -247,9 +247,9 @@ def collect_token_stats(model: nn.Module, tokenizer, corpus: Corpus, kinds: tupl
         raise ValueError(f"collect_token_stats needs kinds: any of {TOKEN_STATS}")
     if not isinstance(corpus, Corpus):
         corpus = corpus.load()
-    sites = NeuronSites(model)
-    stats = _token_stats(sites, corpus.label_names, kinds)
-    for _ in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, sites, batch_size=batch_size,
+    layout = NeuronLayout(model)
+    stats = _token_stats(layout, corpus.label_names, kinds)
+    for _ in pooled_batches(model, tokenizer, corpus.texts, corpus.keys, layout, batch_size=batch_size,
                             skip_special=skip_special, max_length=max_length, backend=backend, progress=progress,
                             desc="token statistics", too_long=too_long, max_tokens=max_tokens, token_stats=stats,
                             label_ids=corpus.label_ids.tolist()):
@@ -257,11 +257,11 @@ def collect_token_stats(model: nn.Module, tokenizer, corpus: Corpus, kinds: tupl
     return stats
 
 
-def _check_token_stats(sites: NeuronSites, kinds) -> tuple[str, ...]:
+def _check_token_stats(layout: NeuronLayout, kinds) -> tuple[str, ...]:
     """The token statistics asked for, in canonical order, checked before any forward."""
     kinds = check_kinds(kinds)
-    if kinds and sites.adapter is None:
-        sites.layer_parts(0)  # raises: the activation and the decoder layers need a declared adapter
+    if kinds and layout.adapter is None:
+        layout.layer_parts(0)  # raises: the activation and the decoder layers need a declared adapter
     return kinds
 
 
@@ -274,10 +274,10 @@ def _check_corpus(model: nn.Module, corpus) -> None:
     check_labels(corpus)
 
 
-def _token_stats(sites: NeuronSites, label_names, kinds) -> TokenStats | None:
+def _token_stats(layout: NeuronLayout, label_names, kinds) -> TokenStats | None:
     """An empty `TokenStats` of `kinds` for this model (None for no kinds)."""
-    kinds = _check_token_stats(sites, kinds)
-    return TokenStats(label_names, kinds, sites.n_layers, sites.width, sites.hidden, sites.device) if kinds else None
+    kinds = _check_token_stats(layout, kinds)
+    return TokenStats(label_names, kinds, layout.n_layers, layout.width, layout.hidden, layout.device) if kinds else None
 
 
 def calibration_sample(n: int, k: int, seed: int = 0) -> list[int]:
@@ -339,7 +339,7 @@ VOLATILE = ("model", "corpus", "tokens", "seconds", "truncated", "fingerprint", 
 
 def _mismatch(path, saved: dict, now: dict, saved_plan: dict, plan: dict, same_weights: bool) -> str | None:
     """Why a checkpoint cannot be resumed with these settings (None: it can). `same_weights`:
-    `NeuronSites.same_weights(saved)`, which ignores the load dtype (another dtype is one of the
+    `NeuronLayout.same_weights(saved)`, which ignores the load dtype (another dtype is one of the
     other settings, "dtype")."""
     if saved.get("architecture") != now.get("architecture") or not same_weights:
         return (f"checkpoint {path} is from another model: fingerprint {saved.get('fingerprint')} "
@@ -359,18 +359,18 @@ def _mismatch(path, saved: dict, now: dict, saved_plan: dict, plan: dict, same_w
     return None
 
 
-def _load_checkpoint(path, sites: NeuronSites, settings: dict, plan: dict, label_names: list[str]):
+def _load_checkpoint(path, layout: NeuronLayout, settings: dict, plan: dict, label_names: list[str]):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    state, extra = StreamState.load(path, sites.device, with_extra=True)  # refuses corrupt / newer files
+    state, extra = StreamState.load(path, layout.device, with_extra=True)  # refuses corrupt / newer files
     kind, _, number = str(extra.get("format", "")).rpartition("/")
     if kind != "steer.checkpoint":
         raise ValueError(f"{path} is a streaming state, not a checkpoint (no corpus position)")
     if not number.isdigit() or int(number) > CHECKPOINT_VERSION:
         raise artifacts.newer(path, kind, number, CHECKPOINT_VERSION)
     why = _mismatch(path, state.settings, json.loads(json.dumps(settings)), extra.get("plan", {}), plan,
-                    sites.same_weights(state.settings))
+                    layout.same_weights(state.settings))
     if why is None and state.label_names != list(label_names):
         why = f"checkpoint {path} has labels {state.label_names}, this corpus {list(label_names)}"
     if why:
@@ -406,17 +406,17 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     _check_corpus(model, corpus)
     check_batching(pooling, too_long, batch_size, window, max_tokens)
     check_stream(bins, calibration, checkpoint, checkpoint_every, resume)
-    sites = NeuronSites(model, neuron_module)
-    kinds = _check_token_stats(sites, token_stats)
+    layout = NeuronLayout(model, neuron_module)
+    kinds = _check_token_stats(layout, token_stats)
     cal = calibration_sample(len(corpus), calibration, seed)
-    settings = _settings(model, sites, corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
+    settings = _settings(model, layout, corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
                          pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long,
-                         **({"token_stats": list(kinds), "hidden": sites.hidden} if kinds else {}))
+                         **({"token_stats": list(kinds), "hidden": layout.hidden} if kinds else {}))
     batching = {"batch_size": batch_size, "max_tokens": max_tokens, "skip_special": skip_special,
                 "limit": token_limit(model, max_length), "too_long": too_long}
     run = _StreamPass(group, checkpoint, {"batch_size": batch_size, "window": window, "max_tokens": max_tokens},
                       show=progress and group.is_main)
-    with _Forward(model, tokenizer, sites, pooling, backend, kinds) as forward:
+    with _Forward(model, tokenizer, layout, pooling, backend, kinds) as forward:
         run.begin(forward, tokenizer, corpus, cal, bins, settings, resume, batching)
         if checkpoint_every and not resume:
             run.checkpoint(0)
@@ -452,12 +452,12 @@ class _StreamPass:
         """The state every rank starts from: rank 0 resumes or calibrates, the others wait for
         its edges (or its error)."""
         group, label_names = self.group, list(corpus.label_names)
-        device = forward.sites.device
+        device = forward.layout.device
         state, extra, error = None, {"position": 0}, None
         if group.is_main:
             try:
                 if resume:
-                    state, extra = _load_checkpoint(self.path, forward.sites, settings, self.plan, label_names)
+                    state, extra = _load_checkpoint(self.path, forward.layout, settings, self.plan, label_names)
                 else:
                     state = _calibrate(forward, tokenizer, corpus, cal, bins, label_names, settings,
                                        run=self.delta, progress=self.show, **batching)
@@ -466,7 +466,7 @@ class _StreamPass:
         error = group.broadcast_object(error)
         if error is not None:
             raise error
-        edges = torch.empty(forward.sites.n_neurons, bins - 1, device=device)
+        edges = torch.empty(forward.layout.n_neurons, bins - 1, device=device)
         edges = group.broadcast_tensor(state.edges if group.is_main else edges)
         self.state = state if group.is_main else StreamState(edges, label_names, settings)
         extra = group.broadcast_object(extra)
@@ -545,8 +545,8 @@ def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, 
     wanted = set(cal)
     records = [r for r in islice(corpus.records(), cal[-1] + 1) if r.index in wanted]
     where = {r.index: j for j, r in enumerate(records)}
-    sample = torch.empty(len(records), forward.sites.n_neurons, device=forward.sites.device)  # [S, L*M]
-    stats = _token_stats(forward.sites, label_names, forward.stats)
+    sample = torch.empty(len(records), forward.layout.n_neurons, device=forward.layout.device)  # [S, L*M]
+    stats = _token_stats(forward.layout, label_names, forward.stats)
     bar = _Progress(len(records), "calibrate", progress)
     for b in plan_batches(records, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                           window=len(records), skip_special=skip_special, limit=limit,
@@ -631,7 +631,7 @@ def _shortlist_responses(model: nn.Module, tokenizer, corpus, idx: torch.Tensor,
     """refine's second pass: the responses [N, K] of the flat neuron indices `idx` [K] and the
     label ids [N], on rank 0 (None elsewhere, and for an empty short-list), with the pooling and
     truncation the state was collected with. forward: see `refine`."""
-    sites = NeuronSites(model, forward.pop("neuron_module", None))
+    layout = NeuronLayout(model, forward.pop("neuron_module", None))
     batch_size = forward.pop("batch_size", 16)
     backend = forward.pop("backend", "hooks")
     window = forward.pop("window", None) or settings.get("window") or WINDOW
@@ -645,9 +645,9 @@ def _shortlist_responses(model: nn.Module, tokenizer, corpus, idx: torch.Tensor,
     label_ids = torch.empty(N, dtype=torch.int64) if group.is_main else None
     values = torch.empty(N, K) if not group.active else None
     rows, parts = [], []
-    dev_idx = idx.to(sites.device)
+    dev_idx = idx.to(layout.device)
     bar = _Progress(N, "refine", progress and group.is_main)
-    with _Forward(model, tokenizer, sites, settings["pooling"], backend) as fwd:
+    with _Forward(model, tokenizer, layout, settings["pooling"], backend) as fwd:
         for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                               window=window, skip_special=settings["skip_special"],
                               limit=token_limit(model, settings.get("max_length")),

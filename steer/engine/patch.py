@@ -17,15 +17,14 @@ use, exactly as for the hooks (`backends.CallInfo`).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from steer.engine.backends import Backend
+from steer.core.deprecation import renamed_argument
 from steer.kernels.dispatch import triton_module, use_triton
 from steer.kernels.fused_mlp import fused_mlp
-from steer.kernels.fused_mlp_ref import pool_mean
+from steer.kernels.fused_mlp_ref import REDUCTION, pooled
 
 #: activation module class name -> fused op activation
 ACTS = {
@@ -43,22 +42,22 @@ class FusedPatch(Backend):
 
     kind = "fused"
 
-    def __init__(self, model: nn.Module, backend: str = "auto"):
+    def __init__(self, model: nn.Module, impl: str = "auto"):
         super().__init__(model)
-        if use_triton(backend, self.sites.modules[0].weight):
+        if use_triton(impl, self.layout.modules[0].weight):
             triton_module("fused_mlp_triton")  # import (and register the op) before any compile traces it
-        self.op = functools.partial(fused_mlp, backend=backend)
+        self.impl = impl
         self.swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original)
         self.acts: list[str] = []  # fused op activation of each layer
         try:
-            for layer in range(self.sites.n_layers):
+            for layer in range(self.layout.n_layers):
                 self._swap(layer)
         except Exception:
             self.revert()
             raise
 
     def _swap(self, layer: int) -> None:
-        a, parts = self.sites.adapter, self.sites.layer_parts(layer)
+        a, parts = self.layout.adapter, self.layout.layer_parts(layer)
         act_name = type(parts["act"]).__name__
         if act_name not in ACTS:
             raise ValueError(f"the fused op has no activation for {act_name}; use the reference hooks")
@@ -78,17 +77,17 @@ class FusedPatch(Backend):
         """The fused op for one layer: up/gate [B, T, M] (or OPT's [B*T, M]) -> h, same shape."""
         batch = self.info.attention_mask.shape[0]
         shape = up.shape
-        up = self.sites.view(up, batch)  # [B, T, M]
-        gate = None if gate is None else self.sites.view(gate, batch)
+        up = self.layout.view(up, batch)  # [B, T, M]
+        gate = None if gate is None else self.layout.view(gate, batch)
         iv = self.intervention
         mlp_site = iv is not None and iv.site != "residual"
         override, rows, tokens = self.override(layer) if mlp_site else (None, None, None)
-        out = self.op(up, gate, act=self.acts[layer], override=override, steer_tokens=tokens,
-                      pool_tokens=self.pool_tokens, override_rows=rows,
-                      override_site=iv.site if mlp_site else "neuron", act_stats="act_pos" in self.stats,
-                      pools=("max",) if self.pooling == "max" else ("sum",))
+        out = fused_mlp(up, gate, act=self.acts[layer], override=override, steer_tokens=tokens,
+                        pool_tokens=self.pool_tokens, override_rows=rows,
+                        override_site=iv.site if mlp_site else "neuron", act_stats="act_pos" in self.stats,
+                        reductions=(REDUCTION[self.pooling],), impl=self.impl)
         if self.pool_tokens is not None:
-            self.pooled[:, layer] = out.pool_max if self.pooling == "max" else pool_mean(out.pool_sum, self.pool_tokens)
+            self.pooled[:, layer] = pooled(self.pooling, self.pool_tokens, out.pool_max, out.pool_sum)
         if "act_pos" in self.stats:
             self.stats["act_pos"][:, layer], self.stats["act_sum"][:, layer] = out.act_pos, out.act_sum
         return out.h.view(shape)
@@ -141,10 +140,10 @@ class FusedActivation(nn.Module):
         return self._patch[0].neurons(self.layer, x, None)
 
 
-def patch(model: nn.Module, backend: str = "auto") -> FusedPatch:
+def patch(model: nn.Module, impl: str = "auto", *, backend: str | None = None) -> FusedPatch:
     """Route every MLP of `model` through the fused op until `.revert()` (or the `with` block ends).
 
-    backend: "auto" (Triton on CUDA, torch elsewhere), "torch", or "triton" (on CPU tensors only
-    under TRITON_INTERPRET=1, for tests).
+    impl: how the op runs: "auto" (Triton on CUDA, torch elsewhere), "torch", or "triton" (on CPU
+    tensors only under TRITON_INTERPRET=1, for tests). `backend=` is its deprecated name.
     """
-    return FusedPatch(model, backend)
+    return FusedPatch(model, renamed_argument("patch", "backend", backend, "impl", impl))

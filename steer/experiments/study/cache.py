@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.intervention import Intervention
 from steer.engine.backends import intervene
 from steer.engine.embed import embed
@@ -100,9 +100,9 @@ class Embedder:
                  progress: bool):
         self.model, self.tok = model, tokenizer
         self.batch_size, self.skip_bos, self.progress = batch_size, skip_bos, progress
-        sites = NeuronSites(model)
-        self.n_layers, self.fingerprint = sites.n_layers, sites.fingerprint()
-        self.dtype = sites.dtype  # the fingerprint ignores it; embeddings don't
+        layout = NeuronLayout(model)
+        self.n_layers, self.fingerprint = layout.n_layers, layout.fingerprint()
+        self.dtype = layout.dtype  # the fingerprint ignores it; embeddings don't
         self.tokenizer = tokenizer_key(tokenizer)
         self.directory = directory
         if directory is not None:

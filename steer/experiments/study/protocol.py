@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steer.core.adapters import NeuronSites
+from steer.core.adapters import NeuronLayout
 from steer.core.corpus import (
     BIBLE_PARAPHRASES,
     bible_corpus,
@@ -157,7 +157,7 @@ def _start(cfg: StudyConfig) -> _Run:
     _log_plan(cfg, _negatives(cfg))
     results["model"] = {"name": cfg.model, "dtype": dtype_name(next(model.parameters()).dtype), "architecture": type(model).__name__, "layers": n_layers,
                         "fingerprint": embedder.fingerprint,
-                        "neurons": n_layers * NeuronSites(model).width}
+                        "neurons": n_layers * NeuronLayout(model).width}
     return _Run(cfg, out, model, tok, embedder, stage, results, readout, dev_layers)
 
 
@@ -248,7 +248,7 @@ def stage_test(run: _Run):
 
 def stage_control(run: _Run, test, pre: dict, post_by_target: dict) -> None:
     """The random-neuron control on a fixed subset of the test verses (same k, same values)."""
-    cfg, layer, device = run.cfg, run.layer, NeuronSites(run.model).device
+    cfg, layer, device = run.cfg, run.layer, NeuronLayout(run.model).device
     with run.stage("random control"):
         rng = np.random.default_rng(cfg.seed)
         rows = sorted(rng.choice(len(test), size=min(cfg.n_control, len(test)), replace=False).tolist())
@@ -306,7 +306,7 @@ def stage_methods(run: _Run, dev, test, pre: dict) -> None:
     the experts' choice), then the test retrieval, distances and paraphrases, and language steering
     in generation, at that strength. The experts' dev records are the k sweep's."""
     cfg, layer = run.cfg, run.layer
-    methods = make_methods(cfg.methods, cfg, run.experts, run.grid, run.token_stats, NeuronSites(run.model).device)
+    methods = make_methods(cfg.methods, cfg, run.experts, run.grid, run.token_stats, NeuronLayout(run.model).device)
     out: dict = {"names": list(methods), "sites": {m: x.site for m, x in methods.items()}, "dev": {},
                  "chosen": {}, "test": {}, "paraphrases": {}}
     with run.stage("methods: dev"):
