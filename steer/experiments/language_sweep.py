@@ -75,7 +75,7 @@ def identify_languages(texts: Sequence[str], languages: Sequence[str]) -> list[s
 
 
 def _heldout(languages: Sequence[str], n: int, seed: int) -> tuple[dict[str, list[str]], dict]:
-    from steer.core.corpus import bible_parallel
+    from steer.core.packaged_corpora import bible_parallel
 
     par = bible_parallel(list(languages), split="test", n=n, seed=seed)
     return {lang: list(par.texts[lang]) for lang in languages}, par.description

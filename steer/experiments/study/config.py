@@ -16,13 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steer.core.corpus import (
-    BIBLE_VERSIONS,
-    load_corpus,
-    parallel_from_file,
-    sample_per_label,
-    split_parallel,
-)
+from steer.core.corpus import load_corpus, parallel_from_file, sample_per_label, split_parallel
+from steer.core.packaged_corpora import BIBLE_VERSIONS
 from steer.core.experts import CONTROL_LAYERS, RECIPES
 from steer.core.runtime import DTYPES
 from steer.experiments.study.methods import METHODS, TOKEN_METHODS

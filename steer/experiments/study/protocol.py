@@ -28,15 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.core.adapters import NeuronLayout
-from steer.core.corpus import (
+from steer.core.corpus import load_corpus, parallel_from_file, sample_per_label, split_parallel
+from steer.core.packaged_corpora import (
     BIBLE_PARAPHRASES,
     bible_corpus,
     bible_parallel,
     bible_paraphrases,
-    load_corpus,
-    parallel_from_file,
-    sample_per_label,
-    split_parallel,
     udhr_parallel,
 )
 from steer.core.experts import RECIPES, ExpertSet, package_version, random_control, values_sha
