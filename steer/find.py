@@ -9,12 +9,16 @@ size one exact pass beats streaming's two), and stream whenever checkpoints or s
 (torchrun) are involved. Backend "auto" (`steer.engine.backends.choose`) collects through the
 fused patch where it gives the hooks' exact responses (float32 on the CPU: measured faster),
 through the hooks elsewhere. The CLI (`steer find-experts`) and `steer study` call this function.
-Every option is checked before the first forward pass.
+
+Every check runs once, before the model loads where it can: `FindConfig.validate` (the options),
+`plan` (the corpus and its splits: unknown targets or negatives), `Plan.fit` (what needs the
+model: layers and k in range, the mode). The CLI calls `plan` before loading the model and hands
+the `Plan` to `find_experts`, which then checks nothing twice.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -63,6 +67,7 @@ class FindConfig:
     resume: bool = False
     progress: bool = True
     token_stats: tuple[str, ...] = ()  # also collect LAPE ("activation") / DiffMean ("residual") sums
+    validated: bool = field(default=False, init=False, repr=False, compare=False)  # by `validate`
 
     def selection(self) -> tuple[str, str, float | None]:
         """(by, value, min_auroc) after the recipe."""
@@ -85,7 +90,14 @@ class FindConfig:
         check_stream(self.bins, self.calibration, self.checkpoint, self.checkpoint_every, self.resume)
         if self.mode == "exact" and (self.checkpoint_every or self.resume):
             raise ValueError("checkpoints are a streaming feature: use mode stream (or auto)")
+        self.validated = True
         return self
+
+    def select(self, scores: Scores) -> ExpertSet:
+        """The expert set these options select from `scores`."""
+        by, value, min_auroc = self.selection()
+        return select_experts(scores, self.k, by=by, value=value, bottom_k=self.bottom_k,
+                              layers=self.layers, min_auroc=min_auroc)
 
     def check_model(self, layout: NeuronLayout) -> None:
         """The options that need the model: layers in range, k and bottom_k within its neurons."""
@@ -136,6 +148,39 @@ def splits_for(labels: list[str], targets: list[str] | None = None,
     return splits
 
 
+@dataclass
+class Plan:
+    """A find-experts job, checked: the validated options, the corpus and its splits (`plan`), and
+    once a model is given (`fit`), the mode."""
+
+    config: FindConfig
+    corpus: object
+    splits: list[Split]
+    mode: str | None = None
+    _fitted: object = field(default=None, repr=False)  # the model `mode` was chosen for
+
+    def fit(self, model: nn.Module, group: Group | None = None) -> str:
+        """Check what needs the model (layers, k; eval mode) and choose the mode, once per model."""
+        if self._fitted is not model:
+            check_eval(model)
+            layout = NeuronLayout(model)
+            self.config.check_model(layout)
+            self.mode = choose_mode(self.config, len(self.corpus), layout.n_neurons, group)
+            self._fitted = model
+        return self.mode
+
+
+def plan(corpus, config: FindConfig | None = None, **overrides) -> Plan:
+    """Check a job before any model loads: the options (`config` with keyword `overrides`), the
+    corpus's labels, and the targets and negatives against them."""
+    if overrides or config is None:
+        config = dataclasses.replace(config or FindConfig(), **overrides)
+    if not config.validated:
+        config.validate()
+    check_labels(corpus)
+    return Plan(config, corpus, splits_for(list(corpus.label_names), config.targets, config.negatives))
+
+
 def choose_mode(config: FindConfig, n_sentences: int, n_neurons: int, group: Group | None = None) -> str:
     """exact or stream (see the module docstring)."""
     group = group or current()
@@ -154,19 +199,20 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
                  group: Group | None = None, **overrides) -> Found | None:
     """Collect `corpus`'s responses, score every neuron and select the experts of each target.
 
+    corpus: a `Corpus` or `CorpusFile`, or a `Plan` already checked by `plan` (then no config).
     config: a `FindConfig`; keyword `overrides` replace its fields (`find_experts(m, t, c, k=50)`).
     Under torchrun every rank calls it; rank 0 gets the result, the others None.
     """
-    config = dataclasses.replace(config or FindConfig(), **overrides).validate()
-    check_eval(model)
-    check_labels(corpus)
+    if isinstance(corpus, Plan):
+        if config is not None or overrides:
+            raise TypeError("find_experts: a Plan carries its config; pass no config or overrides with it")
+        job = corpus
+    else:
+        job = plan(corpus, config, **overrides)
+    config, corpus, splits = job.config, job.corpus, job.splits
     group = group or current()
-    by, value, min_auroc = config.selection()
-    labels = list(corpus.label_names)
-    splits = splits_for(labels, config.targets, config.negatives)
-    layout = NeuronLayout(model)
-    config.check_model(layout)
-    mode = choose_mode(config, len(corpus), layout.n_neurons, group)
+    mode = job.fit(model, group)
+    by = config.selection()[0]
     backend = choose(model, config.backend)  # "auto" resolved once: settings record what ran
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,
                 skip_special=config.skip_special, max_length=config.max_length, backend=backend,
@@ -188,6 +234,4 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
                         progress=config.progress)
     if not group.is_main:
         return None
-    experts = select_experts(scores, config.k, by=by, value=value, bottom_k=config.bottom_k,
-                             layers=config.layers, min_auroc=min_auroc)
-    return Found(scores, experts, mode, responses, state)
+    return Found(scores, config.select(scores), mode, responses, state)

@@ -67,3 +67,27 @@ def test_stream_mode_gives_the_exact_experts(checkpoint, tmp_path, capsys):
         assert [(r["layer"], r["unit"]) for r in exact.rows(c)] == [(r["layer"], r["unit"]) for r in stream.rows(c)]
     main(["score", str(tmp_path / "stream"), "--out", str(tmp_path / "re"), "-k", "2"])
     assert "certified within" in capsys.readouterr().out
+
+
+def test_each_check_runs_once_from_the_command_line_to_the_scores(checkpoint, tmp_path, monkeypatch, capsys):
+    """The options, the corpus's labels, the splits and the model-dependent checks each run once on
+    the way from `steer find-experts` to the expert set, and all but the last before the model loads."""
+    from steer import find
+    from steer.engine import models
+
+    calls = []
+
+    def counted(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for owner, name in [(find.FindConfig, "validate"), (find, "check_labels"), (find, "splits_for"),
+                        (find.FindConfig, "check_model"), (find, "choose_mode"), (models, "load_model")]:
+        counted(owner, name)
+    ckpt, corpus = checkpoint
+    main(["find-experts", "--model", str(ckpt), "--corpus", str(corpus), "-k", "2", "--out", str(tmp_path / "o")])
+    assert calls == ["validate", "check_labels", "splits_for", "load_model", "check_model", "choose_mode"]

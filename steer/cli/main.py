@@ -56,14 +56,6 @@ def _find_config(args, **fields):
                       **fields).validate()
 
 
-def _select(scores, config):
-    from steer.core.experts import select_experts
-
-    by, value, min_auroc = config.selection()
-    return select_experts(scores, config.k, by=by, value=value, bottom_k=config.bottom_k,
-                          layers=config.layers, min_auroc=min_auroc)
-
-
 def summary(experts, scores, top: int = 5) -> str:
     """Top experts per label, where they sit (layer histogram), and how labels share them."""
     sel = experts.meta["selection"]
@@ -110,12 +102,11 @@ def cmd_find_experts(args) -> None:
     """Check every option, collect, score, select, and only then write the outputs, so a run that
     fails (bad input, a crash) leaves the earlier outputs of --out as they were; checkpoints and
     states are written atomically. Under torchrun rank 0 writes everything."""
-    from steer.core.adapters import NeuronLayout
-    from steer.core.corpus import check_labels, open_corpus
+    from steer.core.corpus import open_corpus
     from steer.core.packaged_corpora import bible_corpus
     from steer.engine.distributed import init_from_env, shutdown
     from steer.engine.models import load_model
-    from steer.find import choose_mode, find_experts, splits_for
+    from steer.find import find_experts, plan
 
     device, dtype = machine(args)
     out = writable_dir(args.out)
@@ -136,17 +127,16 @@ def cmd_find_experts(args) -> None:
         corpus = bible_corpus(csv_list(args.languages), split=args.split, n_per_language=args.n, seed=args.seed)
     else:
         corpus = open_corpus(args.corpus, labels=csv_list(args.labels))
-    check_labels(corpus)
-    splits_for(corpus.label_names, config.targets, config.negatives)  # unknown --targets / --negatives
+    job = plan(corpus, config)  # labels, unknown --targets / --negatives: before the model loads
     group = init_from_env()  # torchrun: WORLD_SIZE > 1
     try:
         start = time.perf_counter()
         model, tok = load_model(args.model, device=device, dtype=dtype)
-        mode = choose_mode(config, len(corpus), NeuronLayout(model).n_neurons, group)
+        mode = job.fit(model, group)
         say = print if group.is_main else (lambda *a, **k: None)
         ranks = f" on {group.world} ranks" if group.active else ""
         say(f"{args.model}: {len(corpus):,} sentences, labels {corpus.label_names}; {mode} mode{ranks}")
-        found = find_experts(model, tok, corpus, config, group=group, mode=mode)
+        found = find_experts(model, tok, job, group=group)
         if found is None:  # not rank 0
             return
         scores, s = found.scores, found.settings
@@ -187,7 +177,7 @@ def cmd_score(args) -> None:
               f"{config.selection()[0]}; `steer find-experts --mode stream` refines the top-k exactly")
     else:
         raise FileNotFoundError(f"neither responses.safetensors nor state.safetensors in {src}")
-    experts = _select(scores, config)
+    experts = config.select(scores)
     out.mkdir(parents=True, exist_ok=True)
     _write_outputs(out, experts, scores, {"command": " ".join(sys.argv), "source": str(src), **scores.settings})
 
