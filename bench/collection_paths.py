@@ -39,7 +39,7 @@ from harness import Table, compare, environment, finish, write_results  # noqa: 
 from steer import NeuronLayout, bible_corpus, collect_stream, load_model
 from steer import collect  # noqa: E402
 from steer.core import stream as stream_module  # noqa: E402
-from steer.engine import backends, batching, patch  # noqa: E402
+from steer.engine import backends, batching  # noqa: E402
 from steer.engine import collect as collect_module  # noqa: E402
 from steer.kernels import fused_mlp as fused_mlp_module  # noqa: E402
 from steer.kernels import fused_mlp_ref  # noqa: E402
@@ -51,7 +51,7 @@ LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "ru", "zh"]
 PARTS = {  # part: the (owner, attribute) functions that do it, as the collection code calls them
     "pooling_s": [(backends, "pool"), (backends, "pool_sum"), (backends, "activation_stats"),
                   (fused_mlp_ref, "pool_max"), (fused_mlp_ref, "pool_sum"),
-                  (fused_mlp_ref, "activation_stats"), (patch, "pool_mean")],
+                  (fused_mlp_ref, "activation_stats"), (fused_mlp_ref, "pool_mean")],
     "binning_s": [(stream_module, "histogram_update")],
     "state_s": [(stream_module.StreamState, "update")],
     "calibration_s": [(collect_module, "calibrate_edges")],

@@ -19,7 +19,6 @@ import csv
 import gc
 import io
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -63,12 +62,13 @@ def load_average() -> str:
 
 
 def environment(dtype: str = "float32") -> dict:
-    """What a timing depends on. Call `finish(env)` at the end to add the closing load average."""
-    import torch
+    """What a timing depends on: steer's record of the machine (`steer.core.runtime.environment`:
+    CPU, its matrix units, threads, versions) and what a benchmark adds (date, cores this process
+    may use, memory, dtype, git SHA, load at the start). `finish(env)` adds the closing load."""
+    from steer.core.runtime import environment as machine
 
-    from steer.core.runtime import cpu_name
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    env = machine()
+    del env["load_average"]  # a timing records the load at its start and its end instead
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -81,22 +81,10 @@ def environment(dtype: str = "float32") -> dict:
     except ImportError:
         pass
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_name(),
-        "cores": cores,
-        "memory": mem,
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "numpy": _version("numpy"),
-        "sklearn": _version("sklearn"),
-        "dtype": dtype,
-        "torch_threads": torch.get_num_threads(),
-        "git": _git_sha(),
-        "load_start": load_average(),
-        "load_end": "",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **env,
+        "cores": cores, "memory": mem, "gpu": env.get("gpu", "none"), "triton": _version("triton"),
+        "numpy": _version("numpy"), "sklearn": _version("sklearn"), "dtype": dtype, "git": _git_sha(),
+        "load_start": load_average(), "load_end": "",
     }
 
 

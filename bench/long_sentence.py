@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     from tiny import tiny_tokenizer
 
     env = environment("float32")
-    env["torch_threads"] = args.threads
+    env["threads"] = args.threads
     c = corpus(args.short, args.long)
     lengths = [len(t) for t in tiny_tokenizer()(c.texts)["input_ids"]]
     rows, runs = [], {name: [] for name in PLANS}

@@ -167,7 +167,7 @@ def main() -> None:
     finish(env)
     env["model"] = "random Llama, hidden 64, 2 layers x 1,024 neurons, char tokenizer (tests/tiny.py)"
     env["stream_settings"] = "64 bins, calibration 1,000, window 4,096, batch 128, 8 labels"
-    env["torch_threads"] = int(os.environ.get("BENCH_THREADS", "2"))
+    env["threads"] = int(os.environ.get("BENCH_THREADS", "2"))
     columns = ["variant", "sentences", "file_mib", "baseline_mib", "peak_mib", "growth_mib", "ru_maxrss_mib",
                "seconds", "tokens_per_s", "state_mib"]
     stream = [r for r in rows if r["variant"] == "collect_stream"]

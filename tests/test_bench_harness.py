@@ -109,10 +109,10 @@ def test_compare_rejects_bad_arguments():
 
 def test_environment_record():
     env = harness.finish(harness.environment("float32"))
-    for key in ("cpu", "gpu", "torch", "triton", "transformers", "dtype", "torch_threads", "git",
+    for key in ("cpu", "gpu", "torch", "triton", "transformers", "dtype", "threads", "git",
                 "load_start", "load_end"):
         assert key in env and env[key] != ""
-    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
 
 
 def test_writers_produce_valid_csv_and_markdown(tmp_path):

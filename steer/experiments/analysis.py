@@ -28,6 +28,8 @@ import numpy as np
 import scipy.stats
 import torch
 
+from steer.experiments.figures import save_figure
+
 Embs = dict[str, torch.Tensor]
 
 # A language mean this much smaller than its sentences (e.g. after centring) counts as zero.
@@ -279,9 +281,7 @@ def plot_projection(pre: Embs, post: Embs, path: str | Path) -> Path:
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=120, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def _check_aligned(embs: Embs) -> list[str]:

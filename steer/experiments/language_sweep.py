@@ -29,6 +29,7 @@ from steer.core.intervention import POSITIONS
 from steer.core.metrics import check_k
 from steer.engine.backends import attached
 from steer.engine.generation import generate, perplexity
+from steer.experiments.figures import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,4 @@ def plot_language_steering(result: dict, path) -> Path:
     fig.suptitle(f"{s.get('model', '')}: BOS-prompted samples (n={s.get('n_samples')}, T={s.get('temperature')}, "
                  f"top-p={s.get('top_p')}, {s.get('max_new_tokens')} new tokens), py3langid", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)

@@ -5,17 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def shrink_png(path: Path, limit: int = 200_000) -> None:
-    """Re-save a PNG as a palette image when it exceeds `limit` bytes (Pillow ships with matplotlib)."""
-    if path.stat().st_size <= limit:
-        return
-    try:
-        from PIL import Image
-
-        Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)
-    except Exception:  # pragma: no cover
-        pass
+from steer.experiments.figures import save_figure
 
 
 def _figure(w: float, h: float, n_cols: int = 1, n_rows: int = 1):
@@ -27,9 +17,7 @@ def _figure(w: float, h: float, n_cols: int = 1, n_rows: int = 1):
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=100, format="png")
-    shrink_png(path)
-    return path.name
+    return save_figure(fig, path).name
 
 
 def make_figures(results: dict, out: Path) -> dict[str, str]:

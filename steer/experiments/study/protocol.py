@@ -49,7 +49,6 @@ from steer.experiments.study.cache import Embedder
 from steer.experiments.study.choice import choose, choose_setting
 from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
 from steer.experiments.study.control import control_seed
-from steer.experiments.study.figures import shrink_png
 from steer.experiments.study.measures import (
     both,
     control_summary,
@@ -238,7 +237,6 @@ def stage_test(run: _Run):
         for t in cfg.targets:
             path = run.out / f"projection_{t}.png"
             A.plot_projection(pre, post_by_target[t], path)
-            shrink_png(path)
     run.results["test"] = test_results
     return test, pre, post_by_target
 
