@@ -34,7 +34,7 @@ _LOADED: dict = {}  # name -> module: after the first import a plain dict look-u
 
 def triton_module(name: str):
     """`steer.kernels.<name>` (a Triton module), imported on first use; a clear ImportError where
-    Triton does not import (macOS, Windows: use backend "auto" or "torch" there)."""
+    Triton does not import (macOS, Windows: use impl "auto" or "torch" there)."""
     module = _LOADED.get(name)
     if module is None:
         try:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ from steer.cli import main
 from conftest import REAL_CPU_BF16
 from tiny import tiny_model, tiny_tokenizer
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+#: the pages whose Python blocks a user may copy: the README first (its blocks save what later pages
+#: load, e.g. runs/fr-experts), then docs/*.md by name (the committed reports under docs/ hold no code)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _nudge(x: torch.Tensor, max_ulp: int, seed: int) -> torch.Tensor:
@@ -139,11 +144,19 @@ def test_load_model_resolves_a_hub_id_from_the_local_hub_cache(checkpoint, tmp_p
     assert missing.returncode != 0 and "cannot load 'someone/other'" in missing.stderr
 
 
+def _python_blocks(page: Path) -> list[str]:
+    """The ```python blocks of a markdown page, except vLLM's (they run in tests/vllm_plugin, where
+    vLLM is installed)."""
+    return [b for b in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S) if "from vllm" not in b]
+
+
 def test_readme_python_snippets_run(checkpoint, monkeypatch, tmp_path):
-    """Every ```python block of the README runs as written, on a tiny model where it names Gemma
-    (the vLLM example runs in tests/vllm_plugin, where vLLM is installed)."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "from vllm" not in b]
-    assert blocks, "the README shows no Python"
+    """Every ```python block of the README and of docs/*.md runs as written, in page order, in one
+    working directory, on a tiny model where it names Gemma."""
+    blocks = [(page, code) for page in PAGES for code in _python_blocks(page)]
+    assert _python_blocks(README), "the README shows no Python"
+    assert {page.name for page, _ in blocks} >= {"README.md", "per_row.md", "methods.md"}, (
+        "a page's Python moved: check that its blocks still run here")
     real_load = steer.load_model
 
     def load_model(name, **kw):
@@ -151,5 +164,7 @@ def test_readme_python_snippets_run(checkpoint, monkeypatch, tmp_path):
 
     monkeypatch.setattr(steer, "load_model", load_model)
     monkeypatch.chdir(tmp_path)
-    for code in blocks:
-        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    with warnings.catch_warnings():  # the pages use today's names, not the deprecated ones
+        warnings.filterwarnings("error", message=".* is renamed ", category=DeprecationWarning)
+        for page, code in blocks:
+            exec(compile(code, str(page), "exec"), {"__name__": "readme"})

@@ -1,6 +1,6 @@
 """Adapters: where each model family keeps its MLP neurons.
 
-A *neuron* is one unit of the input of an MLP's down projection (the README's "What steer computes"): gated MLPs feed
+A *neuron* is one unit of the input of an MLP's down projection (docs/concepts.md): gated MLPs feed
 it `act(gate_proj(x)) * up_proj(x)`, ungated ones the activation output. One declared `Adapter`
 per family maps these canonical parts to module paths inside a Hugging Face model (the way
 TransformerLens declares its architecture adapters):

@@ -3,7 +3,7 @@
 Needs vLLM (`make install-vllm`; `make test-vllm` runs this folder). Three engine processes, one
 per module (engine_run.py runs every scenario in each): stock vLLM with general plugins off
 (VLLM_PLUGINS=""), the plugin in eager mode, the plugin compiled (Inductor on the CPU), and a
-fourth for the README's example; each start costs 20-50 s here (2 cores, tiny model).
+fourth for the example of docs/vllm.md; each start costs 20-50 s here (2 cores, tiny model).
 """
 import functools
 import json
@@ -67,7 +67,7 @@ def test_unsteered_requests_equal_stock_vllm(stock, eager):
 
 def test_compiled_mode(stock, eager, compiled):
     """Compiled (Inductor on the CPU, traced once): unsteered greedy tokens equal stock vLLM's,
-    steered ones the eager plugin's; logprobs within 1e-4 (stated in the README)."""
+    steered ones the eager plugin's; logprobs within 1e-4 (stated in docs/vllm.md)."""
     assert [r["tokens"] for r in compiled["plain"]] == [r["tokens"] for r in stock["plain"]]
     for name in eager["alone"]:
         assert [r["tokens"] for r in compiled["alone"][name]] == [r["tokens"] for r in eager["alone"][name]], name
@@ -181,11 +181,11 @@ def test_bad_requests_are_refused_and_the_engine_serves_on(eager, name, words):
 
 
 def test_readme_example_runs(served, tmp_path):
-    """The README's vLLM example, as written, on the tiny model and its expert set."""
+    """The vLLM example of docs/vllm.md, as written, on the tiny model and its expert set."""
     import re
 
-    readme = (HERE.parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from vllm" in b)
+    page = (HERE.parents[1] / "docs" / "vllm.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "from vllm" in b)
     code = block
     for old, new in (('resolve("gemma-3-270m")', repr(str(served / "model"))),
                      ('"runs/experts/experts"', repr(str(served / "experts"))), ('"steer_k": 100', '"steer_k": 5')):
