@@ -61,7 +61,7 @@ def measure(model, *, tokens: int = 32, new_tokens: int = 16, k: int = 50, repea
     from transformers import DynamicCache
 
     from steer.core.intervention import InterventionSets
-    from steer.engine.backends import intervene
+    from steer.engine.steering import intervene
     from steer.engine.patch import patch
 
     vocab = model.config.get_text_config().vocab_size

@@ -11,7 +11,8 @@ import torch
 
 import todays_way
 from steer.core.adapters import NeuronLayout, base_inputs
-from steer.engine.backends import attached, intervene
+from steer.engine.backends import attached
+from steer.engine.steering import intervene
 from steer.core.intervention import Intervention
 from tiny import batch, tiny_model
 

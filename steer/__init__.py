@@ -33,7 +33,7 @@ from steer.core.runtime import native_dtype
 from steer.core.scores import Responses, Scores, Split, score_state
 from steer.core.stream import StreamState
 from steer.core.token_stats import TokenStats
-from steer.engine.backends import intervene
+from steer.engine.steering import intervene
 from steer.engine.collect import collect, collect_stream, refine
 from steer.engine.embed import embed
 from steer.engine.generation import generate, perplexity

@@ -6,7 +6,7 @@ It makes the one decision the caller should not have to: how to collect.
   be in the top-k, so the experts and their values equal exact mode's.
 "auto" takes exact while the response table fits `memory_budget_gib`, stream beyond (below that
 size one exact pass beats streaming's two), and stream whenever checkpoints or several processes
-(torchrun) are involved. Backend "auto" (`steer.engine.backends.choose`) collects through the
+(torchrun) are involved. Backend "auto" (`steer.engine.steering.choose`) collects through the
 fused patch where it gives the hooks' exact responses (float32 on the CPU: measured faster),
 through the hooks elsewhere. The CLI (`steer find-experts`) and `steer study` call this function.
 
@@ -28,7 +28,7 @@ from steer.core.corpus import check_labels
 from steer.core.experts import RECIPES, ExpertSet, check_k, select_experts
 from steer.core.scores import Responses, Scores, Split
 from steer.core.stream import StreamState
-from steer.engine.backends import check_choice, choose
+from steer.engine.steering import check_choice, choose
 from steer.engine.batching import MAX_TOKENS, WINDOW, check_batching
 from steer.engine.collect import check_stream, collect, collect_stream, refine
 from steer.engine.distributed import Group, current
@@ -57,7 +57,7 @@ class FindConfig:
     skip_special: bool = True
     max_length: int | None = None
     too_long: str = "truncate"
-    backend: str = "auto"  # "auto": fused where it gives the hooks' exact responses, faster (backends.choose)
+    backend: str = "auto"  # "auto": fused where it gives the hooks' exact responses, faster (steering.choose)
     bins: int = 64
     calibration: int = 1000
     window: int = WINDOW

@@ -3,7 +3,7 @@ give the neuron tensor, pooled responses and logits of the tests' own oracle in 
 import pytest
 import torch
 
-from steer.engine import backends
+from steer.engine import backends, steering
 from steer.core.adapters import NeuronLayout, base_inputs
 from steer.core.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
@@ -32,7 +32,7 @@ def run(model, ids, mask):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", backends.BACKENDS)
+@pytest.mark.parametrize("kind", steering.BACKENDS)
 def test_both_backends_equal_the_oracle(family, kind):
     model = tiny_model(family)
     ids, mask = batch([5, 2, 4], pad_left=family in ("llama", "gpt2"))
@@ -44,7 +44,7 @@ def test_both_backends_equal_the_oracle(family, kind):
     # the last layer only, so the neurons before the override are the unsteered model's
     iv = Intervention.for_model(model, positions="last").set(1, [1, 5], torch.tensor([2.0, -1.0])).scale(1, [3], 4.0)
 
-    backend, owned = backends.use(model, kind)
+    backend, owned = steering.use(model, kind)
     assert owned and backends.attached(model) is backend
     backend.steer(iv)
     pooled = backend.start_pooling(real, "max")
@@ -68,7 +68,7 @@ def test_both_backends_equal_the_oracle(family, kind):
         hand_max = torch.stack([want[r][real[r]].max(0).values for r in range(len(ids))])
         torch.testing.assert_close(pooled[:, layer], hand_max, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(steered, plain)
-    with backends.intervene(model, iv):  # the verb users call: the same steering
+    with steering.intervene(model, iv):  # the verb users call: the same steering
         torch.testing.assert_close(run(model, ids, mask), steered, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run(model, ids, mask), plain)  # and nothing left behind
 
@@ -77,10 +77,10 @@ def test_one_backend_at_a_time_and_nested_interventions():
     model = tiny_model("llama")
     a = Intervention.for_model(model).set(0, [1], 3.0)
     b = Intervention.for_model(model).set(1, [2], -3.0)
-    with backends.intervene(model, a) as outer:
+    with steering.intervene(model, a) as outer:
         with pytest.raises(RuntimeError, match="hooks are active"):
-            backends.use(model, "fused")
-        with backends.intervene(model, b) as inner:  # the inner one replaces the outer one ...
+            steering.use(model, "fused")
+        with steering.intervene(model, b) as inner:  # the inner one replaces the outer one ...
             assert inner.backend is outer.backend and inner.backend.intervention is b
         assert outer.backend.intervention is a  # ... and gives it back
     assert backends.attached(model) is None
@@ -103,8 +103,8 @@ def test_auto_takes_fused_only_where_responses_stay_bit_identical(family, dtype)
 
     model = tiny_model(family, dtype)
     want = "fused" if dtype == torch.float32 and family in EXACT_FP32 else "hooks"
-    assert backends.choose(model) == want
-    backend, owned = backends.use(model, "auto")
+    assert steering.choose(model) == want
+    backend, owned = steering.use(model, "auto")
     assert owned and backend.kind == want
     backend.remove()
     assert backends.attached(model) is None
@@ -120,25 +120,25 @@ def test_auto_takes_fused_only_where_responses_stay_bit_identical(family, dtype)
 
 def test_auto_follows_what_is_attached_and_what_the_op_implements():
     model = tiny_model("llama")
-    assert backends.choose(model, "hooks") == "hooks" and backends.choose(model, "fused") == "fused"
+    assert steering.choose(model, "hooks") == "hooks" and steering.choose(model, "fused") == "fused"
     with pytest.raises(ValueError, match=r"backend='cuda'; choose one of \('auto', 'hooks', 'fused'\)"):
-        backends.choose(model, "cuda")
+        steering.choose(model, "cuda")
     with pytest.raises(ValueError, match="backend='cuda'"):
-        backends.use(model, "cuda")
-    with backends.intervene(model, Intervention.for_model(model).set(0, [1], 3.0)) as s:
-        assert backends.choose(model) == "hooks"  # an intervene's hooks: collection pools through them
-        backend, owned = backends.use(model, "auto")
+        steering.use(model, "cuda")
+    with steering.intervene(model, Intervention.for_model(model).set(0, [1], 3.0)) as s:
+        assert steering.choose(model) == "hooks"  # an intervene's hooks: collection pools through them
+        backend, owned = steering.use(model, "auto")
         assert backend is s.backend and not owned
     from steer.engine.patch import patch
 
     with patch(model) as p:
-        assert backends.choose(model) == "fused" and backends.use(model, "auto") == (p, False)
-    assert backends.choose(model, neuron_module=r"layers\.\d+\.mlp\.down_proj") == "hooks"
+        assert steering.choose(model) == "fused" and steering.use(model, "auto") == (p, False)
+    assert steering.choose(model, neuron_module=r"layers\.\d+\.mlp\.down_proj") == "hooks"
     mlp = model.model.layers[1].mlp
-    for act in (torch.nn.Tanh(), torch.nn.GELU(approximate="tanh")):  # not the op's / not its bits
-        original, mlp.act_fn = mlp.act_fn, act
+    for act, want in ((torch.nn.Tanh(), "hooks"), (torch.nn.GELU(approximate="tanh"), "fused")):  # not the op's
+        original, mlp.act_fn = mlp.act_fn, act  # / torch's tanh GELU, which the op computes bit for bit
         try:
-            assert backends.choose(model) == "hooks"
+            assert steering.choose(model) == want, act
         finally:
             mlp.act_fn = original
-    assert backends.choose(model) == "fused"
+    assert steering.choose(model) == "fused"

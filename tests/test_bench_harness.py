@@ -22,7 +22,8 @@ import todays_way  # noqa: E402
 from steer.core.adapters import NeuronLayout, base_inputs  # noqa: E402
 from steer.engine.collect import collect  # noqa: E402
 from steer.core.corpus import Corpus  # noqa: E402
-from steer.engine.backends import attached, intervene  # noqa: E402
+from steer.engine.backends import attached  # noqa: E402
+from steer.engine.steering import intervene  # noqa: E402
 from steer.core.intervention import Intervention  # noqa: E402
 from tiny import batch, tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -12,7 +12,7 @@ import steer.experiments.language_sweep as LS
 from steer.cli import main as cli_main
 from steer.core.adapters import NeuronLayout
 from steer.core.experts import FORMAT_VERSION, ExpertSet, random_control
-from steer.engine.backends import intervene
+from steer.engine.steering import intervene
 from steer.core.intervention import Intervention
 from steer.engine.batching import pad_batch
 from steer.engine.patch import patch

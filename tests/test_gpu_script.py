@@ -181,7 +181,7 @@ def test_device_patched_model_matches_cpu_reference(family, dtype):
     with the reference hooks: on the CPU in fp32; in bf16 on the device, within bf16's tolerance."""
     import copy
 
-    from steer.engine.backends import intervene
+    from steer.engine.steering import intervene
     from steer.engine.patch import patch
     from tiny import batch, tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steer.core.adapters import NeuronLayout, base_inputs
-from steer.engine.backends import intervene
+from steer.engine.steering import intervene
 from steer.core.intervention import Intervention
 from tiny import FAMILIES, batch, tiny_model
 

@@ -58,3 +58,49 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from steer.engine.collect import collect\n")
     assert "steer.engine.collect" in set(imports(bad, "steer.core.bad"))
     assert layer("steer.engine.collect") > layer("steer.core.bad")
+
+
+def _graph() -> dict[str, set[str]]:
+    """steer module -> the steer modules it imports (at the top or inside a function)."""
+    names = {module for module, _ in modules()}
+    graph = {}
+    for module, path in modules():
+        targets = set()
+        for target in imports(path, module):
+            while target and target not in names:  # `from steer.core.x import f` -> steer.core.x
+                target = target.rpartition(".")[0]
+            if target and target != module and target != "steer":
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (its modules in order), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node], _ = 1, path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node], _ = 2, path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others (lazy imports count)."""
+    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()))
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -18,7 +18,7 @@ from steer.core.lape import LapeNeurons, lape_intervention, select_lape
 from steer.core.scores import Responses
 from steer.core.stream import StreamState
 from steer.core.token_stats import TokenStats
-from steer.engine.backends import intervene
+from steer.engine.steering import intervene
 from steer.engine.collect import collect, collect_stream
 from steer.engine.patch import patch
 from steer.find import find_experts

@@ -7,7 +7,8 @@ from steer.core.adapters import base_inputs
 from steer.engine.collect import collect
 from steer.core.corpus import Corpus
 from steer.core.adapters import NeuronLayout
-from steer.engine.backends import attached, intervene
+from steer.engine.backends import attached
+from steer.engine.steering import intervene
 from steer.core.intervention import Intervention
 from steer.engine.patch import FusedActivation, FusedGatedMLP, patch
 from tiny import FAMILIES, batch, tiny_model, tiny_tokenizer
@@ -120,3 +121,13 @@ def test_double_patch_and_hook_conflicts_are_clear_errors():
     with intervene(model, experts(model)):
         with pytest.raises(RuntimeError, match="hooks are active"):
             collect(model, tiny_tokenizer(), corpus, backend="fused", progress=False)
+
+
+def test_torch_gelu_maps_by_its_approximation():
+    """nn.GELU is one class for two functions: the fused op takes the tanh form where it is asked."""
+    from torch import nn
+
+    from steer.engine.patch import fused_act
+
+    assert fused_act(nn.GELU()) == "gelu" and fused_act(nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert fused_act(nn.SiLU()) == "silu" and fused_act(nn.Tanh()) is None

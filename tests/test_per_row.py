@@ -11,8 +11,8 @@ from transformers import DynamicCache
 import steer
 from steer.core.adapters import base_inputs
 from steer.core.intervention import POSITIONS, Intervention, InterventionSets
-from steer.engine import backends
-from steer.engine.backends import intervene
+from steer.engine import steering
+from steer.engine.steering import intervene
 from steer.engine.batching import pad_batch
 from steer.engine.generation import encode_prompts, generate_ids
 from steer.engine.patch import patch
@@ -105,7 +105,7 @@ def test_pooled_responses_per_row(family, kind):
     ids, mask = batch([5, 3, 4, 6], pad_left=True)
     assignment = [1, None, 0, 1]
     with torch.no_grad():
-        backend, owned = backends.use(model, kind)
+        backend, owned = steering.use(model, kind)
         try:
             def pooled(i, m, steering):
                 out = backend.start_pooling(m.bool(), "max")

@@ -18,20 +18,15 @@ Implementations:
 - `FusedPatch` (`steer.patch`): each MLP swapped for a module whose neuron tensor comes from one
   fused op that applies the override (neuron or activation site) and pools in the same pass.
 The residual site is a forward hook on every decoder layer in both, added the first time it is
-used. Collection (`find_experts`, `steer find-experts`) defaults to backend "auto" (`choose`):
-the fused patch where it gives the hooks' exact responses (float32 on the CPU, where it was
-measured faster), the hooks elsewhere.
-The semantics (override, pooling, activation statistics) are the kernels' reference
-functions (`kernels/fused_mlp_ref.py`): written once, used by every site and both backends. `intervene(model, iv)` steers through the attached backend, or
-attaches hooks for the duration of its `with` block; collection pools the same way.
+used. The semantics (override, pooling, activation statistics) are the kernels' reference
+functions (`kernels/fused_mlp_ref.py`): written once, used by every site and both backends.
+Which backend a call gets, and `intervene`, are in `steer.engine.steering`.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import weakref
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,8 +37,6 @@ from steer.core.token_stats import check_kinds
 from steer.kernels.fused_mlp_ref import activation_stats, apply_override, pool, pool_sum
 
 log = logging.getLogger(__name__)
-BACKENDS = ("hooks", "fused")  # the two implementations
-CHOICES = ("auto", *BACKENDS)  # what `use` and collection's `backend=` take ("auto": `choose`)
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Backend]" = weakref.WeakKeyDictionary()
 
@@ -294,155 +287,3 @@ class HookBackend(Backend):
             h.remove()
         self.handles, self.act_handles = [], []
         super().remove()
-
-
-def check_choice(kind: str) -> None:
-    """ValueError unless `kind` is one of `CHOICES`."""
-    if kind not in CHOICES:
-        raise ValueError(f"backend={kind!r}; choose one of {CHOICES}")
-
-
-def choose(model: nn.Module, kind: str = "auto", neuron_module: str | None = None) -> str:
-    """The backend ("hooks" or "fused") that `kind` stands for when collecting from `model`.
-
-    "hooks" and "fused" stand for themselves. "auto" takes the backend already attached (an
-    `intervene`'s hooks, a `steer.patch`), else "fused" where it computes exactly the hooks'
-    responses and was measured the faster of the two, else "hooks": fused when the model has a
-    declared adapter (no `neuron_module`), every down projection is float32 on the CPU, and
-    every layer's activation module is one the fused op implements and gives the op's bits on a
-    probe (`_fused_is_exact`). Measured (bench/results/collection_paths.md, Gemma-3-270M, fp32,
-    2 CPU threads): streaming collection at 0.979x the bare forward's speed fused, 0.951x hooks.
-    Elsewhere fused is not taken: it computes `act(gate) * up` in fp32 and rounds once, so in
-    bf16 its responses differ from the model's own by rounding (up to a bf16 step); on CUDA it
-    runs Triton, not timed against the hooks on a GPU; GPT-2's and BLOOM's own tanh-GELU
-    formulas differ from the op's by an fp32 ulp; other activations it does not implement, or
-    maps by class name to a different function (nn.GELU(approximate="tanh"))."""
-    check_choice(kind)
-    if kind != "auto":
-        return kind
-    existing = attached(model)
-    if existing is not None:
-        return existing.kind
-    return "fused" if neuron_module is None and _fused_is_exact(NeuronLayout(model)) else "hooks"
-
-
-def _fused_is_exact(layout: NeuronLayout) -> bool:
-    """Whether the fused patch gives `layout`'s model the same bits as its own forward (and so the
-    hooks' responses): float32 weights on the CPU, the fused op's torch path, and each layer's
-    activation equal, bit for bit on a probe, to the op's activation for that module."""
-    from steer.engine.patch import ACTS
-    from steer.kernels.fused_mlp_ref import ACTIVATIONS
-
-    if layout.adapter is None or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32
-                                    for m in layout.modules):
-        return False
-    probe = torch.linspace(-10.0, 10.0, 4001).view(1, 1, -1)  # [B, T, M]: every regime of the activations
-    seen: set[int] = set()
-    for layer in range(layout.n_layers):
-        act = layout.layer_parts(layer)["act"]
-        if id(act) in seen:
-            continue
-        seen.add(id(act))
-        name = ACTS.get(type(act).__name__)
-        if name is None:
-            return False
-        with torch.no_grad():
-            if not torch.equal(act(probe), ACTIVATIONS[name](probe)):
-                return False
-    return True
-
-
-def use(model: nn.Module, kind: str = "hooks", neuron_module: str | None = None) -> tuple[Backend, bool]:
-    """(backend, owned): the backend attached to `model`, or a new one of `kind` ("auto":
-    `choose`) that the caller owns and removes when done. A hooks backend attached by
-    `intervene` cannot serve kind="fused" (patch the model first, then intervene)."""
-    check_choice(kind)
-    existing = attached(model)
-    if existing is not None:
-        if kind == "fused" and existing.kind != "fused":
-            raise RuntimeError("hooks are active on this model (a hook-based intervene?); with backend='fused', "
-                               "patch the model first and intervene after")
-        return existing, False
-    if choose(model, kind, neuron_module) == "fused":
-        from steer.engine.patch import FusedPatch
-
-        return FusedPatch(model), True
-    return HookBackend(model, neuron_module), True
-
-
-class Steering:
-    """An intervention applied to a model; `remove()` or leave the `with` block to undo."""
-
-    def __init__(self, model: nn.Module, intervention: Intervention | InterventionSets,
-                 neuron_module: str | None = None, rows: torch.Tensor | None = None):
-        self.backend, self.owned = use(model, "hooks", neuron_module)
-        self.previous = (self.backend.intervention, self.backend.rows)
-        try:
-            self.backend.steer(intervention, rows)
-        except Exception:
-            if self.owned:
-                self.backend.remove()
-            raise
-        self.intervention = intervention
-
-    def remove(self) -> None:
-        if self.backend is None:
-            return
-        if self.backend.intervention is self.intervention:
-            if self.previous[0] is None:
-                self.backend.unsteer()
-            else:
-                self.backend.steer(*self.previous)
-        if self.owned and self.backend.idle:
-            self.backend.remove()
-        self.backend = None
-
-    def __enter__(self) -> "Steering":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def intervene(model: nn.Module, intervention: Intervention | InterventionSets, neuron_module: str | None = None,
-              *, rows: torch.Tensor | None = None) -> Steering:
-    """Apply `intervention` to `model` until `.remove()` (or use it as a context manager): through
-    the model's backend (e.g. a `steer.patch`), or forward pre-hooks added for the duration.
-    With `InterventionSets`, `rows` [B] names each row's set (`sets.rows([...])`; S: none)."""
-    return Steering(model, intervention, neuron_module, rows)
-
-
-class PerRow:
-    """The `intervention=` argument of steer's verbs (`generate`, `embed`, `perplexity`), for a
-    list of `n` inputs: None (no steering), one `Intervention` for every input, or a list with an
-    Intervention or None per input. A list becomes one `InterventionSets` (an Intervention used
-    by several inputs is one set); `batch(model, indices)` steers a batch of those inputs."""
-
-    def __init__(self, intervention: "Intervention | Sequence[Intervention | None] | None", n: int):
-        self.single = self.sets = None
-        self.assignment: list[int | None] = []
-        if intervention is None or isinstance(intervention, Intervention):
-            self.single = intervention
-            return
-        if not isinstance(intervention, Sequence) or isinstance(intervention, str):
-            raise TypeError(f"intervention must be None, an Intervention or a list of them, not {type(intervention).__name__}")
-        if len(intervention) != n:
-            raise ValueError(f"{len(intervention)} interventions for {n} inputs: give one per input (None: unsteered)")
-        index: dict[int, int] = {}  # id -> set number, in order of first use
-        distinct: list[Intervention] = []
-        for iv in intervention:
-            if iv is not None and not isinstance(iv, Intervention):
-                raise TypeError(f"a per-input intervention must be an Intervention or None, not {type(iv).__name__}")
-            if iv is not None and id(iv) not in index:
-                index[id(iv)] = len(distinct)
-                distinct.append(iv)
-        self.assignment = [None if iv is None else index[id(iv)] for iv in intervention]
-        if distinct:
-            self.sets = InterventionSets.of(distinct)
-
-    def batch(self, model: nn.Module, indices: Sequence[int]):
-        """A context steering one batch made of the inputs `indices` (in batch row order)."""
-        if self.sets is not None:
-            rows = self.sets.rows([self.assignment[i] for i in indices])
-            return intervene(model, self.sets, rows=rows)
-        return contextlib.nullcontext() if self.single is None else intervene(model, self.single)

@@ -1,13 +1,25 @@
 """Batching: how texts become padded batches, the one rule of every forward pass of steer.
 
-Texts are tokenized once (`tokenize`: special tokens added, a pooled-token mask that leaves
-them out unless asked, too-long sentences truncated or refused), planned into batches
-(`batches`: longest first, stable, at most `batch_size` sentences and `max_tokens` padded
-tokens, a longer sentence alone) and padded on a given side (`pad_batch`: ids and attention
-mask; position ids are then computed from the mask, `steer.core.adapters.base_inputs`, so
-padding on either side changes nothing). `plan_batches` does the same for a stream of
-records, window by window, in a deterministic order that checkpoints and ranks share. Inputs go
-to the device of the input embeddings (`input_device`).
+Collection (exact, stream, refine), embeddings, generation and perplexity all read texts the
+same way:
+- `tokenize`: the tokenizer's special tokens added; a text of no token at all is the start
+  token alone (BOS, else EOS); too-long texts truncated or refused where a limit applies.
+- Special tokens: the pooled-token mask leaves out every token the tokenizer marks special in
+  its `special_tokens_mask` (the tokens it added: BOS, and any EOS or separator it appends),
+  wherever it sits, not only the first; a special-token string written in the text is text.
+  That is collection's rule (the responses experts are found from); embeddings pool and
+  perplexity scores the same tokens. Token ids given without a text (`given_tokens`) mark the
+  tokenizer's special ids, or the model's BOS / EOS / pad ids without a tokenizer (`special_ids`).
+- `batches`: the plan, longest first, stable, at most `batch_size` sentences and `max_tokens`
+  padded tokens, a longer sentence alone.
+- `padding`: the pad id (the tokenizer's, else 0: its value never reaches a result) and side
+  (the tokenizer's; left when generating, `generating=True`, so that every row's last real
+  token is the last column the next token follows); `pad_batch` pads ids and attention mask
+  there. Position ids are computed from the mask (`steer.core.adapters.base_inputs`), so the
+  side changes nothing but fp rounding.
+`plan_batches` does the same for a stream of records, window by window, in a deterministic
+order that checkpoints and ranks share. Inputs go to the device of the input embeddings
+(`input_device`).
 """
 from __future__ import annotations
 
@@ -29,20 +41,27 @@ WINDOW = 4096
 MAX_TOKENS = 8192
 
 
-def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, limit: int | None = None,
-             too_long: str = "truncate", truncated: list | None = None):
+def tokenize(tokenizer, texts: Sequence[str], keys: Sequence[str] | None = None, skip_special: bool = True,
+             limit: int | None = None, too_long: str = "truncate", truncated: list | None = None):
     """Token ids and the mask of pooled tokens of each text (lists, unpadded): the one tokenizing
-    function of collection (exact and stream) and of the benchmarks' baselines.
+    function of every forward pass (collection, embeddings, generation, perplexity) and of the
+    benchmarks' baselines.
 
+    Special tokens are added; a text of no token (e.g. "" with a tokenizer that adds none) is the
+    start token alone (BOS, else EOS; a special token). With `skip_special`, the pooled mask
+    leaves out the special tokens (see the module docstring); a text left with none is refused.
     A text over `limit` tokens (the model's context or max_length; None: no limit) is truncated
     to `limit` (too_long='truncate'; when `truncated` is a list, (position, tokens before
-    truncation) is appended to it), or refused with a ValueError naming it (too_long='error')."""
-    enc = tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True)
+    truncation) is appended to it), or refused with a ValueError naming it (too_long='error').
+    `keys` name the texts in errors (None: their positions)."""
+    texts = list(texts)
+    names = list(keys) if keys is not None else [f"#{i}" for i in range(len(texts))]
+    enc = tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True)
     ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
     long = [] if limit is None else [(i, len(t)) for i, t in enumerate(ids) if len(t) > limit]
     if long and too_long == "error":
         i, n = long[0]
-        raise ValueError(f"sentence {keys[i]!r} has {n} tokens, more than the limit of {limit} "
+        raise ValueError(f"sentence {names[i]!r} has {n} tokens, more than the limit of {limit} "
                          "(the model's context or max_length); too_long='truncate' "
                          "(--too-long truncate) cuts such sentences with a warning")
     if long:
@@ -52,13 +71,48 @@ def tokenize(tokenizer, texts: list[str], keys: list[str], skip_special: bool, l
             ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
         if truncated is not None:
             truncated += long
+    for i, t in enumerate(ids):
+        if not len(t):
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if start is None:
+                raise ValueError(f"sentence {names[i]!r} has no token, and the tokenizer no BOS (or EOS) "
+                                 "token to stand for it")
+            ids[i], special[i] = [start], [1]
+    return [list(t) for t in ids], _pooled(special, skip_special, names, texts)
+
+
+def special_ids(tokenizer, model: nn.Module | None = None) -> set[int]:
+    """The ids that are special tokens in token ids given without a text: the tokenizer's
+    (`all_special_ids`, which its `get_special_tokens_mask` marks in such ids), or without a
+    tokenizer the model config's BOS, EOS and pad ids."""
+    if tokenizer is not None:
+        return set(tokenizer.all_special_ids)
+    config = getattr(model, "config", None)
+    found = (getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    return {i for v in found for i in ([v] if isinstance(v, int) else v or ())}
+
+
+def given_tokens(rows: Sequence[Sequence[int]], special: set[int], skip_special: bool = True):
+    """`tokenize` for token ids a caller made: (ids, pooled masks), a token special when its id
+    is in `special` (`special_ids`). An empty row, or one with no token left to pool, is refused."""
+    ids = [[int(t) for t in r] for r in rows]
+    names = [f"#{i}" for i in range(len(ids))]
+    for name, r in zip(names, ids):
+        if not r:
+            raise ValueError(f"token sequence {name} is empty")
+    return ids, _pooled([[t in special for t in r] for r in ids], skip_special, names, ids)
+
+
+def _pooled(special: list[list], skip_special: bool, names: list[str], texts) -> list[list[bool]]:
+    """The pooled-token masks: every token, or (skip_special) every token not special."""
     pooled = []
-    for i, (t, s) in enumerate(zip(ids, special)):
-        keep = [not x for x in s] if skip_special else [True] * len(t)
+    for i, s in enumerate(special):
+        keep = [not x for x in s] if skip_special else [True] * len(s)
         if not any(keep):
-            raise ValueError(f"sentence {keys[i]!r} has no token to pool ({texts[i]!r})")
+            raise ValueError(f"sentence {names[i]!r} has no token left once its special tokens are "
+                             f"skipped ({texts[i]!r})")
         pooled.append(keep)
-    return ids, pooled
+    return pooled
 
 
 def batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -66,8 +120,8 @@ def batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) 
     sentences run first (a memory problem shows at once) and the plan depends only on the
     lengths, then cut into batches of at most `batch_size` sentences and `max_tokens` padded tokens
     (sentences x the longest one's length; None: no budget). A sentence longer than the budget
-    runs alone. Every batching of steer (collect, collect_stream, refine, embed) and of the
-    benchmarks' baselines is this one."""
+    runs alone. Every batching of steer (collect, collect_stream, refine, embed, generate,
+    perplexity) and of the benchmarks' baselines is this one."""
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError(f"batch_size ({batch_size}) and max_tokens ({max_tokens}) must be >= 1")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -88,10 +142,26 @@ def pad(rows: Sequence[Sequence], value, side: str = "right") -> torch.Tensor:
     return torch.tensor([list(r) + f if side == "right" else f + list(r) for r, f in zip(rows, fill)])
 
 
+def padding(tokenizer, generating: bool = False) -> tuple[int, str]:
+    """(pad id, side) of every forward pass: the one padding rule.
+
+    The pad id is the tokenizer's, else 0 (an id every vocabulary has): its value never reaches
+    a result, as the attention mask leaves padding out of every forward, pooling and scoring
+    ignore it, and generation cuts each row at its EOS. The side is the tokenizer's
+    `padding_side` ("right" without a tokenizer): position ids come from the mask
+    (`base_inputs`), so it changes nothing but fp rounding, and collection's numbers stay those
+    of the tokenizer's side. `generating`: "left" whatever the tokenizer says, since new tokens
+    follow the last column, which must be every row's last real token."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    side = "left" if generating else getattr(tokenizer, "padding_side", None) or "right"
+    return (0 if pad_id is None else pad_id), side
+
+
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both int64 [B, T] on `device`: the padding of every forward
-    pass of steer (collection, embeddings, generation). Position ids come from the mask
-    (`base_inputs`), so the side never changes a real token's result."""
+    pass of steer (collection, embeddings, generation, perplexity), with the id and side of
+    `padding`. Position ids come from the mask (`base_inputs`), so the side never changes a
+    real token's result."""
     return (pad(ids, pad_id, side).to(device),
             pad([[1] * len(r) for r in ids], 0, side).to(device))
 

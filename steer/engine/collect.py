@@ -9,12 +9,13 @@ enter the exact top-k, so the experts and their values equal exact mode's.
 How a batch is run: sentences are tokenized, sorted by length, longest first (stable, so batches
 depend only on the corpus, not on its order), cut into batches of at most `batch_size` sentences
 and `max_tokens` padded tokens (`batches`; a sentence over the budget runs alone, and the
-longest sentences run first, so a memory problem shows at once) and padded on the tokenizer's
-side; progress bars count tokens. Position ids count real tokens only, so padding on either side
-changes nothing. Only the base model runs (no LM head). The model's backend (`steer.engine.backends`:
-hooks or the fused patch) pools each layer's neuron tensor over each sentence's real tokens
-(`kernels/fused_mlp_ref.py::pool`): padding never counts, and BOS/special tokens are skipped
-unless asked not to. An active `intervene` overrides first, so responses are what the down
+longest sentences run first, so a memory problem shows at once) and padded by `padding` (on the
+tokenizer's side); progress bars count tokens. Position ids count real tokens only, so padding
+on either side changes nothing. Only the base model runs (no LM head). The model's backend
+(`steer.engine.backends`: hooks or the fused patch) pools each layer's neuron tensor over each
+sentence's real tokens (`kernels/fused_mlp_ref.py::pool`): padding never counts, and the special
+tokens the tokenizer adds are skipped unless asked not to (`steer.engine.batching`: one rule for
+every forward pass). An active `intervene` overrides first, so responses are what the down
 projection receives.
 
 Scale (stream mode and refine). Sentences come from `corpus.records()`, an iterator (a
@@ -56,7 +57,7 @@ from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_
 from steer.core.stream import StreamState, calibrate_edges
 from steer.core.token_stats import KINDS as TOKEN_STATS
 from steer.core.token_stats import TokenStats, check_kinds
-from steer.engine import backends
+from steer.engine import steering
 from steer.engine.batching import (
     MAX_TOKENS,
     WINDOW,
@@ -66,6 +67,7 @@ from steer.engine.batching import (
     input_device,
     pad,
     pad_batch,
+    padding,
     plan_batches,
     token_limit,
     tokenize,
@@ -111,7 +113,7 @@ class _Forward:
     `stats` (LAPE's "activation", DiffMean's "residual"), `add_stats` adds the batch's token
     statistics, computed in the same forward, to a `TokenStats`.
 
-    A context manager: entering finds the model's backend (`steer.engine.backends.use`: the attached one,
+    A context manager: entering finds the model's backend (`steer.engine.steering.use`: the attached one,
     or hooks / the fused patch added for the duration), leaving removes what it added.
     """
 
@@ -125,7 +127,7 @@ class _Forward:
         self.batch_tokens: torch.Tensor | None = None  # [B] pooled tokens of each row
 
     def __enter__(self) -> "_Forward":
-        self.backend, self.owned = backends.use(self.model, self.kind)
+        self.backend, self.owned = steering.use(self.model, self.kind)
         return self
 
     def __exit__(self, *exc) -> None:  # each call stops its own pooling
@@ -133,8 +135,8 @@ class _Forward:
             self.backend.remove()
 
     def __call__(self, ids: list[list[int]], pooled: list[list[bool]]) -> torch.Tensor:
-        side, dev = self.tokenizer.padding_side, self.device
-        input_ids, mask = pad_batch(ids, self.tokenizer.pad_token_id or 0, side, dev)  # [B, T]
+        (pad_id, side), dev = padding(self.tokenizer), self.device
+        input_ids, mask = pad_batch(ids, pad_id, side, dev)  # [B, T]
         tokens = pad(pooled, False, side).to(dev)  # [B, T]
         out = self.backend.start_pooling(tokens, self.pooling, self.stats)  # [B, L, M]
         try:

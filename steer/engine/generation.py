@@ -10,9 +10,12 @@ override acts, per forward call of the generation loop:
     "generated"  decoding steps only (calls that extend the cache): each new token
     "last"       the last real token of every call: the prompt's last token, then each new token
 
-Prompts are tokenised one by one (the tokenizer's special tokens, e.g. BOS, included; "" is a
-BOS-only prompt), grouped into batches in the given order and padded on the LEFT here (whatever
-the tokenizer's `padding_side`), so that a prompt's greedy continuation does not depend on the
+Prompts and texts follow the rule of every forward pass (`steer.engine.batching`): tokenized by
+`tokenize` (the tokenizer's special tokens, e.g. BOS, included; "" is a BOS-only prompt),
+planned by `batches` (longest first, at most `batch_size` rows and `max_tokens` padded tokens,
+a longer one alone; a generated row counts its `max_new_tokens` too, the length its KV cache
+reaches) and padded by `padding`: on the LEFT when generating (`generating=True`, whatever the
+tokenizer's `padding_side`), so that a prompt's greedy continuation does not depend on the
 batch it sits in. Sampling (temperature + nucleus top-p, no top-k) is `NucleusSampler`, a logits
 processor that draws the token itself inside transformers' greedy search: a top-k and a
 Gumbel-max draw instead of a sort and a multinomial over Gemma's 262k-token vocabulary. It draws
@@ -37,25 +40,17 @@ from torch import nn
 
 from steer.core.adapters import base_inputs
 from steer.core.intervention import Intervention
-from steer.engine.backends import PerRow
-from steer.engine.batching import input_device, pad_batch
+from steer.engine.steering import PerRow
+from steer.engine.batching import MAX_TOKENS, batches, input_device, pad, pad_batch, padding, tokenize
 
 # ---------------------------------------------------------------------------------------------
 # Generation
 
 
 def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of every prompt with the tokenizer's special tokens; "" -> [BOS] (EOS if no BOS)."""
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = []
-    for p in prompts:
-        ids = list(tok(p)["input_ids"]) if p else []
-        if not ids:
-            if start is None:
-                raise ValueError("an empty prompt needs a tokenizer with a BOS (or EOS) token")
-            ids = [start]
-        rows.append(ids)
-    return rows
+    """Token ids of every prompt as every forward pass reads them (`tokenize`: the tokenizer's
+    special tokens; "" -> [BOS], EOS if no BOS)."""
+    return tokenize(tok, prompts, skip_special=False)[0]
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -115,42 +110,41 @@ class NucleusSampler:
         return out.scatter_(1, token, 0.0)
 
 
-def _generation_config(model, tok, max_new_tokens, do_sample, temperature, top_p, min_new_tokens):
+def _generation_config(model, tok, max_new_tokens, min_new_tokens):
     from transformers import GenerationConfig
 
     base = getattr(model, "generation_config", None)
     eos = getattr(base, "eos_token_id", None) if base is not None else None
     if eos is None:
         eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
     # sampling is done by `NucleusSampler` inside a greedy search: transformers' own warpers
     # (and its default top_k=50) stay off
-    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-              pad_token_id=pad, eos_token_id=eos, bos_token_id=tok.bos_token_id, use_cache=True)
-    return GenerationConfig(**kw), pad
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                            pad_token_id=padding(tok, generating=True)[0], eos_token_id=eos,
+                            bos_token_id=tok.bos_token_id, use_cache=True)
 
 
 def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *,
                  intervention: Intervention | Sequence[Intervention | None] | None = None,
                  max_new_tokens: int = 48, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                 min_new_tokens: int = 0) -> list[list[int]]:
-    """The new token ids of every prompt (EOS and later padding cut off); see `generate`."""
+                 min_new_tokens: int = 0, max_tokens: int | None = MAX_TOKENS) -> list[list[int]]:
+    """The new token ids of every prompt, in prompt order (EOS and later padding cut off); see
+    `generate`."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}")
     plan = PerRow(intervention, len(prompts))
     rows = encode_prompts(tok, prompts)
-    cfg, pad = _generation_config(model, tok, max_new_tokens, do_sample, temperature, top_p, min_new_tokens)
+    order = batches([len(r) + max_new_tokens for r in rows], batch_size, max_tokens)
+    cfg = _generation_config(model, tok, max_new_tokens, min_new_tokens)
+    pad_id, side = padding(tok, generating=True)
     eos = {cfg.eos_token_id} if isinstance(cfg.eos_token_id, int) else set(cfg.eos_token_id or ())
     device = input_device(model)
-    out: list[list[int]] = []
+    out: list[list[int]] = [[] for _ in rows]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        for b, start in enumerate(range(0, len(rows), batch_size)):
-            batch = list(range(start, min(start + batch_size, len(rows))))
-            ids, mask = pad_batch([rows[i] for i in batch], pad, "left", device)
+        for b, batch in enumerate(order):
+            ids, mask = pad_batch([rows[i] for i in batch], pad_id, side, device)
             torch.manual_seed(_batch_seed(seed, b))
             extra = {}
             if do_sample:
@@ -159,17 +153,15 @@ def generate_ids(model: nn.Module, tok, prompts: Sequence[str], *,
                 extra["logits_processor"] = LogitsProcessorList([NucleusSampler(temperature, top_p)])
             with plan.batch(model, batch):
                 new = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **extra)
-            new = new[:, ids.shape[1]:]
-            for r in new.tolist():
-                cut = next((i for i, t in enumerate(r) if t in eos), len(r))
-                out.append(r[:cut])
+            for i, r in zip(batch, new[:, ids.shape[1]:].tolist()):
+                out[i] = r[:next((j for j, t in enumerate(r) if t in eos), len(r))]
     return out
 
 
 def generate(model: nn.Module, tok, prompts: Sequence[str], *,
              intervention: Intervention | Sequence[Intervention | None] | None = None,
              max_new_tokens: int = 48, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 16) -> list[str]:
+             seed: int = 0, batch_size: int = 16, max_tokens: int | None = MAX_TOKENS) -> list[str]:
     """Continue every prompt ("" = BOS only) with `intervention` steering; the new text of each.
 
     intervention: None, one Intervention for every prompt, or a list with an Intervention (or
@@ -177,11 +169,12 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], *,
 
     Greedy by default; `do_sample` draws with `temperature` and nucleus `top_p` (no top-k;
     `NucleusSampler`), from per-batch seeds derived from `seed`. Batched greedy output equals
-    one prompt at a time.
+    one prompt at a time. batch_size / max_tokens: at most that many prompts and padded tokens
+    (prompt and new tokens) a batch (None: no token budget), longest first (`batches`).
     """
     ids = generate_ids(model, tok, prompts, intervention=intervention, max_new_tokens=max_new_tokens,
                        do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
-                       batch_size=batch_size)
+                       batch_size=batch_size, max_tokens=max_tokens)
     return [tok.decode(r, skip_special_tokens=True) for r in ids]
 
 
@@ -191,27 +184,28 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], *,
 
 def perplexity(model: nn.Module, tok, texts: Sequence[str], *,
                intervention: Intervention | Sequence[Intervention | None] | None = None,
-               batch_size: int = 8) -> dict:
-    """Token-level perplexity of `texts` (each with the tokenizer's BOS), optionally steered.
+               batch_size: int = 8, max_tokens: int | None = MAX_TOKENS) -> dict:
+    """Token-level perplexity of `texts` (each with the tokenizer's special tokens), optionally
+    steered.
 
-    Every token after the first is predicted; the mean negative log-likelihood is over all of
-    them (token-weighted). intervention: as in `generate` (one, or one per text). Returns
-    {"ppl", "nll", "tokens"}.
+    Every token after the first is predicted, except the special tokens the tokenizer adds (those
+    collection skips: `tokenize`); the mean negative log-likelihood is over all of them
+    (token-weighted). intervention: as in `generate` (one, or one per text). batch_size /
+    max_tokens: as in `generate`. Returns {"ppl", "nll", "tokens"}.
     """
     plan = PerRow(intervention, len(texts))
-    rows = encode_prompts(tok, texts)
+    rows, scored = tokenize(tok, texts)
+    pad_id, side = padding(tok)
     device = input_device(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # little padding
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            ids, mask = pad_batch([rows[i] for i in batch], pad, "left", device)
+        for batch in batches([len(r) for r in rows], batch_size, max_tokens):
+            ids, mask = pad_batch([rows[i] for i in batch], pad_id, side, device)
             with plan.batch(model, batch):
                 logits = model(**base_inputs(model, ids, mask)).logits[:, :-1]  # [B, T-1, V]
             target = ids[:, 1:]
-            real = (mask[:, :-1] * mask[:, 1:]).bool()  # predicted token and its context both real
+            # a scored token, after a real one (padding either side never counts)
+            real = mask[:, :-1].bool() & pad([scored[i] for i in batch], False, side)[:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
             total += float(nll[real].double().sum())
             count += int(real.sum())

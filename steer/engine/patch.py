@@ -36,6 +36,15 @@ ACTS = {
 }
 
 
+def fused_act(module: nn.Module) -> str | None:
+    """The fused op's activation for an activation module (None: the op has none): by class name,
+    and torch's `nn.GELU` by its `approximate` too (its tanh form is another function)."""
+    name = ACTS.get(type(module).__name__)
+    if isinstance(module, nn.GELU) and module.approximate == "tanh":
+        return "gelu_tanh"
+    return name
+
+
 class FusedPatch(Backend):
     """The fused backend: the swapped layers call `neurons`, which runs the fused op with the
     backend's intervention and pooling."""
@@ -58,19 +67,19 @@ class FusedPatch(Backend):
 
     def _swap(self, layer: int) -> None:
         a, parts = self.layout.adapter, self.layout.layer_parts(layer)
-        act_name = type(parts["act"]).__name__
-        if act_name not in ACTS:
-            raise ValueError(f"the fused op has no activation for {act_name}; use the reference hooks")
+        act = fused_act(parts["act"])
+        if act is None:
+            raise ValueError(f"the fused op has no activation for {type(parts['act']).__name__}; use the reference hooks")
         root = self.model.get_submodule(f"{a.layers}.{layer}")
         if a.gate is not None or a.merged_gate_up:  # gated: the whole MLP module
             name = "mlp"
-            new = FusedGatedMLP(root.mlp, self, layer, ACTS[act_name], a.merged_gate_up)
+            new = FusedGatedMLP(root.mlp, self, layer, act, a.merged_gate_up)
         else:  # ungated: the activation, whose output is the neuron tensor
             parent_path, _, name = a.act.rpartition(".")
             root = root.get_submodule(parent_path) if parent_path else root
-            new = FusedActivation(self, layer, ACTS[act_name])
+            new = FusedActivation(self, layer, act)
         self.swapped.append((root, name, getattr(root, name)))
-        self.acts.append(ACTS[act_name])
+        self.acts.append(act)
         setattr(root, name, new)
 
     def neurons(self, layer: int, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

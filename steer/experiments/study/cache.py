@@ -18,7 +18,7 @@ import torch
 
 from steer.core.adapters import NeuronLayout
 from steer.core.intervention import Intervention
-from steer.engine.backends import intervene
+from steer.engine.steering import intervene
 from steer.engine.embed import embed
 
 
