@@ -26,20 +26,34 @@ each layer's [S + 1, width] table is densified inside the forward (`table`), so 
 contents nor the rows change a shape, and positions are codes in a tensor, not strings:
 changing any of them never recompiles a compiled model.
 
+Saved interventions: `Intervention.save(path, model=None)` writes one steer.intervention file
+(format 1, through `steer/core/artifacts.py`: safetensors, hashed, atomic; suffix `.safetensors`
+by convention, any path accepted): tensors `mask` [L, W] bool, `mul` and `add` [L, W] fp32; meta
+`site`, `positions`, `shape` and, with a model, what an expert set records of it (`model`,
+`architecture`, `fingerprint`, `dtype`, `signature`). `Intervention.load(path, model=None)`
+refuses (ValueError naming the file) a bad file, an unknown site or positions, and a shape that
+does not fit `model` at the site; other weights of the same shapes (`NeuronLayout.same_weights`)
+are a warning. `Intervention.read_meta(path)` checks the file and returns its meta only.
+
 Applying either is the backends' job (`steer.engine.backends`: `intervene`, hooks or the fused
 patch); the override itself is `kernels/fused_mlp_ref.py::apply_override`, shared by every path.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from steer.core import artifacts
 from steer.core.adapters import NeuronLayout
 
 POSITIONS = ("all", "last", "prompt", "generated")
 SITES = ("neuron", "activation", "residual")
+FILE_KIND, FILE_VERSION = "intervention", 1  # a steer.intervention file, format 1
+BUFFERS = {"mask": torch.bool, "mul": torch.float32, "add": torch.float32}
 
 
 def check_site(site: str) -> str:
@@ -139,6 +153,54 @@ class Intervention:
     def device(self) -> torch.device:
         return self.mask.device
 
+    def save(self, path, model: nn.Module | None = None, *, neuron_module: str | None = None) -> Path:
+        """Write this intervention as a steer.intervention file (`steer/core/artifacts.py`: hashed,
+        atomic; any path, `.safetensors` by convention). meta: site, positions, shape and, with
+        `model` (whose layout must fit the shape at the site: else ValueError), its name,
+        architecture, fingerprint, dtype and signature, as an expert set records them."""
+        meta = {"site": self.site, "positions": self.positions, "shape": list(self.shape)}
+        if model is not None:
+            layout = NeuronLayout(model, neuron_module)
+            _check_fits(path, meta, layout)
+            meta.update(model=getattr(model.config, "name_or_path", ""), architecture=type(model).__name__,
+                        fingerprint=layout.fingerprint(), dtype=layout.dtype, signature=layout.signature())
+        tensors = {name: getattr(self, name).to(dtype) for name, dtype in BUFFERS.items()}
+        return artifacts.save(path, tensors, meta, kind=FILE_KIND, version=FILE_VERSION)
+
+    @classmethod
+    def read_meta(cls, path) -> dict:
+        """The meta of a file written by `save` (site, positions, shape [L, W]; model, architecture,
+        fingerprint, dtype, signature when it was saved with a model), after the checks of `load`
+        that need no model: e.g. to check site and shape against a model's config before loading
+        its weights. ValueError naming the file for a bad one."""
+        return _read(path)[1]
+
+    @classmethod
+    def load(cls, path, model: nn.Module | None = None, device: str | torch.device | None = None, *,
+             neuron_module: str | None = None) -> "Intervention":
+        """Read a file written by `save`. ValueError naming the file: not a steer.intervention
+        file, newer, corrupt or truncated (`artifacts.load`), a site or positions not in SITES /
+        POSITIONS, buffers of another shape or dtype than its meta says; with `model`, a shape
+        that does not fit the model at the file's site. Same shapes, other weights than the
+        recorded model's (`NeuronLayout.same_weights`, any load dtype): a warning. The buffers go
+        to `device` (default: the model's neurons' device with `model`, else the CPU)."""
+        tensors, meta = _read(path)
+        if model is not None:
+            layout = NeuronLayout(model, neuron_module)
+            _check_fits(path, meta, layout)
+            if meta.get("fingerprint") is not None and not layout.same_weights(meta):
+                found = ", ".join(str(meta[k]) for k in ("fingerprint", "dtype") if meta.get(k) is not None)
+                warnings.warn(
+                    f"intervention {path} was saved for model {meta.get('model')!r} (fingerprint {found}); "
+                    f"this model has the same shapes but other weights ({layout.fingerprint()}, {layout.dtype})",
+                    stacklevel=2)
+            device = layout.device if device is None else device
+        iv = cls(*meta["shape"], positions=meta["positions"], device="cpu" if device is None else device,
+                 site=meta["site"])
+        for name in BUFFERS:
+            getattr(iv, name).copy_(tensors[name])
+        return iv
+
     def __len__(self) -> int:
         return int(self.mask.sum())
 
@@ -146,6 +208,37 @@ class Intervention:
         layers = self.mask.any(1).nonzero().flatten().tolist()
         site = "" if self.site == "neuron" else f", site={self.site!r}"
         return f"Intervention({len(self)} units in layers {layers}, positions={self.positions!r}{site})"
+
+
+def _read(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The buffers and meta of a steer.intervention file, checked without a model."""
+    tensors, meta = artifacts.load(path, kind=FILE_KIND, version=FILE_VERSION)[:2]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is corrupt: its meta is not a mapping")
+    if meta.get("site") not in SITES:
+        raise ValueError(f"{path}: site {meta.get('site')!r} is not one of {SITES}")
+    if meta.get("positions") not in POSITIONS:
+        raise ValueError(f"{path}: positions {meta.get('positions')!r} is not one of {POSITIONS}")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise ValueError(f"{path}: shape {shape!r} is not [layers, width]")
+    artifacts.check_shapes(path, tensors, {name: tuple(shape) for name in BUFFERS})
+    for name, dtype in BUFFERS.items():
+        if tensors[name].dtype != dtype:
+            raise ValueError(f"{path}: {name} is {tensors[name].dtype}, expected {dtype}")
+    return tensors, meta
+
+
+def _check_fits(path, meta: dict, layout: NeuronLayout) -> None:
+    """ValueError naming `path` when an intervention of meta's shape at meta's site does not fit
+    the model of `layout` (its layers, `width_of(site)`)."""
+    site, shape = meta["site"], tuple(meta["shape"])
+    want = (layout.n_layers, layout.width_of(site))
+    if shape != want:
+        saved = f" (saved for model {meta['model']!r})" if meta.get("model") is not None else ""
+        raise ValueError(f"{path}: the intervention is {shape[0]} layers x {shape[1]} units at the {site}{saved}; "
+                         f"this model has {want[0]} x {want[1]} there")
 
 
 def steered_tokens(positions: str | torch.Tensor, attention_mask: torch.Tensor,

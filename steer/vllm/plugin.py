@@ -46,94 +46,53 @@ import os
 
 import torch
 
-from steer.core.intervention import InterventionSets
-from steer.kernels.fused_mlp_ref import apply_override
-from steer.vllm.requests import PREFIX, SteerRequest, set_time
+from steer.core.intervention import SITES, InterventionSets
+from steer.kernels.fused_mlp_ref import ACTIVATIONS, apply_override
+from steer.vllm.requests import PREFIX, Dims, SteerRequest, set_time
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "LlamaForCausalLM")  # their MLPs are patched
-_FRONT: dict = {}  # front end: the served model's (layers, MLP width), why it cannot steer (or None)
+_FRONT: dict = {}  # front end: the served model's `Dims`, why it cannot steer (or None)
 
 
-def model_shape(hf_config) -> tuple[int, int]:
+def model_dims(hf_config) -> Dims:
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    return int(text.num_hidden_layers), int(text.intermediate_size)
+    return Dims(int(text.num_hidden_layers), int(text.intermediate_size), int(text.hidden_size))
 
 
-class Worker:
-    """The worker's steering state: sets, the batch rows' sets, and the current step's overrides
-    (`step`: per layer, the flat indices of the steered (token, neuron) pairs in the neuron
-    tensor with their mul and add; None where nothing is steered)."""
+class Table:
+    """One site's sets in the worker: an `InterventionSets` of as many sets as the batch has rows
+    (never full), the rows using each set, and the current step's overrides (`step`: per layer,
+    the flat indices of the steered (token, unit) pairs with their mask, mul and add; None where
+    nothing is steered)."""
 
-    def __init__(self, shape: tuple[int, int], sets: int, device):
-        self.shape, self.device = shape, torch.device(device)
-        self.sets = InterventionSets(*shape, sets=sets, capacity=0, device=self.device)
-        self.configs: dict[tuple, int] = {}  # (config, set file time) -> set index
+    def __init__(self, shape: tuple[int, int], site: str, sets: int, device):
+        self.shape = shape
+        self.sets = InterventionSets(*shape, sets=sets, capacity=0, device=device, site=site)
         self.users: list[int] = [0] * sets  # batch rows using each set
-        self.row_set: dict[int, int] = {}  # batch row -> set index (steered rows only)
         self.slots: dict[int, torch.Tensor] = {}  # set index -> its slots in `sets` (cached)
-        self.step: list | None = None  # per layer (flat, mask, mul, add) or None
+        self.step: list | None = None
 
-    # -- batch changes (SteerLogits.update_state, before each step) --
-    def add(self, row: int, request: SteerRequest | None) -> None:
-        self.remove(row)
-        if request is None:
-            return
-        try:
-            key = (request, set_time(request.experts))
-            index = self.configs.get(key)
-            if index is None:
-                index = self._load(key)
-        except ValueError as e:  # checked at admission; the set changed or vanished since
-            log.error("%s: this request runs unsteered", e)
-            return
-        self.users[index] += 1
-        self.row_set[row] = index
-
-    def _load(self, key: tuple) -> int:
-        iv = key[0].intervention(self.shape)
-        index = self.users.index(0)  # as many sets as the batch has rows: never full
-        for old in [k for k, i in self.configs.items() if i == index]:
-            del self.configs[old]
-        self._grow(len(iv))
-        self.sets.put(index, iv.to(self.device))
-        self.configs[key] = index
+    def load(self, iv) -> int:
+        """Put `iv` into a free set; its index."""
+        index = self.users.index(0)
+        need = len(self.sets) - self.sets.sizes[index] + len(iv)
+        if need > self.sets.capacity:  # room for more units: the same sets with a larger capacity
+            self.sets = self.sets.with_capacity(max(need, 2 * self.sets.capacity, 4096))
+        self.sets.put(index, iv.to(self.sets.device))
         self.slots.clear()
         return index
 
-    def remove(self, row: int) -> None:
-        index = self.row_set.pop(row, None)
-        if index is not None:
-            self.users[index] -= 1
-
-    def move(self, a: int, b: int, swap: bool) -> None:
-        """Row a goes to b: b's request is replaced (it has left) or, with `swap`, goes to a."""
-        if not swap:
-            self.remove(b)
-        va, vb = self.row_set.pop(a, None), self.row_set.pop(b, None)
-        if va is not None:
-            self.row_set[b] = va
-        if vb is not None:
-            self.row_set[a] = vb
-
-    def _grow(self, extra: int) -> None:
-        """Room for `extra` more neurons: the same sets with a larger capacity."""
-        need = len(self.sets) + extra
-        if need > self.sets.capacity:
-            self.sets = self.sets.with_capacity(max(need, 2 * self.sets.capacity, 4096))
-            self.slots.clear()
-
-    # -- each step (the wrapped _model_forward) --
-    def prepare(self, query_start_loc, computed, prompt) -> None:
-        """This step's overrides: query_start_loc [rows + 1] splits the flattened tokens into the
-        batch rows, `computed` [rows] counts each row's tokens before this step (so row r's
-        tokens sit at positions computed[r] ...), `prompt` [rows] its prompt length (host arrays
-        of the input batch). Each steered token is paired with its set's neurons (`slots`), and
-        the pairs are grouped by layer: the forward then touches only them."""
+    def prepare(self, rows: dict[int, int], query_start_loc, computed, prompt) -> None:
+        """This step's overrides for `rows` (batch row -> set index): query_start_loc [rows + 1]
+        splits the flattened tokens into the batch rows, `computed` [rows] counts each row's
+        tokens before this step (row r's tokens sit at positions computed[r] ...), `prompt` [rows]
+        its prompt length. Each steered token is paired with its set's units (`slots`) and the
+        pairs are grouped by layer: the forward then touches only them."""
         codes = self.sets.codes.tolist()
         by_set: dict[int, list[torch.Tensor]] = {}
-        for r, s in self.row_set.items():
+        for r, s in rows.items():
             if r + 1 >= len(query_start_loc):
                 continue
             a, b = int(query_start_loc[r]), int(query_start_loc[r + 1])
@@ -144,7 +103,7 @@ class Worker:
         if not by_set:
             self.step = None
             return
-        sets, width, dev = self.sets, self.shape[1], self.sets.device
+        sets, (layers, width), dev = self.sets, self.shape, self.sets.device
         flat, slot = [], []
         for s, parts in by_set.items():
             tokens = torch.cat(parts).to(dev)
@@ -157,19 +116,114 @@ class Worker:
         layer = sets.layer[slot]
         order = torch.argsort(layer, stable=True)
         flat, slot = flat[order], slot[order]
-        counts = torch.bincount(layer, minlength=self.shape[0])[:self.shape[0]].tolist()
+        counts = torch.bincount(layer, minlength=layers)[:layers].tolist()
         self.step = [(f, torch.ones_like(f, dtype=torch.bool), sets.mul[j], sets.add[j]) if len(f) else None
                      for f, j in zip(flat.split(counts), slot.split(counts))]
 
-    def override(self, h: torch.Tensor, layer: int) -> None:
-        """h [tokens, width] with this step's steered (token, neuron) pairs of `layer` overridden
-        in place, through `apply_override` over the pairs (one axis of steered neurons)."""
-        step = self.step[layer] if self.step is not None else None
-        if step is None:
+    def pairs(self, layer: int):
+        """(flat, mask, mul, add) of `layer` in this step, or None."""
+        return self.step[layer] if self.step is not None else None
+
+
+class Worker:
+    """The worker's steering state: one `Table` per site (a batch may mix sites; one request
+    steers one), the configs in use, and each steered batch row's (site, set)."""
+
+    def __init__(self, dims: Dims, sets: int, device):
+        self.dims = dims
+        self.tables = {site: Table(dims.shape(site), site, sets, torch.device(device)) for site in SITES}
+        self.configs: dict[tuple, tuple[str, int]] = {}  # (request, file time) -> (site, set index)
+        self.row_set: dict[int, tuple[str, int]] = {}  # batch row -> (site, set index), steered rows only
+
+    # -- batch changes (SteerLogits.update_state, before each step) --
+    def add(self, row: int, request: SteerRequest | None) -> None:
+        self.remove(row)
+        if request is None:
             return
-        flat, mask, mul, add = step
+        try:
+            key = (request, set_time(request.source))
+            where = self.configs.get(key)
+            if where is None:
+                where = self._load(key)
+        except ValueError as e:  # checked at admission; the file changed or vanished since
+            log.error("%s: this request runs unsteered", e)
+            return
+        self.tables[where[0]].users[where[1]] += 1
+        self.row_set[row] = where
+
+    def _load(self, key: tuple) -> tuple[str, int]:
+        iv = key[0].intervention(self.dims)
+        table = self.tables[iv.site]
+        index = table.load(iv)
+        for old in [k for k, w in self.configs.items() if w == (iv.site, index)]:
+            del self.configs[old]
+        self.configs[key] = (iv.site, index)
+        return iv.site, index
+
+    def remove(self, row: int) -> None:
+        where = self.row_set.pop(row, None)
+        if where is not None:
+            self.tables[where[0]].users[where[1]] -= 1
+
+    def move(self, a: int, b: int, swap: bool) -> None:
+        """Row a goes to b: b's request is replaced (it has left) or, with `swap`, goes to a."""
+        if not swap:
+            self.remove(b)
+        va, vb = self.row_set.pop(a, None), self.row_set.pop(b, None)
+        if va is not None:
+            self.row_set[b] = va
+        if vb is not None:
+            self.row_set[a] = vb
+
+    # -- each step (the wrapped _model_forward) --
+    def prepare(self, query_start_loc, computed, prompt) -> None:
+        """Every site's overrides of this step (`Table.prepare`)."""
+        for site, table in self.tables.items():
+            rows = {r: i for r, (s, i) in self.row_set.items() if s == site}
+            table.prepare(rows, query_start_loc, computed, prompt) if rows else setattr(table, "step", None)
+
+    def clear(self) -> None:
+        for table in self.tables.values():
+            table.step = None
+
+    def override(self, h: torch.Tensor, gate_up: torch.Tensor, layer: int, act: str) -> None:
+        """h [tokens, width] (the neuron tensor, `act(gate) * up` as vLLM computed it) with this
+        step's steered pairs of `layer` overridden in place, through `apply_override` over the
+        pairs: at the neuron site on h itself; at the activation site on `act(gate)`, computed
+        again for those pairs only from gate_up [tokens, 2 x width] and multiplied by `up` (vLLM
+        fuses act-and-mul, which never shows act(gate)); every other value keeps vLLM's bits."""
         values = h.view(-1)
-        values[flat] = apply_override(values[flat].view(1, 1, -1), mask, mul, add).view(-1)
+        pairs = self.tables["neuron"].pairs(layer)
+        if pairs is not None:
+            flat, mask, mul, add = pairs
+            values[flat] = apply_override(values[flat].view(1, 1, -1), mask, mul, add).view(-1)
+        pairs = self.tables["activation"].pairs(layer)
+        if pairs is not None:
+            flat, mask, mul, add = pairs
+            width = h.shape[-1]
+            at = (flat // width) * (2 * width) + flat % width  # the pair's gate in gate_up; its up: + width
+            gate_up = gate_up.reshape(-1)
+            a = ACTIVATIONS[act](gate_up[at])
+            a = apply_override(a.view(1, 1, -1), mask, mul, add).view(-1)
+            values[flat] = (a * gate_up[at + width]).to(h.dtype)
+
+    def residual(self, h: torch.Tensor, r: torch.Tensor, layer: int) -> None:
+        """A decoder layer's output, in vLLM's split form: the stream is h + r (vLLM adds them in
+        the next fused add-norm). At this step's steered tokens the stream is formed, its
+        steered units overridden (`apply_override`), and stored as h with r = 0, so the next
+        add-norm reads the steered stream exactly; other tokens are left as they are."""
+        pairs = self.tables["residual"].pairs(layer)
+        if pairs is None:
+            return
+        flat, mask, mul, add = pairs
+        width = h.shape[-1]
+        tokens = torch.unique(flat // width)
+        stream = h[tokens] + r[tokens]  # [steered tokens, hidden], in the model's dtype as vLLM adds
+        values = stream.view(-1)
+        local = torch.searchsorted(tokens, flat // width) * width + flat % width
+        values[local] = apply_override(values[local].view(1, 1, -1), mask, mul, add).view(-1)
+        h[tokens] = stream
+        r[tokens] = 0
 
 
 # index = POSITIONS.index(name): all, last, prompt, generated (steer/core/intervention.py)
@@ -183,13 +237,21 @@ POSITION_RULES = (
 WORKER: Worker | None = None  # this process's state (set by SteerLogits in the worker)
 
 
-def neuron_override(h: torch.Tensor, layer: int) -> None:
-    """The custom op: h [tokens, width] overridden in place where this step steers it."""
+def neuron_override(h: torch.Tensor, gate_up: torch.Tensor, layer: int, act: str) -> None:
+    """The MLP's custom op: h [tokens, width] overridden in place where this step steers the
+    neuron or the activation (`Worker.override`)."""
     if WORKER is not None:
-        WORKER.override(h, layer)
+        WORKER.override(h, gate_up, layer, act)
 
 
-def _neuron_override_fake(h: torch.Tensor, layer: int) -> None:
+def residual_override(h: torch.Tensor, r: torch.Tensor, layer: int) -> None:
+    """The decoder layer's custom op: (h, r) changed in place where this step steers the stream
+    (`Worker.residual`)."""
+    if WORKER is not None:
+        WORKER.residual(h, r, layer)
+
+
+def _fake(*args) -> None:
     return None
 
 
@@ -219,7 +281,7 @@ def validate(params) -> None:
         return
     if _FRONT.get("refusal"):
         raise ValueError(f"steer: {_FRONT['refusal']}")
-    request.intervention(_FRONT["shape"])  # raises ValueError naming the problem
+    request.intervention(_FRONT["dims"])  # raises ValueError naming the problem
 
 
 # -- the worker: batch changes --
@@ -235,7 +297,7 @@ class SteerLogits(_logits_processor_base()):
 
     def __init__(self, vllm_config, device, is_pin_memory: bool):
         global WORKER
-        WORKER = Worker(model_shape(vllm_config.model_config.hf_config),
+        WORKER = Worker(model_dims(vllm_config.model_config.hf_config),
                         sets=int(vllm_config.scheduler_config.max_num_seqs), device=device)
         self.worker = WORKER
 
@@ -284,10 +346,24 @@ def _register_op() -> None:
     global _LIB
     _LIB = Library("steer_vllm", "FRAGMENT")  # kept alive: the op lives as long as the library
     direct_register_custom_op("neuron_override", neuron_override, mutates_args=["h"],
-                              fake_impl=_neuron_override_fake, target_lib=_LIB)
+                              fake_impl=_fake, target_lib=_LIB)
+    direct_register_custom_op("residual_override", residual_override, mutates_args=["h", "r"],
+                              fake_impl=_fake, target_lib=_LIB)
+
+
+def act_name(act_and_mul) -> str | None:
+    """The activation of vLLM's fused act-and-mul module, as `steer.kernels` names it."""
+    kind = type(act_and_mul).__name__
+    if kind == "SiluAndMul":
+        return "silu"
+    if kind == "GeluAndMul":
+        return "gelu_tanh" if act_and_mul.approximate == "tanh" else "gelu"
+    return None
 
 
 def _patch_mlps() -> None:
+    """The MLPs call `neuron_override` on their neuron tensor; the decoder layers call
+    `residual_override` on their output."""
     from vllm.model_executor.models import gemma3, llama
     from vllm.model_executor.models.utils import extract_layer_index
 
@@ -298,18 +374,33 @@ def _patch_mlps() -> None:
             _init(self, *args, **kwargs)
             quant = getattr(self.down_proj, "quant_method", None)  # quantized: vLLM's own forward
             plain = quant is None or type(quant).__name__ == "UnquantizedLinearMethod"
-            self.steer_layer = extract_layer_index(self.down_proj.prefix) if plain else None
+            self.steer_act = act_name(self.act_fn)
+            self.steer_layer = extract_layer_index(self.down_proj.prefix) if plain and self.steer_act else None
 
         def steered_forward(self, x, _forward=forward):
             if self.steer_layer is None:
                 return _forward(self, x)
             gate_up, _ = self.gate_up_proj(x)
             h = self.act_fn(gate_up)
-            torch.ops.steer_vllm.neuron_override(h, self.steer_layer)
+            torch.ops.steer_vllm.neuron_override(h, gate_up, self.steer_layer, self.steer_act)
             out, _ = self.down_proj(h)
             return out
 
         cls.__init__, cls.forward = __init__, steered_forward
+
+    for cls in (gemma3.Gemma3DecoderLayer, llama.LlamaDecoderLayer):
+        init, forward = cls.__init__, cls.forward
+
+        def __init__(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            self.steer_layer = extract_layer_index(self.mlp.down_proj.prefix)
+
+        def layer_forward(self, positions, hidden_states, residual, *args, _forward=forward, **kwargs):
+            h, r = _forward(self, positions, hidden_states, residual, *args, **kwargs)
+            torch.ops.steer_vllm.residual_override(h, r, self.steer_layer)
+            return h, r
+
+        cls.__init__, cls.forward = __init__, layer_forward
 
 
 def _patch_runner() -> None:
@@ -326,7 +417,7 @@ def _patch_runner() -> None:
             return forward(self, *args, **kwargs)
         finally:
             if w is not None:
-                w.step = None
+                w.clear()
 
     GPUModelRunner._model_forward = _model_forward
 
@@ -340,7 +431,7 @@ def _patch_front_end() -> None:
         init(self, vllm_config, *args, **kwargs)
         config = vllm_config.model_config.hf_config
         architecture = (config.architectures or ["?"])[0]
-        _FRONT.update(shape=model_shape(config), refusal=refusal(architecture, vllm_config))
+        _FRONT.update(dims=model_dims(config), refusal=refusal(architecture, vllm_config))
 
     def _validate_params(self, params, *args, **kwargs):
         out = check(self, params, *args, **kwargs)

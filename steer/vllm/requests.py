@@ -1,19 +1,22 @@
-"""The request contract: which neurons a vLLM request steers, checked at admission.
+"""The request contract: what a vLLM request steers, checked at admission.
 
 A request names its steering in `SamplingParams.extra_args` with flat keys (vLLM's HTTP
-`vllm_xargs` only takes flat values), the same offline and over HTTP:
+`vllm_xargs` only takes flat values), the same offline and over HTTP, in one of two forms:
 
     {"steer_experts": "<expert-set directory>", "steer_label": "fr",
      "steer_k": 100, "steer_positions": "all", "steer_strength": 1.0}
+    {"steer_intervention": "<file written by Intervention.save>", "steer_positions": "last"}
 
-`steer_experts` and `steer_label` are required once any `steer_*` key is given; `steer_k`
-defaults to every expert the set holds for the label, `steer_positions` to "all",
-`steer_strength` to 1. `SteerRequest.parse` reads them (ValueError naming the problem) and
-`SteerRequest.intervention` builds the `Intervention` through `ExpertSet.intervention`: the
-same set, k, strength and positions give the same buffers as steer's transformers path.
-`SteerLogits.validate_params` runs both in vLLM's front end, before a request reaches the
-engine, so a bad request is refused (ValueError offline, HTTP 400 online) and the engine and
-the other requests go on.
+An expert set steers the neuron site: `steer_label` is required with it, `steer_k` defaults to
+every expert the set holds for the label, `steer_strength` to 1. A saved intervention (LAPE's,
+DiffMean's, a hand-made one) steers its own site (neuron, activation or residual) with its own
+values. `steer_positions` defaults to "all" (an intervention file: its own positions).
+`SteerRequest.parse` reads the keys (ValueError naming the problem) and
+`SteerRequest.intervention` builds the `Intervention` (through `ExpertSet.intervention` or
+`Intervention.load`), so a request steers as steer's transformers path does with the same
+buffers. The plugin runs both in vLLM's front end, before a request reaches the engine, so a
+bad request is refused (ValueError offline, HTTP 400 online) and the engine and the other
+requests go on.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -28,16 +32,30 @@ from steer.core.experts import ExpertSet
 from steer.core.intervention import POSITIONS, Intervention
 
 PREFIX = "steer_"
-KEYS = ("steer_experts", "steer_label", "steer_k", "steer_positions", "steer_strength")
+KEYS = ("steer_experts", "steer_label", "steer_k", "steer_positions", "steer_strength", "steer_intervention")
+EXPERT_KEYS = ("steer_label", "steer_k", "steer_strength")  # only with steer_experts
+
+
+class Dims(NamedTuple):
+    """A served model's sizes: decoder layers, MLP width, residual width."""
+
+    layers: int
+    width: int
+    hidden: int
+
+    def shape(self, site: str) -> tuple[int, int]:
+        """[layers, units] of an intervention at `site`."""
+        return self.layers, self.hidden if site == "residual" else self.width
 
 
 @dataclass(frozen=True)
 class SteerRequest:
-    experts: str
-    label: str
+    experts: str | None = None
+    label: str | None = None
     k: int | None = None
-    positions: str = "all"
+    positions: str | None = None  # None: "all", or an intervention file's own
     strength: float = 1.0
+    file: str | None = None  # steer_intervention
 
     @classmethod
     def parse(cls, extra_args: dict | None) -> "SteerRequest | None":
@@ -48,25 +66,47 @@ class SteerRequest:
         unknown = sorted(set(given) - set(KEYS))
         if unknown:
             raise ValueError(f"steer: unknown key(s) {unknown}; the keys are {list(KEYS)}")
+        positions = given.get("steer_positions")
+        if positions is not None and positions not in POSITIONS:
+            raise ValueError(f"steer: steer_positions={positions!r}; choose one of {POSITIONS}")
+        if "steer_intervention" in given:
+            extra = sorted(set(given) & {"steer_experts", *EXPERT_KEYS})
+            if extra:
+                raise ValueError(f"steer: steer_intervention steers with its own values; {extra} go with steer_experts")
+            path = given["steer_intervention"]
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"steer: steer_intervention={path!r}: the path of a file written by Intervention.save")
+            return cls(positions=positions, file=os.path.abspath(path))
         for key in ("steer_experts", "steer_label"):
             if not isinstance(given.get(key), str) or not given[key]:
                 raise ValueError(f"steer: {key} is required (a string) with any steer_* key; got {given.get(key)!r}")
         k = given.get("steer_k")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"steer: steer_k={k!r}: a positive integer")
-        positions = given.get("steer_positions", "all")
-        if positions not in POSITIONS:
-            raise ValueError(f"steer: steer_positions={positions!r}; choose one of {POSITIONS}")
         strength = given.get("steer_strength", 1.0)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
             raise ValueError(f"steer: steer_strength={strength!r}: a finite number")
         return cls(os.path.abspath(given["steer_experts"]), given["steer_label"], k, positions, float(strength))
 
-    def intervention(self, shape: tuple[int, int]) -> Intervention:
-        """The Intervention this request forces, for a model of `shape` (layers, MLP width), on
-        the CPU; ValueError for a missing or unreadable set, another model's shapes, an unknown
-        label, k out of range or non-finite values."""
-        experts = _load(self.experts, set_time(self.experts))
+    @property
+    def source(self) -> str:
+        """The file the steering is read from (its modification time names its version)."""
+        return self.file if self.file is not None else os.path.join(self.experts, "experts.safetensors")
+
+    def intervention(self, dims: Dims) -> Intervention:
+        """The Intervention this request applies to a model of `dims`, on the CPU; ValueError for
+        a missing or unreadable file, another model's shapes, an unknown label, k out of range or
+        non-finite values."""
+        if self.file is not None:
+            iv = _load_intervention(self.file, set_time(self.source))
+            if iv.shape != dims.shape(iv.site):
+                raise ValueError(f"steer: {self.file} holds a {iv.site}-site intervention of {iv.shape[0]} layers x "
+                                 f"{iv.shape[1]} units; the served model has {' x '.join(map(str, dims.shape(iv.site)))} there")
+            if not bool(torch.isfinite(iv.mul[iv.mask]).all() and torch.isfinite(iv.add[iv.mask]).all()):
+                raise ValueError(f"steer: the values in {self.file} are not all finite")
+            return iv if self.positions in (None, iv.positions) else iv.with_positions(self.positions)
+        shape = dims.shape("neuron")
+        experts = _load(self.experts, set_time(self.source))
         if experts.shape != tuple(shape):
             raise ValueError(f"steer: expert set {self.experts} is for {experts.shape[0]} layers x "
                              f"{experts.shape[1]} neurons ({experts.meta.get('model')!r}); the served model "
@@ -77,7 +117,7 @@ class SteerRequest:
             k = None if self.k is None else experts.check_k(self.label, self.k, "steer_k")
         except ValueError as e:
             raise ValueError(f"steer: {e}") from None
-        iv = experts.intervention(self.label, k=k, positions=self.positions, strength=self.strength)
+        iv = experts.intervention(self.label, k=k, positions=self.positions or "all", strength=self.strength)
         if not bool(torch.isfinite(iv.add[iv.mask]).all()):
             raise ValueError(f"steer: the values of {self.label!r} in {self.experts} (x strength "
                              f"{self.strength}) are not all finite")
@@ -85,12 +125,16 @@ class SteerRequest:
 
 
 def set_time(path: str) -> float:
-    """The modification time of the set's tensors (ValueError where there is no set)."""
+    """The modification time of a steering file (`SteerRequest.source`; ValueError where there is
+    none)."""
     try:
-        return os.stat(os.path.join(path, "experts.safetensors")).st_mtime
+        return os.stat(path).st_mtime
     except OSError:
-        raise ValueError(f"steer: no expert set at {path} (steer_experts: a directory written by "
-                         "ExpertSet.save or `steer find-experts`)") from None
+        if path.endswith("experts.safetensors"):
+            raise ValueError(f"steer: no expert set at {os.path.dirname(path)} (steer_experts: a directory "
+                             "written by ExpertSet.save or `steer find-experts`)") from None
+        raise ValueError(f"steer: no intervention file at {path} (steer_intervention: a file written by "
+                         "Intervention.save)") from None
 
 
 @lru_cache(maxsize=64)
@@ -100,3 +144,12 @@ def _load(path: str, mtime: float) -> ExpertSet:
         return ExpertSet.load(path)
     except (OSError, KeyError) as e:
         raise ValueError(f"steer: cannot read the expert set at {path}: {e}") from None
+
+
+@lru_cache(maxsize=64)
+def _load_intervention(path: str, mtime: float) -> Intervention:
+    """A saved intervention, read once per process (and again when its file changes)."""
+    try:
+        return Intervention.load(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"steer: cannot read the intervention at {path}: {e}") from None

@@ -40,16 +40,37 @@ CORPUS = (["the cat sat", "le chat est", "the dog ran", "le chien court", "a man
           ["en", "fr"] * 9)
 
 
-def find(model, k: int, out: Path) -> None:
-    """An expert set found by steer on a toy corpus, saved to `out`."""
-    steer.find_experts(model, tiny_tokenizer(), steer.Corpus(*CORPUS), k=k, progress=False).experts.save(out)
+def find(model, k: int, out: Path):
+    """An expert set found by steer on a toy corpus, saved to `out`; the found `Found` (with the
+    LAPE and DiffMean token statistics of the same pass)."""
+    found = steer.find_experts(model, tiny_tokenizer(), steer.Corpus(*CORPUS), k=k, progress=False,
+                               token_stats=("activation", "residual"))
+    found.experts.save(out)
+    return found
+
+
+def interventions(model, found, d: Path) -> None:
+    """Saved interventions of every site, as requests name them (`steer_intervention`):
+    LAPE's (activation site, found by steer), DiffMean's (residual site: an added direction), and
+    hand-made ones that set and scale units of the activation and of the residual stream."""
+    stats = found.token_stats
+    lape = steer.select_lape(stats.activation_probability(), stats.label_names, top_rate=0.2)
+    steer.lape_intervention(lape, stats.activation_mean(), activate="fr", deactivate=["en"]).save(d / "lape.safetensors", model)
+    directions = steer.diffmean_directions(stats.residual_mean(), stats.label_names, "fr")
+    steer.diffmean_intervention(directions, 0, 8.0).save(d / "diffmean.safetensors", model)
+    layers, width, hidden = 2, model.config.intermediate_size, model.config.hidden_size
+    steer.Intervention(layers, width, site="activation").set(0, [1, 5, 9], [2.0, -1.0, 3.0]).scale(
+        1, [2, 4], 4.0).save(d / "act_set.safetensors", model)
+    steer.Intervention(layers, hidden, site="residual").set(0, [0, 3, 7], [5.0, -5.0, 2.0]).scale(
+        1, list(range(0, hidden, 2)), 0.5).save(d / "resid_set.safetensors", model)
+    steer.Intervention(layers, hidden // 2, site="residual").set(0, [0], 1.0).save(d / "resid_other.safetensors")  # another width
 
 
 def serve(d: Path, model, k: int) -> Path:
-    """`d`/model (checkpoint and tokenizer) and `d`/experts."""
+    """`d`/model (checkpoint and tokenizer), `d`/experts and the intervention files."""
     model.save_pretrained(d / "model")
     tiny_tokenizer().save_pretrained(d / "model")
-    find(model, k, d / "experts")
+    interventions(model, find(model, k, d / "experts"), d)
     return d
 
 

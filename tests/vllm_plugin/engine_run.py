@@ -25,7 +25,11 @@ BAD = {
     "positions": {"steer_experts": "{experts}", "steer_label": "fr", "steer_positions": "middle"},
     "strength": {"steer_experts": "{experts}", "steer_label": "fr", "steer_strength": float("inf")},
     "key": {"steer_experts": "{experts}", "steer_label": "fr", "steer_layers": 3},
+    "file_missing": {"steer_intervention": "/nonexistent/intervention.safetensors"},
+    "file_shape": {"steer_intervention": "{dir}/resid_other.safetensors"},
+    "file_keys": {"steer_intervention": "{dir}/lape.safetensors", "steer_label": "fr"},
 }
+FILES = ("lape", "diffmean", "act_set", "resid_set")  # saved interventions (conftest.interventions)
 
 
 def steer(experts, label="fr", positions="all", strength=4.0, **extra):
@@ -36,7 +40,8 @@ def steer(experts, label="fr", positions="all", strength=4.0, **extra):
 def scenarios(args, out, configs, run, params, llm):
     """The mixed batch, the prefix cache and the bad requests."""
     # one batch: unsteered rows between rows of four configs
-    mixed = [None, "all", "last", None, "prompt", "en_k3", "generated"]
+    mixed = [None, "all", "last", None, "prompt", "en_k3", "generated", "lape", "resid_set", "act_set", None,
+             "diffmean", "resid_last"]
     prompts = [SHORT[i % 2] if i % 3 else LONG for i in range(len(mixed))]
     out["mixed"] = {"names": mixed, "prompts": prompts,
                     "results": run(prompts, [None if m is None else configs[m] for m in mixed])}
@@ -45,8 +50,8 @@ def scenarios(args, out, configs, run, params, llm):
     # bad requests: refused at admission, the engine serves on
     out["bad"] = {}
     for name, extra in BAD.items():
-        extra = {k: v.format(experts=args.experts, other=args.other) if isinstance(v, str) else v
-                 for k, v in extra.items()}
+        extra = {k: v.format(experts=args.experts, other=args.other, dir=os.path.dirname(args.experts))
+                 if isinstance(v, str) else v for k, v in extra.items()}
         try:
             llm.generate(SHORT, [params(None), params(extra)], use_tqdm=False)
             out["bad"][name] = None
@@ -87,34 +92,49 @@ def main():
     configs = {"all": steer(args.experts), "prompt": steer(args.experts, positions="prompt"),
                "generated": steer(args.experts, positions="generated"),
                "last": steer(args.experts, positions="last"),
-               "en_k3": {**steer(args.experts, label="en", strength=8.0), "steer_k": 3}}
+               "en_k3": {**steer(args.experts, label="en", strength=8.0), "steer_k": 3},
+               **{name: {"steer_intervention": os.path.join(os.path.dirname(args.experts), f"{name}.safetensors")}
+                  for name in FILES}}
+    configs["resid_last"] = {**configs["resid_set"], "steer_positions": "last"}
     if args.basic:
-        configs = {name: configs[name] for name in ("all", "last")}
+        configs = {name: configs[name] for name in ("all", "last", *FILES)}
     out["alone"] = {name: run(SHORT + [LONG], [c] * 3) for name, c in configs.items()}
     if not args.basic:
         scenarios(args, out, configs, run, params, llm)
 
-    # the neuron tensor (the input of down_proj) of the first forward of one steered prompt
+    # the first forward of one prompt, steered at each site and not: per layer the neuron tensor
+    # (the input of down_proj), gate_up (the output of gate_up_proj) and the stream after the
+    # decoder layer (h + r of its output, as vLLM's next add-norm adds them)
     seen = {}
 
     def capture(model):
+        def keep(store, key, tensor):  # a hook returns None: it reads, never replaces
+            store.setdefault(key, tensor.detach().cpu().tolist())
+
         handles = []
         for name, module in model.named_modules():
-            if name.endswith("mlp.down_proj"):
-                layer = int(name.split(".layers.")[1].split(".")[0])
-
-                def hook(mod, inputs, layer=layer):
-                    seen.setdefault(layer, inputs[0].detach().cpu().tolist())
-                handles.append(module.register_forward_pre_hook(hook))
+            parts = name.split(".layers.")
+            if len(parts) != 2:
+                continue
+            layer, rest = int(parts[1].split(".")[0]), parts[1].partition(".")[2]
+            store = seen.setdefault(layer, {})
+            if rest == "mlp.down_proj":
+                handles.append(module.register_forward_pre_hook(lambda m, i, s=store: keep(s, "h", i[0])))
+            elif rest == "mlp.gate_up_proj":
+                handles.append(module.register_forward_hook(lambda m, i, o, s=store: keep(s, "gate_up", o[0])))
+            elif rest == "":
+                handles.append(module.register_forward_hook(lambda m, i, o, s=store: keep(s, "stream", o[0] + o[1])))
         return handles
 
     if args.mode == "eager":  # hooks on a compiled model would not run inside its graph
         handles = llm.apply_model(capture)[0]
-        llm.generate([SHORT[0]], [SamplingParams(max_tokens=1, extra_args=configs["all"])], use_tqdm=False)
-        out["neurons_steered"] = {str(k): v for k, v in seen.items()}
-        seen.clear()
-        llm.generate([SHORT[0]], [SamplingParams(max_tokens=1)], use_tqdm=False)
-        out["neurons_plain"] = {str(k): v for k, v in seen.items()}
+        out["tensors"] = {}
+        for name in ("plain", "all", *FILES):
+            extra = None if name == "plain" else configs[name]
+            llm.generate([SHORT[0]], [SamplingParams(max_tokens=1, extra_args=extra)], use_tqdm=False)
+            out["tensors"][name] = {str(k): dict(v) for k, v in seen.items()}
+            for v in seen.values():
+                v.clear()
         llm.apply_model(lambda model: [h.remove() for h in handles])
     out["torch_threads"] = torch.get_num_threads()
     with open(args.out, "w") as f:

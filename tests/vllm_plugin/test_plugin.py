@@ -21,9 +21,16 @@ if not os.environ.get("STEER_VLLM_TESTS"):
 
 import steer  # noqa: E402
 from engine_run import LONG, SHORT  # noqa: E402
-from steer.vllm.requests import SteerRequest  # noqa: E402
+from steer.kernels.fused_mlp_ref import ACTIVATIONS  # noqa: E402
+from steer.vllm.requests import Dims, SteerRequest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+DIMS = Dims(2, 96, 64)  # the tiny models' layers, MLP width, hidden width (conftest.py)
+ACT = {"gemma3": "gelu_tanh", "llama": "silu"}
+
+
+def _file(served, name):
+    return {"steer_intervention": str(served / f"{name}.safetensors")}
 
 
 def _engine(served, mode, plugins=True, basic=False):
@@ -85,16 +92,59 @@ def test_steered_neurons_hold_the_sets_values(request, family):
     unsteered one, bit for bit (later layers see the steered residual stream)."""
     served = request.getfixturevalue("served" if family == "gemma3" else "served_llama")
     eager = request.getfixturevalue("eager" if family == "gemma3" else "llama")
-    iv = SteerRequest(str(served / "experts"), "fr", strength=4.0).intervention((2, 96))
+    iv = SteerRequest(str(served / "experts"), "fr", strength=4.0).intervention(DIMS)
     first = int(iv.mask.any(1).nonzero()[0])
     for layer in range(2):
-        steered = torch.tensor(eager["neurons_steered"][str(layer)])
-        plain = torch.tensor(eager["neurons_plain"][str(layer)])
+        steered = torch.tensor(eager["tensors"]["all"][str(layer)]["h"])
+        plain = torch.tensor(eager["tensors"]["plain"][str(layer)]["h"])
         mask = iv.mask[layer]
         assert steered.shape == plain.shape and steered.shape[0] == len(SHORT[0]) + 1  # BOS + characters
         assert torch.equal(steered[:, mask], iv.add[layer][mask].expand(steered.shape[0], -1))
         if layer <= first:
             assert torch.equal(steered[:, ~mask], plain[:, ~mask])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+@pytest.mark.parametrize("name", ["act_set", "lape"])
+def test_activation_site_holds_the_values(request, family, name):
+    """At the activation site the neuron tensor holds, at every steered unit, the overridden
+    activation times `up`, act(gate) computed from vLLM's own gate_up (`h * mul + add` of act(gate),
+    then x up, in fp32): bit for bit. Every unsteered unit keeps vLLM's fused act-and-mul value,
+    up to the first steered layer bit for bit equal to the unsteered run."""
+    served = request.getfixturevalue("served" if family == "gemma3" else "served_llama")
+    eager = request.getfixturevalue("eager" if family == "gemma3" else "llama")
+    iv = SteerRequest.parse(_file(served, name)).intervention(DIMS)
+    assert iv.site == "activation" and len(iv) > 0
+    first = int(iv.mask.any(1).nonzero()[0])
+    for layer in range(2):
+        got = eager["tensors"][name][str(layer)]
+        h, gate_up = torch.tensor(got["h"]), torch.tensor(got["gate_up"])
+        gate, up = gate_up[:, :96], gate_up[:, 96:]
+        mask = iv.mask[layer]
+        a = ACTIVATIONS[ACT[family]](gate[:, mask])
+        assert torch.equal(h[:, mask], (a * iv.mul[layer][mask] + iv.add[layer][mask]) * up[:, mask])
+        if layer <= first:
+            assert torch.equal(h[:, ~mask], torch.tensor(eager["tensors"]["plain"][str(layer)]["h"])[:, ~mask])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+@pytest.mark.parametrize("name", ["resid_set", "diffmean"])
+def test_residual_site_holds_the_values(request, family, name):
+    """At the residual site the stream after each steered layer (h + r of the layer's output, as
+    vLLM's next add-norm forms it) holds the intervention's values: a set unit its value, an added
+    direction the unsteered stream plus it, bit for bit at the first steered layer; every other
+    unit there keeps the unsteered stream's bits."""
+    served = request.getfixturevalue("served" if family == "gemma3" else "served_llama")
+    eager = request.getfixturevalue("eager" if family == "gemma3" else "llama")
+    iv = SteerRequest.parse(_file(served, name)).intervention(DIMS)
+    assert iv.site == "residual" and len(iv) > 0
+    layer = int(iv.mask.any(1).nonzero()[0])
+    got = torch.tensor(eager["tensors"][name][str(layer)]["stream"])
+    plain = torch.tensor(eager["tensors"]["plain"][str(layer)]["stream"])
+    mask = iv.mask[layer]
+    assert torch.equal(got[:, mask], plain[:, mask] * iv.mul[layer][mask] + iv.add[layer][mask])
+    assert torch.equal(got[:, ~mask], plain[:, ~mask])
+    assert not torch.equal(got, plain)
 
 
 @functools.lru_cache(maxsize=2)
@@ -110,26 +160,32 @@ def _transformers_first_logprobs(served, extra, prompt):
         if extra is None:
             logits = model(ids).logits[0, -1]
         else:
-            iv = SteerRequest.parse(extra).intervention((2, 96))
+            iv = SteerRequest.parse(extra).intervention(DIMS)
             with steer.intervene(model, iv):
                 logits = model(ids).logits[0, -1]
     return torch.log_softmax(logits.double(), -1)
 
 
-@pytest.mark.parametrize("family, name", [("gemma3", "all"), ("gemma3", "prompt"), ("gemma3", "last"),
-                                          ("gemma3", "en_k3"), ("llama", "all"), ("llama", "last")])
+@pytest.mark.parametrize("family, name", [
+    ("gemma3", "all"), ("gemma3", "prompt"), ("gemma3", "last"), ("gemma3", "en_k3"), ("gemma3", "lape"),
+    ("gemma3", "act_set"), ("gemma3", "diffmean"), ("gemma3", "resid_set"), ("gemma3", "resid_last"),
+    ("llama", "all"), ("llama", "last"), ("llama", "lape"), ("llama", "act_set"), ("llama", "diffmean"),
+    ("llama", "resid_set")])
 def test_first_step_logprobs_equal_steers_transformers_path(request, family, name):
     """The first generated token's logprobs (top 5) equal steer's transformers path with the
-    same set, k, strength and positions, within 1e-5 (fp32; the unsteered vLLM-vs-transformers
-    difference, measured beside it, is the floor). The long prompt is prefilled in 5 chunks:
-    "last" steers only its last token, in the last chunk."""
+    same set, k, strength and positions, or the same saved intervention (activation and residual
+    sites), within 1e-5 (fp32; the unsteered vLLM-vs-transformers difference, measured beside
+    it, is the floor). The long prompt is prefilled in 5 chunks: "last" steers only its last
+    token, in the last chunk."""
     from engine_run import steer as config
 
     served = request.getfixturevalue("served" if family == "gemma3" else "served_llama")
     eager = request.getfixturevalue("eager" if family == "gemma3" else "llama")
     extra = {"all": config(str(served / "experts")), "prompt": config(str(served / "experts"), positions="prompt"),
              "last": config(str(served / "experts"), positions="last"),
-             "en_k3": {**config(str(served / "experts"), label="en", strength=8.0), "steer_k": 3}}[name]
+             "en_k3": {**config(str(served / "experts"), label="en", strength=8.0), "steer_k": 3},
+             "resid_last": {**_file(served, "resid_set"), "steer_positions": "last"},
+             **{f: _file(served, f) for f in ("lape", "diffmean", "act_set", "resid_set")}}[name]
     floor = 0.0
     for i, prompt in enumerate(SHORT + [LONG]):
         for ex, got in ((None, eager["plain"][i]), (extra, eager["alone"][name][i])):
@@ -173,7 +229,10 @@ def test_prefix_cache_never_mixes_steered_and_unsteered(eager):
 @pytest.mark.parametrize("name, words", [
     ("missing", "no expert set at /nonexistent"), ("shapes", "the served model has 2 x 96"),
     ("k", "steer_k"), ("label", "no experts for label 'xx'"), ("positions", "steer_positions='middle'"),
-    ("strength", "steer_strength=inf"), ("key", "unknown key(s) ['steer_layers']")])
+    ("strength", "steer_strength=inf"), ("key", "unknown key(s) ['steer_layers']"),
+    ("file_missing", "no intervention file at /nonexistent"),
+    ("file_shape", "residual-site intervention of 2 layers x 32 units; the served model has 2 x 64"),
+    ("file_keys", "['steer_label'] go with steer_experts")])
 def test_bad_requests_are_refused_and_the_engine_serves_on(eager, name, words):
     said = eager["bad"][name]
     assert said is not None and "steer: " in said and words in said, said
