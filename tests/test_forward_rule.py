@@ -19,12 +19,7 @@ from tiny import VOCAB, tiny_model, tiny_tokenizer
 LONG = 20_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(torch.nn.Module):

@@ -22,13 +22,7 @@ PROMPTS = ["hello there", "", "le chat noir est sur", "ab"]
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (a shared 2-core machine spends more on thread hand-offs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def steer_iv(model, positions="all", units=(1, 5, 9, 20), value=6.0):

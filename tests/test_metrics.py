@@ -17,13 +17,7 @@ SPLITS = [([0], None), ([5], None), ([0], [1]), ([0], [1, 2, 3]), ([1, 3], [0, 4
           ([5], [0, 1, 2, 3, 4])]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Inputs here are tiny: on a shared, busy machine, intra-op threads only cost time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_scores(kind: str, n: int = N, m: int = M, seed: int = 0) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Registered on vLLM's `vllm.general_plugins` entry point (pyproject.toml): `register` runs in the
 front end, the engine core and every worker before the model is built, so a plain
-`LLM(model=...)` or `vllm serve` with steer installed accepts steering requests
+`LLM(model=...)` or the OpenAI-compatible server with steer installed accepts steering requests
 (`steer/vllm/requests.py`: the contract). It
 - swaps the forward of vLLM's `Gemma3MLP` and `LlamaMLP` for one that calls
   `torch.ops.steer_vllm.neuron_override(h, layer)` on the neuron tensor (the input of
@@ -468,12 +468,13 @@ def cache_salt(extra_args: dict | None, request_id: str) -> str | None:
     keys = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
     if not keys:
         return None
-    if "steer_experts" in keys:  # the set's files, not just its path, name the steering
-        path = os.path.abspath(str(keys["steer_experts"]))
-        try:
-            keys["steer_experts"] = [path, os.stat(os.path.join(path, "experts.safetensors")).st_mtime_ns]
-        except OSError:
-            keys["steer_experts"] = [path]
+    for key, name in (("steer_experts", "experts.safetensors"), ("steer_intervention", "")):
+        if key in keys:  # the files, not just their path, name the steering
+            path = os.path.abspath(str(keys[key]))
+            try:
+                keys[key] = [path, os.stat(os.path.join(path, name) if name else path).st_mtime_ns]
+            except OSError:
+                keys[key] = [path]
     if keys.get("steer_positions", "all") != "all":  # steered tokens depend on the prompt's length
         keys["request"] = request_id
     return "steer:" + hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -81,7 +81,7 @@ def main():
 
     def run(prompts, extras):
         outs = llm.generate(prompts, [params(e) for e in extras], use_tqdm=False)
-        return [{"tokens": list(o.outputs[0].token_ids),
+        return [{"tokens": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
                  "first": {str(t): lp.logprob for t, lp in o.outputs[0].logprobs[0].items()}} for o in outs]
 
     out = {"plain": run(SHORT + [LONG], [None] * 3)}

@@ -166,3 +166,21 @@ def test_engines_that_cannot_steer_refuse_steering_requests(served):
     finally:
         plugin._FRONT.clear()
         plugin._FRONT.update(saved)
+
+
+def test_cache_salt_names_the_steering_and_its_files(served, tmp_path):
+    """The prefix-cache salt: none without steer keys; another config, another file version or
+    (positions other than all) another request gives another salt."""
+    import shutil
+
+    from steer.vllm.plugin import cache_salt
+
+    f = tmp_path / "lape.safetensors"
+    shutil.copy(served / "lape.safetensors", f)
+    iv = {"steer_intervention": str(f)}
+    assert cache_salt(None, "r1") is None and cache_salt({"temperature": 0}, "r1") is None
+    first = cache_salt(iv, "r1")
+    assert first == cache_salt(iv, "r2") != cache_salt({"steer_experts": str(served / "experts"), "steer_label": "fr"}, "r1")
+    assert cache_salt({**iv, "steer_positions": "last"}, "r1") != cache_salt({**iv, "steer_positions": "last"}, "r2")
+    os.utime(f, ns=(1, 1))
+    assert cache_salt(iv, "r1") != first
