@@ -8,8 +8,8 @@ greedy, fixed output length (ignore_eos).
 
 Runs in an environment with vLLM (`make install-vllm`). Each engine runs in its own process
 (the plugin patches vLLM for the whole process; VLLM_PLUGINS="" gives stock vLLM), using both
-cores (VLLM_CPU_OMP_THREADS_BIND=0-1). Inside an engine the scenarios run round-robin, twice,
-and each keeps its best time; ratios are to stock vLLM in the same mode. The steering is found
+cores (VLLM_CPU_OMP_THREADS_BIND=0-1). Inside an engine the scenarios run round-robin
+(`--rounds`, 3) and each keeps its best time; ratios are to stock vLLM in the same mode. The steering is found
 once from UDHR (8 languages x 50 paragraphs; kept in steer's cache): the expert set (the K sets
 are its 8 labels x 8 strengths), LAPE's fr neurons (top_rate .05, activated) and DiffMean's fr
 direction (the middle layer, 2x the mean difference), the last two as `Intervention` files.
@@ -80,7 +80,7 @@ def child(args) -> None:
 
     go(runs["idle"][:8])  # warm-up
     best, tokens, first = {}, {}, {}
-    for _ in range(2):
+    for _ in range(args.rounds):
         for name, extras in runs.items():
             s, n, outs = go(extras)
             best[name] = min(best.get(name, float("inf")), s)
@@ -96,7 +96,8 @@ def engine(args, mode: str, plugin: bool, steering: str) -> dict:
         if not plugin:
             env["VLLM_PLUGINS"] = ""
         cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", args.model, "--steering", steering,
-               "--requests", str(args.requests), "--tokens", str(args.tokens), "--out", str(out)]
+               "--requests", str(args.requests), "--tokens", str(args.tokens), "--rounds", str(args.rounds),
+               "--out", str(out)]
         cmd += ["--plugin"] if plugin else []
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin runs of the scenarios in each engine (best kept)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the transformers run")
     ap.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND of the engines")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -173,10 +175,11 @@ def main() -> None:
         base = stock["tokens"]["idle"] / stock["seconds"]["idle"]
         rows.append({"mode": mode, "run": "stock vLLM", "tok/s": base, "vs stock": 1.0,
                      "engine start s": stock["start"]})
+        idle = plug["tokens"]["idle"] / plug["seconds"]["idle"]
         for name, s in plug["seconds"].items():
             rate = plug["tokens"][name] / s
             rows.append({"mode": mode, "run": f"plugin, {name}", "tok/s": rate, "vs stock": rate / base,
-                         "engine start s": plug["start"] if name == "idle" else ""})
+                         "vs idle": rate / idle, "engine start s": plug["start"] if name == "idle" else ""})
         assert plug["first"]["idle"] == stock["first"]["idle"], "the idle plugin changed greedy tokens"
     seconds = transformers_generate(args, steering)
     tf_rate = args.requests * args.tokens / seconds
@@ -185,10 +188,11 @@ def main() -> None:
         rows.append({"mode": mode, "run": "steer generate (transformers), one set", "tok/s": tf_rate,
                      "vs stock": tf_rate / rate})
     note = (f"{args.requests} requests x {args.tokens} greedy tokens (ignore_eos), Gemma-3-270M fp32. "
-            "tok/s = output tokens / seconds of the whole batch, best of 2 round-robin runs in one "
-            "engine; 'vs stock' = tok/s / stock vLLM's in the same mode (engines in separate processes, "
-            f"both cores: VLLM_CPU_OMP_THREADS_BIND={args.bind}). The transformers row: steer's "
-            f"`generate`, one batch, {args.threads} threads, every request steered by one set.")
+            f"tok/s = output tokens / seconds of the whole batch, best of {args.rounds} round-robin runs in one "
+            "engine; 'vs stock' = tok/s / stock vLLM's in the same mode (another process); 'vs idle' = tok/s / "
+            "the idle plugin's in the same engine. Engines use both cores (VLLM_CPU_OMP_THREADS_BIND="
+            f"{args.bind}). The transformers row: steer's `generate`, one batch, {args.threads} threads, every "
+            "request steered by one set.")
     write_results("vllm_steering", finish(env), [Table("Output tokens/s", rows, note=note)],
                   title="Steering inside vLLM (steer's plugin) vs stock vLLM", out_dir=RESULTS)
     print((RESULTS / "vllm_steering.md").read_text())
