@@ -33,27 +33,34 @@ STUDY = {("lape", "fr"): 554, ("lape", "de"): 576,  # the study's LAPE neurons a
 GEN = dict(max_new_tokens=32, temperature=1.0, top_p=0.9)
 
 
+def study_intervention(stats, method: str, target: str, setting: dict):
+    """(intervention, the study's full setting) that `steer study --methods` builds for `setting`
+    ({"top_rate": r} for LAPE, {"layer": l, "scale": s} for DiffMean) from token statistics: its
+    own `make_methods`, so the grid's rules (LAPE's neurons, DiffMean's strength) are the study's."""
+    from types import SimpleNamespace
+
+    from steer.experiments.study.methods import make_methods
+
+    cfg = SimpleNamespace(lape_rates=[setting.get("top_rate")], diffmean_layers=[setting.get("layer")],
+                          diffmean_scales=[setting.get("scale")])
+    m = make_methods([method], cfg, None, {}, stats, "cpu")[method]
+    full = next(g for g in m.grid(target) if all(g[k] == v for k, v in setting.items()))
+    return m.build(target, full), full
+
+
 def interventions(model, tok, out: Path, n_discovery: int) -> tuple[dict, list[dict]]:
     """The study's chosen LAPE and DiffMean interventions, saved under `out`; (paths, checks)."""
     import steer
-    from steer.core.diffmean import diffmean_difference
     from steer.engine.collect import collect_token_stats
 
     corpus = steer.bible_corpus(LANGS, split="discovery", n_per_language=n_discovery)
     stats = collect_token_stats(model, tok, corpus, ("activation", "residual"), batch_size=32, progress=False)
     paths, checks = {}, []
     for (method, t), s in CHOSEN.items():
-        if method == "lape":
-            found = steer.select_lape(stats.activation_probability(), stats.label_names, top_rate=s["top_rate"])
-            iv = steer.lape_intervention(found, stats.activation_mean(), activate=t)
-            got = found.sizes()[t]
-        else:
-            norm = float(diffmean_difference(stats.residual_mean(), stats.label_names, t).norm(dim=1)[s["layer"]])
-            directions = steer.diffmean_directions(stats.residual_mean(), stats.label_names, t)
-            iv = steer.diffmean_intervention(directions, s["layer"], s["scale"] * norm)
-            got = s["scale"] * norm
+        iv, full = study_intervention(stats, method, t, s)
         paths[method, t] = str(iv.save(out / f"{method}-{t}.safetensors", model))
-        checks.append({"method": method, "target": t, "setting": str(s), "here": got, "study": STUDY[method, t]})
+        checks.append({"method": method, "target": t, "setting": str(s),
+                       "here": full["neurons" if method == "lape" else "strength"], "study": STUDY[method, t]})
     return paths, checks
 
 

@@ -125,19 +125,15 @@ def prepare(model_path: str, out: Path, threads: int) -> str:
     import torch
 
     import steer
-    from steer.core.diffmean import diffmean_difference
+    from vllm_methods import study_intervention
 
     torch.set_num_threads(threads)
     model, tok = steer.load_model(model_path, dtype="float32", device="cpu")
     found = steer.find_experts(model, tok, udhr(), k=100, progress=False, token_stats=("activation", "residual"))
-    stats = found.token_stats
-    lape = steer.select_lape(stats.activation_probability(), stats.label_names, top_rate=0.05)
-    means, layer = stats.residual_mean(), model.config.num_hidden_layers // 2
-    strength = 2.0 * float(diffmean_difference(means, stats.label_names, "fr").norm(dim=1)[layer])
     out.mkdir(parents=True, exist_ok=True)
-    steer.lape_intervention(lape, stats.activation_mean(), activate="fr").save(out / "lape.safetensors", model)
-    steer.diffmean_intervention(steer.diffmean_directions(means, stats.label_names, "fr"), layer, strength).save(
-        out / "diffmean.safetensors", model)
+    for method, setting in (("lape", {"top_rate": 0.05}),
+                            ("diffmean", {"layer": model.config.num_hidden_layers // 2, "scale": 2.0})):
+        study_intervention(found.token_stats, method, "fr", setting)[0].save(out / f"{method}.safetensors", model)
     found.experts.save(out / "experts")  # last: its presence marks the folder complete
     return str(out)
 

@@ -48,7 +48,7 @@ import torch
 
 from steer.core.intervention import SITES, InterventionSets
 from steer.kernels.fused_mlp_ref import ACTIVATIONS, apply_override
-from steer.vllm.requests import PREFIX, Dims, SteerRequest, set_time
+from steer.vllm.requests import PREFIX, Dims, SteerRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class Table:
         tokens before this step (row r's tokens sit at positions computed[r] ...), `prompt` [rows]
         its prompt length. Each steered token is paired with its set's units (`slots`) and the
         pairs are grouped by layer: the forward then touches only them."""
+        self.step = None
+        if not rows:
+            return
         codes = self.sets.codes.tolist()
         by_set: dict[int, list[torch.Tensor]] = {}
         for r, s in rows.items():
@@ -101,7 +104,6 @@ class Table:
             if len(tokens):
                 by_set.setdefault(s, []).append(tokens)
         if not by_set:
-            self.step = None
             return
         sets, (layers, width), dev = self.sets, self.shape, self.sets.device
         flat, slot = [], []
@@ -141,7 +143,7 @@ class Worker:
         if request is None:
             return
         try:
-            key = (request, set_time(request.source))
+            key = (request, request.version())
             where = self.configs.get(key)
             if where is None:
                 where = self._load(key)
@@ -179,8 +181,7 @@ class Worker:
     def prepare(self, query_start_loc, computed, prompt) -> None:
         """Every site's overrides of this step (`Table.prepare`)."""
         for site, table in self.tables.items():
-            rows = {r: i for r, (s, i) in self.row_set.items() if s == site}
-            table.prepare(rows, query_start_loc, computed, prompt) if rows else setattr(table, "step", None)
+            table.prepare({r: i for r, (s, i) in self.row_set.items() if s == site}, query_start_loc, computed, prompt)
 
     def clear(self) -> None:
         for table in self.tables.values():
@@ -468,13 +469,11 @@ def cache_salt(extra_args: dict | None, request_id: str) -> str | None:
     keys = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
     if not keys:
         return None
-    for key, name in (("steer_experts", "experts.safetensors"), ("steer_intervention", "")):
-        if key in keys:  # the files, not just their path, name the steering
-            path = os.path.abspath(str(keys[key]))
-            try:
-                keys[key] = [path, os.stat(os.path.join(path, name) if name else path).st_mtime_ns]
-            except OSError:
-                keys[key] = [path]
+    source = SteerRequest.parse(extra_args).source  # admitted: a valid request
+    try:  # the file's version, not just its path, names the steering
+        keys["source"] = [source, os.stat(source).st_mtime_ns]
+    except OSError:
+        keys["source"] = [source]
     if keys.get("steer_positions", "all") != "all":  # steered tokens depend on the prompt's length
         keys["request"] = request_id
     return "steer:" + hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -93,12 +93,23 @@ class SteerRequest:
         """The file the steering is read from (its modification time names its version)."""
         return self.file if self.file is not None else os.path.join(self.experts, "experts.safetensors")
 
+    def version(self) -> float:
+        """The modification time of `source` (ValueError naming what is missing)."""
+        try:
+            return os.stat(self.source).st_mtime
+        except OSError:
+            if self.file is None:
+                raise ValueError(f"steer: no expert set at {self.experts} (steer_experts: a directory "
+                                 "written by ExpertSet.save or `steer find-experts`)") from None
+            raise ValueError(f"steer: no intervention file at {self.file} (steer_intervention: a file "
+                             "written by Intervention.save)") from None
+
     def intervention(self, dims: Dims) -> Intervention:
         """The Intervention this request applies to a model of `dims`, on the CPU; ValueError for
         a missing or unreadable file, another model's shapes, an unknown label, k out of range or
         non-finite values."""
         if self.file is not None:
-            iv = _load_intervention(self.file, set_time(self.source))
+            iv = _load_intervention(self.file, self.version())
             if iv.shape != dims.shape(iv.site):
                 raise ValueError(f"steer: {self.file} holds a {iv.site}-site intervention of {iv.shape[0]} layers x "
                                  f"{iv.shape[1]} units; the served model has {' x '.join(map(str, dims.shape(iv.site)))} there")
@@ -106,7 +117,7 @@ class SteerRequest:
                 raise ValueError(f"steer: the values in {self.file} are not all finite")
             return iv if self.positions in (None, iv.positions) else iv.with_positions(self.positions)
         shape = dims.shape("neuron")
-        experts = _load(self.experts, set_time(self.source))
+        experts = _load(self.experts, self.version())
         if experts.shape != tuple(shape):
             raise ValueError(f"steer: expert set {self.experts} is for {experts.shape[0]} layers x "
                              f"{experts.shape[1]} neurons ({experts.meta.get('model')!r}); the served model "
@@ -122,19 +133,6 @@ class SteerRequest:
             raise ValueError(f"steer: the values of {self.label!r} in {self.experts} (x strength "
                              f"{self.strength}) are not all finite")
         return iv
-
-
-def set_time(path: str) -> float:
-    """The modification time of a steering file (`SteerRequest.source`; ValueError where there is
-    none)."""
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        if path.endswith("experts.safetensors"):
-            raise ValueError(f"steer: no expert set at {os.path.dirname(path)} (steer_experts: a directory "
-                             "written by ExpertSet.save or `steer find-experts`)") from None
-        raise ValueError(f"steer: no intervention file at {path} (steer_intervention: a file written by "
-                         "Intervention.save)") from None
 
 
 @lru_cache(maxsize=64)
