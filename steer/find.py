@@ -159,11 +159,20 @@ class Plan:
     mode: str | None = None
     _fitted: object = field(default=None, repr=False)  # the model `mode` was chosen for
 
-    def fit(self, model: nn.Module, group: Group | None = None) -> str:
-        """Check what needs the model (layers, k; eval mode) and choose the mode, once per model."""
+    def fit(self, model, group: Group | None = None) -> str:
+        """Check what needs the model (layers, k; eval mode) and choose the mode, once per model
+        (a transformers model, or a vLLM engine: `steer.vllm.discovery.served`)."""
         if self._fitted is not model:
-            check_eval(model)
-            layout = NeuronLayout(model)
+            if is_engine(model):
+                from steer.vllm.discovery import served
+
+                if self.config.backend != "auto":
+                    raise ValueError(f"backend={self.config.backend!r} chooses how transformers models collect; "
+                                     "a vLLM engine collects through steer's plugin (leave backend 'auto')")
+                layout = served(model)
+            else:
+                check_eval(model)
+                layout = NeuronLayout(model)
             self.config.check_model(layout)
             self.mode = choose_mode(self.config, len(self.corpus), layout.n_neurons, group)
             self._fitted = model
@@ -195,10 +204,18 @@ def choose_mode(config: FindConfig, n_sentences: int, n_neurons: int, group: Gro
     return "exact" if n_sentences * n_neurons * 4 <= config.memory_budget_gib * 2**30 else "stream"
 
 
-def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None = None, *,
+def is_engine(model) -> bool:
+    """Whether `model` is a vLLM `LLM` (told without importing vLLM)."""
+    return type(model).__name__ == "LLM" and type(model).__module__.startswith("vllm")
+
+
+def find_experts(model, tokenizer, corpus, config: FindConfig | None = None, *,
                  group: Group | None = None, **overrides) -> Found | None:
     """Collect `corpus`'s responses, score every neuron and select the experts of each target.
 
+    model: a transformers causal LM, or a `vllm.LLM` (the engine; then `tokenizer` may be None, the
+    model's own is read): steer's vLLM plugin pools inside vLLM's forward
+    (`steer.vllm.discovery`), with the same modes, results and files.
     corpus: a `Corpus` or `CorpusFile`, or a `Plan` already checked by `plan` (then no config).
     config: a `FindConfig`; keyword `overrides` replace its fields (`find_experts(m, t, c, k=50)`).
     Under torchrun every rank calls it; rank 0 gets the result, the others None.
@@ -212,6 +229,10 @@ def find_experts(model: nn.Module, tokenizer, corpus, config: FindConfig | None 
     config, corpus, splits = job.config, job.corpus, job.splits
     group = group or current()
     mode = job.fit(model, group)
+    if is_engine(model):
+        from steer.vllm.discovery import find
+
+        return find(model, tokenizer, job)
     by = config.selection()[0]
     backend = choose(model, config.backend)  # "auto" resolved once: settings record what ran
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,

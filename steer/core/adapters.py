@@ -72,6 +72,52 @@ def _sample(module: nn.Module) -> torch.Tensor:
     return w[:: max(1, w.numel() // 4096)].cpu()
 
 
+def weight_sample(module: nn.Module) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(shape, strided sample) of a down projection's weights: all its fingerprint and signature
+    read (vLLM's CPU build keeps them before it repacks the weights: steer/vllm/plugin.py)."""
+    return tuple(module.weight.shape), _sample(module)
+
+
+def weights_fingerprint(samples) -> str:
+    """`NeuronLayout.fingerprint` of the down projections' `weight_sample`s."""
+    digest = hashlib.sha256()
+    for shape, sample in samples:
+        digest.update(str(shape).encode())
+        b = sample.to(torch.bfloat16)
+        b = torch.where(b.abs() < 2 ** -14, torch.zeros_like(b), b)  # fp16 keeps these inexactly
+        digest.update(b.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def weights_signature(samples) -> list[list[float]]:
+    """`NeuronLayout.signature` of the down projections' `weight_sample`s."""
+    out = []
+    for _, sample in samples:  # fsum: exact, so every machine and rank records the same numbers
+        s = sample.double()
+        scale = math.sqrt(math.fsum(s.square().tolist()) / SIGNATURE_CHUNKS)
+        out.append([_digits(scale)] + [_digits(math.fsum(c.tolist())) for c in s.tensor_split(SIGNATURE_CHUNKS)])
+    return out
+
+
+def same_weights(recorded: dict, fingerprint: str, signature, dtype: str, legacy=None) -> bool:
+    """`NeuronLayout.same_weights` given a model's fingerprint, its signature (a callable: computed
+    only when needed), load dtype and, for records without a signature, its legacy fingerprint
+    (a callable, or None)."""
+    expected = recorded.get("signature")
+    if expected is None:
+        return recorded.get("fingerprint") in (fingerprint, legacy() if legacy else None)
+    dtypes = {recorded.get("dtype"), dtype}
+    if None not in dtypes and "float16" not in dtypes and recorded.get("fingerprint") != fingerprint:
+        return False
+    try:
+        d = [abs(c - c2) / max(a[0], b[0]) if c != c2 else 0.0
+             for a, b in zip(expected, signature(), strict=True)
+             for c, c2 in zip(a[1:], b[1:], strict=True)]
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):  # another layout, or garbage
+        return False
+    return bool(d) and (sum(x * x for x in d) / len(d)) ** 0.5 <= SAME_WEIGHTS_TOLERANCE
+
+
 def _digits(x: float) -> float:
     return float(f"{x:.7g}")
 
@@ -181,25 +227,14 @@ class NeuronLayout:
         loads of any checkpoint, and for fp16 loads of fp16- or bf16-stored ones; an fp16 load of
         an fp32-stored checkpoint may differ (double rounding), so `same_weights` decides with
         `signature`. It does not name the dtype: keys that must separate dtypes add it."""
-        digest = hashlib.sha256()
-        for m in self.modules:
-            digest.update(str(tuple(m.weight.shape)).encode())
-            b = _sample(m).to(torch.bfloat16)
-            b = torch.where(b.abs() < 2 ** -14, torch.zeros_like(b), b)  # fp16 keeps these inexactly
-            digest.update(b.view(torch.int16).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return weights_fingerprint(map(weight_sample, self.modules))
 
     def signature(self) -> list[list[float]]:
         """Per down projection [S, c_1 .. c_16]: the float64 sums c of 16 contiguous chunks of the
         fingerprint's sample and their scale S (the RMS of the chunks' L2 norms), 7 significant
         digits. Loading in another dtype moves each sum by rounding noise, ~2e-3 S (bf16);
         other weights move them by ~S. Compared by `same_weights`."""
-        out = []
-        for m in self.modules:  # fsum: exact, so every machine and rank records the same numbers
-            s = _sample(m).double()
-            scale = math.sqrt(math.fsum(s.square().tolist()) / SIGNATURE_CHUNKS)
-            out.append([_digits(scale)] + [_digits(math.fsum(c.tolist())) for c in s.tensor_split(SIGNATURE_CHUNKS)])
-        return out
+        return weights_signature(map(weight_sample, self.modules))
 
     def same_weights(self, recorded: dict) -> bool:
         """Whether `recorded` (metadata with "fingerprint", "signature", "dtype": an expert set's,
@@ -212,20 +247,8 @@ class NeuronLayout:
         Without (written before steer had signatures): the recorded fingerprint equals this
         model's, by today's hash or by the older one (fp32 bytes of the sample: that one also
         changes with the load dtype, so such records only match a load in their own dtype)."""
-        signature = recorded.get("signature")
-        fingerprint = self.fingerprint()
-        if signature is None:
-            return recorded.get("fingerprint") in (fingerprint, _legacy_fingerprint(self.modules))
-        dtypes = {recorded.get("dtype"), self.dtype}
-        if None not in dtypes and "float16" not in dtypes and recorded.get("fingerprint") != fingerprint:
-            return False
-        try:
-            d = [abs(c - c2) / max(a[0], b[0]) if c != c2 else 0.0
-                 for a, b in zip(signature, self.signature(), strict=True)
-                 for c, c2 in zip(a[1:], b[1:], strict=True)]
-        except (TypeError, ValueError, IndexError, ZeroDivisionError):  # another layout, or garbage
-            return False
-        return bool(d) and (sum(x * x for x in d) / len(d)) ** 0.5 <= SAME_WEIGHTS_TOLERANCE
+        return same_weights(recorded, self.fingerprint(), self.signature, self.dtype,
+                            lambda: _legacy_fingerprint(self.modules))
 
     def describe(self) -> str:
         family = self.adapter.family if self.adapter else "generic"

@@ -210,6 +210,17 @@ class StreamState:
         kinds, s = self.settings.get("token_stats"), self.settings
         self.token_stats = TokenStats(names, kinds, s["layers"], s["width"], s["hidden"], dev) if kinds else None
 
+    @classmethod
+    def from_sample(cls, sample: torch.Tensor, label_ids: torch.Tensor, bins: int, label_names: Sequence[str],
+                    settings: dict, token_stats: TokenStats | None = None) -> "StreamState":
+        """The state of a calibration sample [S, M] with label ids [S]: edges from the sample
+        (`calibrate_edges`), which it then counts, with the sample's token sums."""
+        state = cls(calibrate_edges(sample, bins), label_names, settings)
+        state.update(sample, label_ids)
+        if token_stats is not None:
+            state.token_stats.merge(token_stats)
+        return state
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         extra = {} if self.token_stats is None else self.token_stats.stored()
         return {"edges": self.edges, "counts": self.counts, "sums": self.sums, "n": self.n,

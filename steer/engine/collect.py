@@ -54,7 +54,7 @@ from steer.core.adapters import NeuronLayout, base_inputs, check_eval
 from steer.core.corpus import Corpus, check_labels
 from steer.core.metrics import check_k, score_splits
 from steer.core.scores import COUNTS, Responses, Scores, score_state, shortlist_scores
-from steer.core.stream import StreamState, calibrate_edges
+from steer.core.stream import StreamState
 from steer.core.token_stats import KINDS as TOKEN_STATS
 from steer.core.token_stats import TokenStats, check_kinds
 from steer.engine import steering
@@ -190,13 +190,17 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
         run.seconds += time.perf_counter() - start
 
 
-def _settings(model, layout: NeuronLayout, corpus, run: Run | None = None, **options) -> dict:
-    settings = {
-        "model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
-        "fingerprint": layout.fingerprint(), "layers": layout.n_layers, "width": layout.width,
-        "dtype": layout.dtype, "signature": layout.signature(), **options,
-        "corpus": corpus.description, "corpus_hash": corpus.hash(), "sentences": len(corpus),
-    }
+def model_record(model, layout: NeuronLayout) -> dict:
+    """What a collection records of its model (steer/vllm/discovery.py records vLLM's the same way)."""
+    return {"model": getattr(model.config, "name_or_path", ""), "architecture": type(model).__name__,
+            "fingerprint": layout.fingerprint(), "layers": layout.n_layers, "width": layout.width,
+            "dtype": layout.dtype, "signature": layout.signature()}
+
+
+def settings_of(record: dict, corpus, run: Run | None = None, **options) -> dict:
+    """A collection's settings: its model's `record`, its options, corpus and run."""
+    settings = {**record, **options, "corpus": corpus.description, "corpus_hash": corpus.hash(),
+                "sentences": len(corpus)}
     if run is not None:
         settings.update(tokens=run.tokens, seconds=round(run.seconds, 2), truncated=run.truncated)
     return settings
@@ -232,7 +236,7 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
                                        backend=backend, progress=progress, run=run, too_long=too_long,
                                        max_tokens=max_tokens, token_stats=stats, label_ids=corpus.label_ids.tolist()):
         values[rows] = pooled.cpu()
-    settings = _settings(model, layout, corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
+    settings = settings_of(model_record(model, layout), corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
                          backend=backend, max_length=max_length, too_long=too_long)
     return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings,
                      stats.to_("cpu") if stats is not None else None)
@@ -411,7 +415,7 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     layout = NeuronLayout(model, neuron_module)
     kinds = _check_token_stats(layout, token_stats)
     cal = calibration_sample(len(corpus), calibration, seed)
-    settings = _settings(model, layout, corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
+    settings = settings_of(model_record(model, layout), corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
                          pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long,
                          **({"token_stats": list(kinds), "hidden": layout.hidden} if kinds else {}))
     batching = {"batch_size": batch_size, "max_tokens": max_tokens, "skip_special": skip_special,
@@ -559,11 +563,7 @@ def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, 
         _note(run, b, limit)
         bar.update(len(b.rows), b.tokens)
     bar.close()
-    state = StreamState(calibrate_edges(sample, bins), label_names, settings)
-    state.update(sample, torch.tensor([r.label for r in records]))
-    if stats is not None:
-        state.token_stats.merge(stats)
-    return state
+    return StreamState.from_sample(sample, torch.tensor([r.label for r in records]), bins, label_names, settings, stats)
 
 
 def _note(run: Run, batch: Batch, limit) -> None:
@@ -592,40 +592,63 @@ def refine(model: nn.Module, tokenizer, corpus, state: StreamState | None, split
     check_eval(model)
     check_k(k, "k")
     check_k(bottom_k, "bottom_k", allow_zero=True)
-    hist = sizes = idx = error = None
+    short = error = None
     if group.is_main:
         try:
-            if corpus.hash() != state.settings.get("corpus_hash"):
-                raise ValueError("refine needs the corpus the state was collected on (corpus hash differs)")
-            hist = score_state(state, splits)
-            idx, sizes = shortlist_scores(hist, k=k, by=by, bottom_k=bottom_k)
-            log.info("refine: short-list of %s neurons of %s (per split: %s); second pass stores only their "
-                     "responses", f"{idx.numel():,}", f"{state.edges.shape[0]:,}", sizes)
+            short = Shortlist.of(state, corpus, splits, k=k, by=by, bottom_k=bottom_k)
         except Exception as e:
             error = e
     error = group.broadcast_object(error)
     if error is not None:
         raise error
-    idx = group.broadcast_object(idx)
+    idx = group.broadcast_object(None if short is None else short.idx)
     settings = group.broadcast_object(None if state is None else
                                       {key: state.settings.get(key) for key in
                                        ("pooling", "skip_special", "max_length", "too_long", "window")})
     values, label_ids = _shortlist_responses(model, tokenizer, corpus, idx, settings, group, progress, **forward)
     if not group.is_main:
         return None
-    flat = hist.flat()  # [S, L*M] views of hist's tensors, updated in place
-    if idx.numel():
-        exact = score_splits(values, label_ids, [s.label_ids(list(corpus.label_names)) for s in hist.splits],
-                             names=[s.name for s in hist.splits])
-        for key, v in exact.items():
-            if key in COUNTS:
-                flat[key] = v
-            else:
-                flat[key][:, idx] = v
-        for key in ("ap_bound", "auroc_bound"):
-            flat[key][:, idx] = 0.0
-    out = {**hist.settings, "shortlist": sizes, "refined_neurons": int(idx.numel())}
-    return Scores.from_flat(flat, hist.splits, out, (state.settings["layers"], state.settings["width"]))
+    return short.scores(values, label_ids, list(corpus.label_names))
+
+
+@dataclass
+class Shortlist:
+    """refine's plan: the histogram scores of a state (`hist`), the flat indices of the neurons
+    that could still enter an exact top-k (`idx`) and their number per split (`sizes`); `scores`
+    merges their exact responses in. Every engine's refine goes through it."""
+
+    hist: Scores
+    idx: torch.Tensor
+    sizes: list
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, state: StreamState, corpus, splits, *, k: int, by, bottom_k: int) -> "Shortlist":
+        if corpus.hash() != state.settings.get("corpus_hash"):
+            raise ValueError("refine needs the corpus the state was collected on (corpus hash differs)")
+        hist = score_state(state, splits)
+        idx, sizes = shortlist_scores(hist, k=k, by=by, bottom_k=bottom_k)
+        log.info("refine: short-list of %s neurons of %s (per split: %s); second pass stores only their "
+                 "responses", f"{idx.numel():,}", f"{state.edges.shape[0]:,}", sizes)
+        return cls(hist, idx, sizes, (state.settings["layers"], state.settings["width"]))
+
+    def scores(self, values: torch.Tensor | None, label_ids: torch.Tensor | None, label_names: list[str]) -> Scores:
+        """The histogram scores with exact ones at the short-list, from its responses values [N, K]
+        and the sentences' label ids [N] (None for an empty short-list)."""
+        hist, idx = self.hist, self.idx
+        flat = hist.flat()  # [S, L*M] views of hist's tensors, updated in place
+        if idx.numel():
+            exact = score_splits(values, label_ids, [s.label_ids(label_names) for s in hist.splits],
+                                 names=[s.name for s in hist.splits])
+            for key, v in exact.items():
+                if key in COUNTS:
+                    flat[key] = v
+                else:
+                    flat[key][:, idx] = v
+            for key in ("ap_bound", "auroc_bound"):
+                flat[key][:, idx] = 0.0
+        out = {**hist.settings, "shortlist": self.sizes, "refined_neurons": int(idx.numel())}
+        return Scores.from_flat(flat, hist.splits, out, self.shape)
 
 
 def _shortlist_responses(model: nn.Module, tokenizer, corpus, idx: torch.Tensor, settings: dict, group: Group,

@@ -48,7 +48,8 @@ import torch
 
 from steer.core.intervention import SITES, InterventionSets
 from steer.kernels.fused_mlp_ref import ACTIVATIONS, apply_override
-from steer.vllm.requests import PREFIX, Dims, SteerRequest
+from steer.vllm.pooling import Pooling
+from steer.vllm.requests import PREFIX, Dims, SteerRequest, collect_request
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,12 @@ class Table:
 
 class Worker:
     """The worker's steering state: one `Table` per site (a batch may mix sites; one request
-    steers one), the configs in use, and each steered batch row's (site, set)."""
+    steers one), the configs in use, and each steered batch row's (site, set); and its
+    collection state (`pooling`: expert discovery's requests, steer/vllm/pooling.py)."""
 
     def __init__(self, dims: Dims, sets: int, device):
         self.dims = dims
+        self.pooling = Pooling(dims, sets, device)
         self.tables = {site: Table(dims.shape(site), site, sets, torch.device(device)) for site in SITES}
         self.configs: dict[tuple, tuple[str, int]] = {}  # (request, file time) -> (site, set index)
         self.row_set: dict[int, tuple[str, int]] = {}  # batch row -> (site, set index), steered rows only
@@ -186,6 +189,7 @@ class Worker:
     def clear(self) -> None:
         for table in self.tables.values():
             table.step = None
+        self.pooling.select = self.pooling.slot = None
 
     def override(self, h: torch.Tensor, gate_up: torch.Tensor, layer: int, act: str) -> None:
         """h [tokens, width] (the neuron tensor, `act(gate) * up` as vLLM computed it) with this
@@ -240,16 +244,18 @@ WORKER: Worker | None = None  # this process's state (set by SteerLogits in the 
 
 def neuron_override(h: torch.Tensor, gate_up: torch.Tensor, layer: int, act: str) -> None:
     """The MLP's custom op: h [tokens, width] overridden in place where this step steers the
-    neuron or the activation (`Worker.override`)."""
+    neuron or the activation (`Worker.override`), then pooled where it collects (`Pooling.neuron`)."""
     if WORKER is not None:
         WORKER.override(h, gate_up, layer, act)
+        WORKER.pooling.neuron(h, gate_up, layer, act)
 
 
 def residual_override(h: torch.Tensor, r: torch.Tensor, layer: int) -> None:
     """The decoder layer's custom op: (h, r) changed in place where this step steers the stream
-    (`Worker.residual`)."""
+    (`Worker.residual`), then summed where it collects DiffMean's statistics (`Pooling.residual`)."""
     if WORKER is not None:
         WORKER.residual(h, r, layer)
+        WORKER.pooling.residual(h, r, layer)
 
 
 def _fake(*args) -> None:
@@ -277,8 +283,11 @@ def refusal(architecture: str, vllm_config) -> str | None:
 
 def validate(params) -> None:
     """Refuse a request whose steering is bad or cannot be served here (ValueError -> HTTP 400)."""
-    request = SteerRequest.parse(getattr(params, "extra_args", None))
+    extra = getattr(params, "extra_args", None)
+    request = SteerRequest.parse(extra)
     if request is None:
+        if collect_request(extra) is not None and _FRONT.get("refusal"):
+            raise ValueError(f"steer: {_FRONT['refusal']}")
         return
     if _FRONT.get("refusal"):
         raise ValueError(f"steer: {_FRONT['refusal']}")
@@ -313,13 +322,20 @@ class SteerLogits(_logits_processor_base()):
             return
         from vllm.v1.sample.logits_processor import MoveDirectionality
 
-        w = self.worker
+        w, pooling = self.worker, self.worker.pooling
         for row in batch_update.removed:
             w.remove(row)
+            pooling.remove(row)
         for row, params, _, _ in batch_update.added:
-            w.add(row, SteerRequest.parse(getattr(params, "extra_args", None)))
+            extra = getattr(params, "extra_args", None)
+            collect = collect_request(extra)
+            w.add(row, None if collect is not None else SteerRequest.parse(extra))
+            pooling.remove(row)
+            if collect is not None:
+                pooling.add(row, collect)
         for a, b, direction in batch_update.moved:
             w.move(a, b, direction == MoveDirectionality.SWAP)
+            pooling.move(a, b, direction == MoveDirectionality.SWAP)
 
 
 # -- the general plugin --
@@ -338,6 +354,8 @@ def register() -> None:
     _patch_front_end()
     _patch_config()
     _patch_cache_salt()
+    _patch_worker()
+    _patch_weights()
 
 
 def _register_op() -> None:
@@ -411,11 +429,18 @@ def _patch_runner() -> None:
 
     def _model_forward(self, *args, **kwargs):
         w = WORKER
-        if w is not None and w.row_set:
+        if w is not None and (w.row_set or w.pooling.rows):
             n, batch = self.input_batch.num_reqs, self.input_batch
-            w.prepare(self.query_start_loc.cpu[:n + 1], batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n])
+            where = self.query_start_loc.cpu[:n + 1], batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n]
+            if w.row_set:
+                w.prepare(*where)
+            if w.pooling.rows:
+                w.pooling.prepare(*where)
         try:
-            return forward(self, *args, **kwargs)
+            out = forward(self, *args, **kwargs)
+            if w is not None:
+                w.pooling.finish()
+            return out
         finally:
             if w is not None:
                 w.clear()
@@ -469,6 +494,8 @@ def cache_salt(extra_args: dict | None, request_id: str) -> str | None:
     keys = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
     if not keys:
         return None
+    if collect_request(extra_args) is not None:  # pooled once: never served from another request's cache
+        return "steer-collect:" + request_id
     source = SteerRequest.parse(extra_args).source  # admitted: a valid request
     try:  # the file's version, not just its path, names the steering
         keys["source"] = [source, os.stat(source).st_mtime_ns]
@@ -492,3 +519,49 @@ def _patch_cache_salt() -> None:
         return original(cls, request, block_hasher)
 
     Request.from_engine_core_request = classmethod(from_engine_core_request)
+
+
+def describe(model, vllm_config) -> dict:
+    """What steer records of the served model (`steer.engine.collect.model_record`'s keys but the
+    name): its architecture, MLP sizes, load dtype, and the fingerprint and signature of its down
+    projections (so an expert set found here checks against the same model in transformers)."""
+    from steer.core.adapters import weight_sample, weights_fingerprint, weights_signature
+
+    mlps = sorted((m for m in model.modules() if getattr(m, "steer_act", None) and m.steer_layer is not None),
+                  key=lambda m: m.steer_layer)
+    samples = [getattr(m.down_proj, "steer_sample", None) or weight_sample(m.down_proj) for m in mlps]
+    dims = model_dims(vllm_config.model_config.hf_config)
+    return {"architecture": (vllm_config.model_config.hf_config.architectures or ["?"])[0],
+            "fingerprint": weights_fingerprint(samples), "layers": dims.layers, "width": dims.width,
+            "hidden": dims.hidden, "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
+            "signature": weights_signature(samples)}
+
+
+def _patch_weights() -> None:
+    """Keep each down projection's `weight_sample` before vLLM's CPU build repacks its weights
+    (and frees them): `describe` fingerprints the model with them."""
+    from steer.core.adapters import weight_sample
+    from vllm.model_executor.layers import utils
+
+    dispatch = utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch_cpu_unquantized_gemm(layer, *args, **kwargs):
+        w = layer.weight
+        if str(getattr(layer, "prefix", "")).endswith("mlp.down_proj") and w.dim() == 2 and not w.is_meta:
+            layer.steer_sample = weight_sample(layer)
+        return dispatch(layer, *args, **kwargs)
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch_cpu_unquantized_gemm
+
+
+def _patch_worker() -> None:
+    """`collective_rpc("steer_collect", args=(op, options))` reaches the worker's `Pooling.call`
+    (op "describe": `describe`)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    def steer_collect(self, op: str, options: dict):
+        if op == "describe":
+            return describe(self.get_model(), self.vllm_config)
+        return WORKER.pooling.call(op, options)
+
+    WorkerBase.steer_collect = steer_collect

@@ -33,6 +33,7 @@ from steer.core.intervention import POSITIONS, Intervention
 
 PREFIX = "steer_"
 KEYS = ("steer_experts", "steer_label", "steer_k", "steer_positions", "steer_strength", "steer_intervention")
+COLLECT = "steer_collect"  # [row, label id, skipped positions]: a prefill of steer's discovery (discovery.py)
 EXPERT_KEYS = ("steer_label", "steer_k", "steer_strength")  # only with steer_experts
 
 
@@ -61,7 +62,7 @@ class SteerRequest:
     def parse(cls, extra_args: dict | None) -> "SteerRequest | None":
         """The steering a request asks for (None: no `steer_*` key), or ValueError."""
         given = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
-        if not given:
+        if not given or collect_request(extra_args) is not None:
             return None
         unknown = sorted(set(given) - set(KEYS))
         if unknown:
@@ -133,6 +134,22 @@ class SteerRequest:
             raise ValueError(f"steer: the values of {self.label!r} in {self.experts} (x strength "
                              f"{self.strength}) are not all finite")
         return iv
+
+
+def collect_request(extra_args: dict | None) -> tuple[int, int, frozenset] | None:
+    """(row, label id, skipped prompt positions) of a collection request (None: not one), or
+    ValueError. Steer's discovery sends them (steer/vllm/discovery.py); it steers nothing."""
+    value = (extra_args or {}).get(COLLECT)
+    if value is None:
+        return None
+    others = sorted(k for k in extra_args if k.startswith(PREFIX) and k != COLLECT)
+    if others:
+        raise ValueError(f"steer: a {COLLECT} request collects responses; it cannot also steer ({others})")
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[2], (list, tuple))
+    numbers = list(value[:2]) + list(value[2]) if ok else []
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+        raise ValueError(f"steer: {COLLECT}={value!r}: [row, label id, [skipped positions]], integers >= 0")
+    return int(value[0]), int(value[1]), frozenset(value[2])
 
 
 @lru_cache(maxsize=64)
