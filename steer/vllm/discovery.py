@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from steer.core.adapters import same_weights
+from steer.core.adapters import same_weights, weights_fingerprint, weights_signature
 from steer.core.scores import Responses, Scores
 from steer.core.stream import StreamState
 from steer.core.token_stats import TokenStats
 from steer.engine.batching import plan_batches
 from steer.engine.collect import (CHECKPOINT_FORMAT, Run, Shortlist, _load_checkpoint, _note, _Progress,
                                   calibration_sample, settings_of)
-from steer.vllm.pooling import unpack_rows
+from steer.vllm.pooling import join_states, join_tables, join_token_stats, shard_path, unpack_rows
 from steer.vllm.requests import COLLECT
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Served:
     width: int
     hidden: int
     record: dict
+    world: int  # tensor-parallel ranks: each pools its shard of every layer's units
 
     @property
     def n_neurons(self) -> int:
@@ -66,8 +67,24 @@ class Served:
     def limit(self) -> int:
         return int(self.llm.llm_engine.model_config.max_model_len)
 
-    def rpc(self, op: str, **options):
-        return self.llm.collective_rpc("steer_collect", args=(op, options))[0]
+    def rpc(self, op: str, **options) -> list:
+        """`Pooling.call` on every worker (their answers, in rank order)."""
+        return self.llm.collective_rpc("steer_collect", args=(op, options))
+
+    def table(self, path: Path, columns=None) -> dict[str, torch.Tensor]:
+        """The workers' table at `path` (and token sums), joined across ranks."""
+        self.rpc("save", path=str(path))
+        parts = [load_file(shard_path(path, r, self.world)) for r in range(self.world)]
+        out = join_token_stats(parts)
+        out["values"] = join_tables([p["values"] for p in parts], self.n_layers, self.width, columns)
+        return out
+
+    def state(self, path: Path, extra: dict | None = None) -> tuple[StreamState, dict]:
+        """The workers' streaming state, joined across ranks, with the extra it was saved with
+        (and the rows it counts: "done")."""
+        self.rpc("save", path=str(path), extra=extra or {})
+        parts = [StreamState.load(shard_path(path, r, self.world), with_extra=True) for r in range(self.world)]
+        return join_states([p for p, _ in parts]), parts[0][1]
 
 
 def served(llm) -> Served:
@@ -78,17 +95,27 @@ def served(llm) -> Served:
 
     config = llm.llm_engine.vllm_config
     architecture = (config.model_config.hf_config.architectures or ["?"])[0]
-    why = refusal(architecture, config)
+    why = refusal(architecture, config, collecting=True)
     if why:
         raise ValueError(f"steer: {why}")
     try:
-        info = llm.collective_rpc("steer_collect", args=("describe", {}))[0]
+        ranks = llm.collective_rpc("steer_collect", args=("describe", {}))
     except NotImplementedError:
         raise ValueError("steer's vLLM plugin is not loaded in this engine (is steer installed in vLLM's "
                          "environment, and VLLM_PLUGINS unset or naming 'steer'?)") from None
-    hidden = info.pop("hidden")
-    record = {"model": config.model_config.served_model_name or config.model_config.model, **info}
-    _ENGINES[llm] = out = Served(llm, info["layers"], info["width"], hidden, record)
+    info = ranks[0]
+    samples = []
+    for layer in range(info["layers"]):
+        values = torch.zeros(info["samples"][layer]["size"])
+        for rank in ranks:
+            part = rank["samples"][layer]
+            values[part["positions"]] = torch.tensor(part["values"])
+        samples.append((tuple(part["shape"]), values.to(getattr(torch, info["dtype"]))))
+    record = {"model": config.model_config.served_model_name or config.model_config.model,
+              "architecture": info["architecture"], "fingerprint": weights_fingerprint(samples),
+              "layers": info["layers"], "width": info["width"], "dtype": info["dtype"],
+              "signature": weights_signature(samples)}
+    _ENGINES[llm] = out = Served(llm, info["layers"], info["width"], info["hidden"], record, len(ranks))
     return out
 
 
@@ -183,9 +210,7 @@ class _Job:
                         columns=None if columns is None else columns.tolist(), keep="table")
         self.feed(records, n, desc, run, rows)
         with tempfile.TemporaryDirectory() as d:
-            path = str(Path(d) / "table.safetensors")
-            self.engine.rpc("save", path=path)
-            return load_file(path)
+            return self.engine.table(Path(d) / "table.safetensors", columns)
 
     def stats(self, tensors: dict, kinds) -> TokenStats | None:
         e = self.engine
@@ -234,11 +259,13 @@ def collect_stream(engine: Served, tokenizer, corpus, config) -> StreamState:
                keep="stream", done=[] if config.resume else cal)
     start, every, count = time.perf_counter(), config.checkpoint_every * config.batch_size, [0]
 
-    def checkpoint() -> None:
+    def checkpoint() -> None:  # the ranks' states, joined: a checkpoint resumes under any tensor parallelism
         extra = {"format": CHECKPOINT_FORMAT, "engine": "vllm", "plan": plan,
                  "tokens": totals["tokens"] + run.tokens, "truncated": totals["truncated"] + run.truncated,
                  "seconds": round(totals["seconds"] + time.perf_counter() - start, 2)}
-        engine.rpc("save", path=str(config.checkpoint), extra=extra)
+        with tempfile.TemporaryDirectory() as d:
+            state, extra = engine.state(Path(d) / "state.safetensors", extra)
+        state.save(config.checkpoint, extra)
         log.info("checkpoint -> %s", config.checkpoint)
 
     def finished(row: int) -> None:  # a checkpoint every checkpoint_every x batch_size sentences
@@ -253,9 +280,7 @@ def collect_stream(engine: Served, tokenizer, corpus, config) -> StreamState:
     if every:
         checkpoint()  # the whole pass: a resume goes straight to refine
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "state.safetensors"
-        engine.rpc("save", path=str(out))
-        state = StreamState.load(out)
+        state = engine.state(Path(d) / "state.safetensors")[0]
     state.settings.update(tokens=totals["tokens"] + run.tokens, truncated=totals["truncated"] + run.truncated,
                           seconds=round(totals["seconds"] + run.seconds, 2))
     return state

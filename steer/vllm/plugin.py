@@ -133,9 +133,9 @@ class Worker:
     steers one), the configs in use, and each steered batch row's (site, set); and its
     collection state (`pooling`: expert discovery's requests, steer/vllm/pooling.py)."""
 
-    def __init__(self, dims: Dims, sets: int, device):
+    def __init__(self, dims: Dims, sets: int, device, rank: int = 0, world: int = 1):
         self.dims = dims
-        self.pooling = Pooling(dims, sets, device)
+        self.pooling = Pooling(dims, sets, device, rank, world)
         self.tables = {site: Table(dims.shape(site), site, sets, torch.device(device)) for site in SITES}
         self.configs: dict[tuple, tuple[str, int]] = {}  # (request, file time) -> (site, set index)
         self.row_set: dict[int, tuple[str, int]] = {}  # batch row -> (site, set index), steered rows only
@@ -263,8 +263,9 @@ def _fake(*args) -> None:
 
 
 # -- admission (front end) --
-def refusal(architecture: str, vllm_config) -> str | None:
-    """Why this engine cannot steer (None: it can): `validate` refuses every steering request."""
+def refusal(architecture: str, vllm_config, collecting: bool = False) -> str | None:
+    """Why this engine cannot steer (None: it can): `validate` refuses every steering request.
+    With `collecting`: why it cannot collect (discovery also runs under tensor parallelism)."""
     from vllm.platforms import current_platform
 
     par = vllm_config.parallel_config
@@ -272,8 +273,9 @@ def refusal(architecture: str, vllm_config) -> str | None:
         return f"{architecture} is not supported by steer's vLLM plugin; supported: {list(ARCHITECTURES)}"
     if not current_platform.is_cpu() or vllm_config.use_v2_model_runner:
         return "steer's vLLM plugin runs on vLLM's CPU build (Model Runner V1) only, so far"
-    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-        return "steer's vLLM plugin does not support tensor or pipeline parallelism yet"
+    if par.pipeline_parallel_size > 1 or (par.tensor_parallel_size > 1 and not collecting):
+        return ("steer's vLLM plugin does not support pipeline parallelism" if collecting else
+                "steer's vLLM plugin does not steer under tensor or pipeline parallelism yet")
     if vllm_config.speculative_config is not None:
         return "steer's vLLM plugin does not support speculative decoding"
     if vllm_config.model_config.quantization:
@@ -286,8 +288,8 @@ def validate(params) -> None:
     extra = getattr(params, "extra_args", None)
     request = SteerRequest.parse(extra)
     if request is None:
-        if collect_request(extra) is not None and _FRONT.get("refusal"):
-            raise ValueError(f"steer: {_FRONT['refusal']}")
+        if collect_request(extra) is not None and _FRONT.get("collect_refusal"):
+            raise ValueError(f"steer: {_FRONT['collect_refusal']}")
         return
     if _FRONT.get("refusal"):
         raise ValueError(f"steer: {_FRONT['refusal']}")
@@ -307,8 +309,11 @@ class SteerLogits(_logits_processor_base()):
 
     def __init__(self, vllm_config, device, is_pin_memory: bool):
         global WORKER
+        from vllm.distributed import get_tensor_model_parallel_rank
+
         WORKER = Worker(model_dims(vllm_config.model_config.hf_config),
-                        sets=int(vllm_config.scheduler_config.max_num_seqs), device=device)
+                        sets=int(vllm_config.scheduler_config.max_num_seqs), device=device,
+                        rank=get_tensor_model_parallel_rank(), world=vllm_config.parallel_config.tensor_parallel_size)
         self.worker = WORKER
 
     def is_argmax_invariant(self) -> bool:
@@ -457,7 +462,8 @@ def _patch_front_end() -> None:
         init(self, vllm_config, *args, **kwargs)
         config = vllm_config.model_config.hf_config
         architecture = (config.architectures or ["?"])[0]
-        _FRONT.update(dims=model_dims(config), refusal=refusal(architecture, vllm_config))
+        _FRONT.update(dims=model_dims(config), refusal=refusal(architecture, vllm_config),
+                      collect_refusal=refusal(architecture, vllm_config, collecting=True))
 
     def _validate_params(self, params, *args, **kwargs):
         out = check(self, params, *args, **kwargs)
@@ -522,25 +528,38 @@ def _patch_cache_salt() -> None:
 
 
 def describe(model, vllm_config) -> dict:
-    """What steer records of the served model (`steer.engine.collect.model_record`'s keys but the
-    name): its architecture, MLP sizes, load dtype, and the fingerprint and signature of its down
-    projections (so an expert set found here checks against the same model in transformers)."""
-    from steer.core.adapters import weight_sample, weights_fingerprint, weights_signature
-
+    """What steer records of the served model: its architecture, MLP sizes, load dtype, and this
+    rank's part of the down projections' weight samples (`shard_sample`; the front end joins the
+    ranks' into the fingerprint and signature of `steer.core.adapters`, so an expert set found
+    here checks against the same model in transformers). JSON-able: it crosses processes."""
     mlps = sorted((m for m in model.modules() if getattr(m, "steer_act", None) and m.steer_layer is not None),
                   key=lambda m: m.steer_layer)
-    samples = [getattr(m.down_proj, "steer_sample", None) or weight_sample(m.down_proj) for m in mlps]
+    samples = [getattr(m.down_proj, "steer_sample", None) or shard_sample(m.down_proj) for m in mlps]
     dims = model_dims(vllm_config.model_config.hf_config)
     return {"architecture": (vllm_config.model_config.hf_config.architectures or ["?"])[0],
-            "fingerprint": weights_fingerprint(samples), "layers": dims.layers, "width": dims.width,
-            "hidden": dims.hidden, "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
-            "signature": weights_signature(samples)}
+            "layers": dims.layers, "width": dims.width, "hidden": dims.hidden,
+            "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."), "samples": samples}
+
+
+def shard_sample(down) -> dict:
+    """This rank's entries of the down projection's `weight_sample` (steer.core.adapters): the
+    whole weight's shape, the positions of the sample this rank holds (row-parallel: a contiguous
+    block of input columns) and their values, as lists."""
+    w = down.weight.detach()
+    rank, world = getattr(down, "tp_rank", 0), getattr(down, "tp_size", 1)
+    rows, local = w.shape
+    width = local * world
+    numel = rows * width
+    at = torch.arange(0, numel, max(1, numel // 4096))
+    row, col = at // width, at % width - rank * local
+    own = (col >= 0) & (col < local)
+    return {"shape": [rows, width], "positions": own.nonzero()[:, 0].tolist(), "size": len(at),
+            "values": w[row[own], col[own]].cpu().float().tolist()}
 
 
 def _patch_weights() -> None:
-    """Keep each down projection's `weight_sample` before vLLM's CPU build repacks its weights
+    """Keep each down projection's `shard_sample` before vLLM's CPU build repacks its weights
     (and frees them): `describe` fingerprints the model with them."""
-    from steer.core.adapters import weight_sample
     from vllm.model_executor.layers import utils
 
     dispatch = utils.dispatch_cpu_unquantized_gemm
@@ -548,7 +567,7 @@ def _patch_weights() -> None:
     def dispatch_cpu_unquantized_gemm(layer, *args, **kwargs):
         w = layer.weight
         if str(getattr(layer, "prefix", "")).endswith("mlp.down_proj") and w.dim() == 2 and not w.is_meta:
-            layer.steer_sample = weight_sample(layer)
+            layer.steer_sample = shard_sample(layer)
         return dispatch(layer, *args, **kwargs)
 
     utils.dispatch_cpu_unquantized_gemm = dispatch_cpu_unquantized_gemm

@@ -44,8 +44,10 @@ CHUNK = 256  # finished responses per StreamState.update
 class Pooling:
     """The worker's collection state: one pass at a time (see the module docstring)."""
 
-    def __init__(self, dims, slots: int, device):
+    def __init__(self, dims, slots: int, device, rank: int = 0, world: int = 1):
         self.dims, self.device = dims, torch.device(device)
+        self.rank, self.world = rank, world
+        self.width = dims.width // world  # this rank's units (tensor parallelism: a contiguous shard)
         self.slots = max(int(slots), 1)
         self.rows: dict[int, tuple] = {}  # batch row -> its request (row, label, skip)
         self.open: dict[tuple, list] = {}  # request -> [slot, tokens pooled so far]
@@ -70,14 +72,14 @@ class Pooling:
         (LAPE's "activation", DiffMean's "residual") start afresh unless the state carries them."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r}: choose one of {POOLINGS}")
-        layers, width, hidden = self.dims
+        layers, width, hidden = self.dims.layers, self.width, self.dims.hidden
         self.options = dict(pooling=pooling, label_names=list(label_names), keep=keep)
-        self.columns = None if columns is None else torch.tensor(columns, dtype=torch.int64, device=self.device)
+        self.columns = None if columns is None else local_columns(columns, self.dims.width, self.rank, self.world).to(self.device)
         self.rows.clear()
         self.open.clear()
         self.free = list(range(self.slots))
         if keep == "table":
-            self.table = torch.empty(rows, layers * width if columns is None else len(columns), device=self.device)
+            self.table = torch.empty(rows, layers * width if columns is None else len(self.columns), device=self.device)
             self.table_labels = torch.full((rows,), -1, dtype=torch.int64, device=self.device)
             self.stats = TokenStats(label_names, kinds, layers, width, hidden, self.device) if kinds else None
         elif self.state is None:
@@ -92,7 +94,7 @@ class Pooling:
         return {"slots": self.slots}
 
     def _allocate(self) -> None:
-        layers, width, hidden = self.dims
+        layers, width, hidden = self.dims.layers, self.width, self.dims.hidden
         S, dev = self.slots, self.device
         start = -torch.inf if self.options["pooling"] == "max" else 0.0
         self.acc = torch.full((layers, S, width), start, device=dev)
@@ -106,13 +108,14 @@ class Pooling:
         from them, then counted), carrying its token statistics; the table is dropped."""
         self._flush_check()
         state = StreamState.from_sample(self.table, self.table_labels, bins, self.options["label_names"],
-                                        settings, self.stats)
+                                        {**settings, "width": self.width}, self.stats)
         self.state, self.table = state, None
         return {"sentences": int(state.n.sum())}
 
     def resume(self, path: str) -> dict:
         """Take the state of a checkpoint file, and its finished rows."""
-        self.state, extra = StreamState.load(path, self.device, with_extra=True)
+        state, extra = StreamState.load(path, self.device, with_extra=True)
+        self.state = shard_state(state, self.rank, self.world)
         self.finished = unpack_rows(extra["done"])
         return {"sentences": int(self.state.n.sum())}
 
@@ -120,6 +123,7 @@ class Pooling:
         """Write the pass's result to `path`: the state with `extra` and the rows it counts
         (`extra["done"]`, `pack_rows`: a checkpoint), or the table (`values` [rows, columns], and
         the token sums)."""
+        path = shard_path(path, self.rank, self.world)
         if self.options.get("keep") == "stream":
             self._flush()
             self.state.save(path, {**(extra or {}), "done": pack_rows(self.finished)})
@@ -133,7 +137,7 @@ class Pooling:
 
     def end(self) -> dict:
         """Drop every tensor of the passes."""
-        self.__init__(self.dims, self.slots, self.device)
+        self.__init__(self.dims, self.slots, self.device, self.rank, self.world)
         return {}
 
     def _flush_check(self) -> None:
@@ -196,7 +200,7 @@ class Pooling:
         if select:
             self.select = torch.tensor(select, device=self.device)
             self.slot = torch.tensor(slot, device=self.device)
-            self.index = self.slot[:, None].expand(-1, self.dims.width)  # scatter's index, [pooled, width]
+            self.index = self.slot[:, None].expand(-1, self.width)  # scatter's index, [pooled, width]
             self.count.index_add_(0, self.slot, torch.ones_like(self.slot))
 
     def neuron(self, h: torch.Tensor, gate_up: torch.Tensor, layer: int, act: str) -> None:
@@ -271,3 +275,92 @@ def unpack_rows(packed: dict) -> torch.Tensor:
     """The mask of `pack_rows`."""
     bits = np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8)
     return torch.from_numpy(np.unpackbits(bits)[: packed["rows"]].astype(bool))
+
+
+# -- tensor parallelism: rank r holds units [r * width / world, (r + 1) * width / world) of every
+# layer; its files are merged into (and a checkpoint is cut back from) the whole model's --
+NEURON_AXIS = {"edges": 0, "counts": 1, "sums": 1, "nonfinite": 0, "lo": 0, "hi": 0}  # StreamState's flat axis
+UNIT_AXIS = {"act_pos": 2, "act_sum": 2}  # TokenStats' [C, L, M] (tokens and resid_sum: the same on every rank)
+
+
+def shard_path(path: str, rank: int, world: int) -> str:
+    """The file rank `rank` of `world` writes for `path`."""
+    return str(path) if world == 1 else f"{path}.rank{rank}"
+
+
+def local_columns(columns, width: int, rank: int, world: int) -> torch.Tensor:
+    """The flat indices (layer * width + unit) of `columns` that rank `rank` holds, in their order,
+    as indices of its own flat axis (layer * width / world + unit - its first unit)."""
+    columns = torch.as_tensor(columns, dtype=torch.int64)
+    local = width // world
+    layer, unit = columns // width, columns % width - rank * local
+    own = (unit >= 0) & (unit < local)
+    return layer[own] * local + unit[own]
+
+
+def _narrow(t: torch.Tensor, axis: int, layers: int, start: int, size: int) -> torch.Tensor:
+    return t.unflatten(axis, (layers, -1)).narrow(axis + 1, start, size).flatten(axis, axis + 1).contiguous()
+
+
+def _join(parts: list[torch.Tensor], axis: int, layers: int) -> torch.Tensor:
+    return torch.cat([p.unflatten(axis, (layers, -1)) for p in parts], axis + 1).flatten(axis, axis + 1)
+
+
+def shard_state(state: StreamState, rank: int, world: int) -> StreamState:
+    """Rank `rank`'s part of a whole model's state (itself when world is 1)."""
+    if world == 1:
+        return state
+    layers, local = state.settings["layers"], state.settings["width"] // world
+    out = StreamState(_narrow(state.edges, 0, layers, rank * local, local), state.label_names,
+                      {**state.settings, "width": local})
+    for name, axis in NEURON_AXIS.items():
+        setattr(out, name, _narrow(getattr(state, name), axis, layers, rank * local, local))
+    out.n = state.n.clone()
+    if state.token_stats is not None:
+        for name, t in state.token_stats.tensors().items():
+            setattr(out.token_stats, name, t.narrow(UNIT_AXIS[name], rank * local, local).contiguous()
+                    if name in UNIT_AXIS else t.clone())
+    return out
+
+
+def join_states(states: list[StreamState]) -> StreamState:
+    """The whole model's state from the ranks' (in rank order)."""
+    if len(states) == 1:
+        return states[0]
+    first = states[0]
+    layers = first.settings["layers"]
+    out = StreamState(_join([s.edges for s in states], 0, layers), first.label_names,
+                      {**first.settings, "width": first.settings["width"] * len(states)})
+    for name, axis in NEURON_AXIS.items():
+        setattr(out, name, _join([getattr(s, name) for s in states], axis, layers))
+    out.n = first.n
+    if first.token_stats is not None:
+        for name, t in first.token_stats.tensors().items():
+            setattr(out.token_stats, name, torch.cat([s.token_stats.tensors()[name] for s in states], UNIT_AXIS[name])
+                    if name in UNIT_AXIS else t)
+    return out
+
+
+def join_tables(parts: list[torch.Tensor], layers: int, width: int, columns=None) -> torch.Tensor:
+    """The whole model's table [rows, layers * width] (or [rows, len(columns)]) from the ranks'."""
+    if len(parts) == 1:
+        return parts[0]
+    if columns is None:
+        return _join(parts, 1, layers)
+    columns = torch.as_tensor(columns, dtype=torch.int64)
+    out = torch.empty(parts[0].shape[0], len(columns), dtype=parts[0].dtype)
+    local, unit = width // len(parts), columns % width
+    for rank, part in enumerate(parts):
+        out[:, (unit // local) == rank] = part
+    return out
+
+
+def join_token_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The whole model's token sums (files' tensors by name, `TokenStats.stored`) from the ranks'."""
+    from steer.core.token_stats import PREFIX
+
+    out = dict(parts[0])
+    for name, axis in UNIT_AXIS.items():
+        if PREFIX + name in out:
+            out[PREFIX + name] = torch.cat([p[PREFIX + name] for p in parts], axis)
+    return out
