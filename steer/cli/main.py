@@ -109,6 +109,7 @@ def cmd_find_experts(args) -> None:
     from steer.find import find_experts, plan
 
     device, dtype = machine(args)
+    engine_args = _engine_args(args)
     out = writable_dir(args.out)
     ckpt = out / "checkpoint.safetensors"
     if args.resume and not ckpt.exists():
@@ -131,7 +132,15 @@ def cmd_find_experts(args) -> None:
     group = init_from_env()  # torchrun: WORLD_SIZE > 1
     try:
         start = time.perf_counter()
-        model, tok = load_model(args.model, device=device, dtype=dtype)
+        if engine_args is None:
+            model, tok = load_model(args.model, device=device, dtype=dtype)
+        else:
+            from steer.vllm.discovery import open_engine
+
+            if group.active:
+                raise ValueError("--engine vllm runs in one process (vLLM's own --vllm-args "
+                                 "tensor_parallel_size spreads it); do not start it with torchrun")
+            model, tok = open_engine(args.model, dtype=dtype, **engine_args), None
         mode = job.fit(model, group)
         say = print if group.is_main else (lambda *a, **k: None)
         ranks = f" on {group.world} ranks" if group.active else ""
@@ -156,6 +165,24 @@ def cmd_find_experts(args) -> None:
             ckpt.unlink()  # this run is complete: state.safetensors holds everything its checkpoint held
     finally:
         shutdown(group)
+
+
+def _engine_args(args) -> dict | None:
+    """The arguments of vLLM's engine with --engine vllm (None: transformers), checked first."""
+    if args.engine == "transformers":
+        if args.vllm_args != "{}":
+            raise ValueError("--vllm-args goes with --engine vllm")
+        return None
+    if args.backend != "auto":
+        raise ValueError("--backend chooses how transformers collects; --engine vllm collects through steer's "
+                         "vLLM plugin")
+    try:
+        engine_args = json.loads(args.vllm_args)
+    except ValueError as e:
+        raise ValueError(f"--vllm-args {args.vllm_args!r} is not JSON: {e}") from None
+    if not isinstance(engine_args, dict):
+        raise ValueError(f"--vllm-args {args.vllm_args!r}: a JSON object of vllm.LLM arguments")
+    return engine_args
 
 
 def cmd_score(args) -> None:
@@ -217,6 +244,12 @@ def parser() -> argparse.ArgumentParser:
                         "short-list; auto (default): exact while the responses fit --memory-budget")
     f.add_argument("--memory-budget", type=float, default=2.0, help="GiB for exact responses in auto mode")
     f.add_argument("--bins", type=int, default=64, help="histogram bins per neuron (stream mode)")
+    f.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="what runs the model: transformers (default; --backend chooses how it collects) or vllm "
+                        "(steer's plugin pools inside vLLM's forward; pip install 'steer-experts[vllm]')")
+    f.add_argument("--vllm-args", default="{}", metavar="JSON",
+                   help="with --engine vllm: vllm.LLM arguments, e.g. '{\"tensor_parallel_size\": 2, "
+                        "\"max_num_batched_tokens\": 4096}'")
     f.add_argument("--backend", choices=["auto", "hooks", "fused"], default="auto",
                    help="auto (default): fused where it gives the hooks' exact responses (float32 on the CPU), "
                         "else hooks; hooks: reference pre-hooks; fused: the fused MLP op (steer.patch)")

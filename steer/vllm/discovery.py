@@ -111,12 +111,28 @@ def served(llm) -> Served:
             part = rank["samples"][layer]
             values[part["positions"]] = torch.tensor(part["values"])
         samples.append((tuple(part["shape"]), values.to(getattr(torch, info["dtype"]))))
-    record = {"model": config.model_config.served_model_name or config.model_config.model,
+    name = config.model_config.served_model_name or config.model_config.model
+    record = {"model": name[0] if isinstance(name, (list, tuple)) else name,
               "architecture": info["architecture"], "fingerprint": weights_fingerprint(samples),
               "layers": info["layers"], "width": info["width"], "dtype": info["dtype"],
               "signature": weights_signature(samples)}
     _ENGINES[llm] = out = Served(llm, info["layers"], info["width"], info["hidden"], record, len(ranks))
     return out
+
+
+def open_engine(name_or_path, *, dtype="auto", seed: int = 0, **llm_args):
+    """A vLLM engine for discovery (`steer find-experts --engine vllm`): steer's checkpoint of
+    `name_or_path` (`steer.engine.models.resolve`: built-in names too), steer's dtype default
+    (`steer.core.runtime.resolve_dtype`), the name recorded as given; `llm_args` go to `vllm.LLM`."""
+    from vllm import LLM
+
+    from steer.core.runtime import dtype_name, resolve_dtype
+    from steer.engine.models import resolve
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = dict(model=resolve(name_or_path), served_model_name=str(name_or_path),
+                   dtype=dtype_name(resolve_dtype(dtype, device)), seed=seed, **llm_args)
+    return LLM(**options)
 
 
 def tokenizer_of(llm):

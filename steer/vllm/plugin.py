@@ -532,13 +532,15 @@ def describe(model, vllm_config) -> dict:
     rank's part of the down projections' weight samples (`shard_sample`; the front end joins the
     ranks' into the fingerprint and signature of `steer.core.adapters`, so an expert set found
     here checks against the same model in transformers). JSON-able: it crosses processes."""
+    from steer.core.runtime import dtype_name
+
     mlps = sorted((m for m in model.modules() if getattr(m, "steer_act", None) and m.steer_layer is not None),
                   key=lambda m: m.steer_layer)
     samples = [getattr(m.down_proj, "steer_sample", None) or shard_sample(m.down_proj) for m in mlps]
     dims = model_dims(vllm_config.model_config.hf_config)
     return {"architecture": (vllm_config.model_config.hf_config.architectures or ["?"])[0],
             "layers": dims.layers, "width": dims.width, "hidden": dims.hidden,
-            "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."), "samples": samples}
+            "dtype": dtype_name(vllm_config.model_config.dtype), "samples": samples}
 
 
 def shard_sample(down) -> dict:

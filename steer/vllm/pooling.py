@@ -75,8 +75,9 @@ class Pooling:
         layers, width, hidden = self.dims.layers, self.width, self.dims.hidden
         self.options = dict(pooling=pooling, label_names=list(label_names), keep=keep)
         self.columns = None if columns is None else local_columns(columns, self.dims.width, self.rank, self.world).to(self.device)
-        self.rows.clear()
+        self.rows.clear()  # and what an interrupted pass left: its requests were aborted
         self.open.clear()
+        self.pending = []
         self.free = list(range(self.slots))
         if keep == "table":
             self.table = torch.empty(rows, layers * width if columns is None else len(self.columns), device=self.device)
@@ -115,7 +116,7 @@ class Pooling:
     def resume(self, path: str) -> dict:
         """Take the state of a checkpoint file, and its finished rows."""
         state, extra = StreamState.load(path, self.device, with_extra=True)
-        self.state = shard_state(state, self.rank, self.world)
+        self.state, self.pending = shard_state(state, self.rank, self.world), []
         self.finished = unpack_rows(extra["done"])
         return {"sentences": int(self.state.n.sum())}
 

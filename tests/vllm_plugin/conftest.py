@@ -38,6 +38,15 @@ def tiny_llama(seed=1):
 
 CORPUS = (["the cat sat", "le chat est", "the dog ran", "le chien court", "a man walks", "un homme marche"] * 3,
           ["en", "fr"] * 9)
+# discovery (test_discovery.py): the toy corpus and two sentences of ~200 characters (tokens: the tiny
+# tokenizer reads characters), which vLLM runs in several prefill steps of 32 tokens
+# tokenizer reads characters), which vLLM runs in several prefill steps of 32 tokens; no sentence
+# twice (a repeated sentence ties with itself in transformers, and only within rounding in vLLM)
+_WORDS = {"en": ("today", "again", "now"), "fr": ("aujourd'hui", "encore", "maintenant")}
+DISCOVERY = ([f"{t} {w}" for t, label in zip(CORPUS[0][:6], CORPUS[1]) for w in _WORDS[label]]
+             + ["the quick brown fox jumps over the lazy dog, " * 5,
+                "le renard brun saute par-dessus le chien paresseux, " * 4],
+             [label for label in CORPUS[1][:6] for _ in range(3)] + ["en", "fr"])
 
 
 def find(model, k: int, out: Path):
@@ -86,3 +95,27 @@ def served(tmp_path_factory):
 def served_llama(tmp_path_factory):
     """The same for a tiny Llama (SiLU-gated MLP: vLLM's LlamaMLP)."""
     return serve(tmp_path_factory.mktemp("vllm-llama"), tiny_llama(), k=10)
+
+
+def discovery_run(model_dir: Path, out: Path, tp: int) -> Path:
+    """discovery_run.py in its own process (one engine, every discovery scenario), into `out`."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind" if tp == 1 else "0|1"}
+    cmd = [sys.executable, str(Path(__file__).with_name("discovery_run.py")), str(model_dir), str(out), "--tp", str(tp)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def discovered(served, tmp_path_factory):
+    """discovery_run.py's files on the tiny Gemma-3 (one engine, tensor parallelism 1)."""
+    return discovery_run(served / "model", tmp_path_factory.mktemp("discovery-tp1"), tp=1)
+
+
+@pytest.fixture(scope="session")
+def discovered_tp2(served, tmp_path_factory):
+    """The same under tensor parallelism 2 (two worker processes, one per core)."""
+    return discovery_run(served / "model", tmp_path_factory.mktemp("discovery-tp2"), tp=2)
