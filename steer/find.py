@@ -8,7 +8,9 @@ It makes the one decision the caller should not have to: how to collect.
 size one exact pass beats streaming's two), and stream whenever checkpoints or several processes
 (torchrun) are involved. Backend "auto" (`steer.engine.steering.choose`) collects through the
 fused patch where it gives the hooks' exact responses (float32 on the CPU: measured faster),
-through the hooks elsewhere. The CLI (`steer find-experts`) and `steer study` call this function.
+through the hooks elsewhere. Given a vLLM engine instead of a transformers model, the same modes
+run inside vLLM's forward (`steer.vllm.discovery.run`). The CLI (`steer find-experts`) and
+`steer study` call this function.
 
 Every check runs once, before the model loads where it can: `FindConfig.validate` (the options),
 `plan` (the corpus and its splits: unknown targets or negatives), `Plan.fit` (what needs the
@@ -230,9 +232,10 @@ def find_experts(model, tokenizer, corpus, config: FindConfig | None = None, *,
     group = group or current()
     mode = job.fit(model, group)
     if is_engine(model):
-        from steer.vllm.discovery import find
+        from steer.vllm.discovery import run
 
-        return find(model, tokenizer, job)
+        responses, state, scores = run(model, tokenizer, job)
+        return Found(scores, config.select(scores), mode, responses, state)
     by = config.selection()[0]
     backend = choose(model, config.backend)  # "auto" resolved once: settings record what ran
     opts = dict(pooling=config.pooling, batch_size=config.batch_size, max_tokens=config.max_tokens,

@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 
 from steer.core import artifacts
-from steer.engine.collect import CHECKPOINT_FORMAT, _load_checkpoint
+from steer.engine.collect import CHECKPOINT_FORMAT, load_checkpoint
 from steer.core.scores import Responses
 from steer.core.experts import FILES, FORMAT_VERSION, ExpertSet
 from steer.core.stream import VERSION as STREAM_VERSION
@@ -150,7 +150,7 @@ class Stream:
 
 
 class _Sites:
-    """What `_load_checkpoint` reads of the model: its device, and whether it has the weights a
+    """What `load_checkpoint` reads of the model: its device, and whether it has the weights a
     checkpoint's settings name (here: the same fingerprint)."""
     device = "cpu"
 
@@ -177,7 +177,7 @@ class Checkpoint(Stream):
     def load(self, path, settings=None):
         state = StreamState.load(path)  # only for its settings and labels
         settings = settings or state.settings
-        return _load_checkpoint(path, _Sites(settings["fingerprint"]), settings, PLAN, state.label_names)
+        return load_checkpoint(path, _Sites(settings["fingerprint"]), settings, PLAN, state.label_names)
 
     def same(self, a, b):
         return _same_state(a[0], b[0]) and a[1] == b[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from steer.engine.batching import MAX_TOKENS, batches, plan_batches
-from steer.engine.collect import _Progress, collect, collect_stream, refine
+from steer.engine.collect import Progress, collect, collect_stream, refine
 from steer.core.corpus import Corpus
 from steer.engine.embed import embed
 from tiny import tiny_model, tiny_tokenizer
@@ -101,7 +101,7 @@ def test_skip_with_a_budget_tokenizes_only_unknown_windows():
 
 def test_progress_counts_tokens():
     lengths = [LONG + 1] + [10] * 30
-    bar = _Progress(len(lengths), "test", True)
+    bar = Progress(len(lengths), "test", True)
     bar.window(0, 2, 16, LONG + 1 + 150, 0)  # half the sentences tokenized: the rest estimated
     assert bar.bar.total == LONG + 151 + round(15 * (LONG + 151) / 16)
     bar.window(1, 1, 15, 150, 0)

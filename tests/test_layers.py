@@ -1,6 +1,7 @@
 """The layering of the package: dependencies point down only.
 
-steer.kernels <- steer.core <- steer.engine <- steer.find <- steer.experiments <- steer.cli; the
+steer.kernels <- steer.core <- steer.engine <- steer.vllm <- steer.find <- steer.experiments <-
+steer.cli; the
 top-level `steer` re-exports the API. Checked on the source (every import statement, also
 those inside functions), so a new upward import fails here, not in a reader's head.
 """
@@ -8,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["steer.kernels", "steer.core", "steer.engine", "steer.find", "steer.experiments", "steer.cli"]
+LAYERS = ["steer.kernels", "steer.core", "steer.engine", "steer.vllm", "steer.find", "steer.experiments", "steer.cli"]
 
 
 def layer(module: str) -> int | None:

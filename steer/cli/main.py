@@ -266,8 +266,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--calibration", type=int, default=1000,
                    help="stream mode: sentences whose responses fix the bin edges (default 1000)")
     f.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="stream mode: every N batches (per process) save the state and corpus position atomically "
-                        "to <out>/checkpoint.safetensors (default 0: never)")
+                   help="stream mode: every N batches (per process; --engine vllm: every N x --batch-size finished "
+                        "sentences) save the state and corpus position atomically to <out>/checkpoint.safetensors "
+                        "(default 0: never)")
     f.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.safetensors (refused if model, corpus or settings differ)")
     f.add_argument("--out", default="runs/experts")

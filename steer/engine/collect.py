@@ -171,7 +171,7 @@ def pooled_batches(model: nn.Module, tokenizer, texts: list[str], keys: list[str
     long = []
     ids, pooled = tokenize(tokenizer, texts, keys, skip_special, limit, too_long, truncated=long)
     run.note_truncated([keys[i] for i, _ in long], [n for _, n in long], limit)
-    bar = _Progress(len(ids), desc, progress)
+    bar = Progress(len(ids), desc, progress)
     bar.plan(len(ids), sum(map(len, ids)))
     start = time.perf_counter()
     try:
@@ -299,7 +299,7 @@ def calibration_sample(n: int, k: int, seed: int = 0) -> list[int]:
     return sorted(chosen)
 
 
-class _Progress:
+class Progress:
     """A bar over tokens (tqdm: tok/s and ETA; sentences run in the postfix), shown by rank 0 only.
 
     Tokens, not sentences, so a batch of long sentences advances the bar by its share of the
@@ -365,7 +365,7 @@ def _mismatch(path, saved: dict, now: dict, saved_plan: dict, plan: dict, same_w
     return None
 
 
-def _load_checkpoint(path, layout: NeuronLayout, settings: dict, plan: dict, label_names: list[str]):
+def load_checkpoint(path, layout: NeuronLayout, settings: dict, plan: dict, label_names: list[str]):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint to resume at {path}")
@@ -463,7 +463,7 @@ class _StreamPass:
         if group.is_main:
             try:
                 if resume:
-                    state, extra = _load_checkpoint(self.path, forward.layout, settings, self.plan, label_names)
+                    state, extra = load_checkpoint(self.path, forward.layout, settings, self.plan, label_names)
                 else:
                     state = _calibrate(forward, tokenizer, corpus, cal, bins, label_names, settings,
                                        run=self.delta, progress=self.show, **batching)
@@ -487,7 +487,7 @@ class _StreamPass:
                batching: dict) -> None:
         """Count this rank's batches of `records` (from `position` on), checkpointing every
         `checkpoint_every` batches per rank."""
-        bar = _Progress(sentences, "stream", self.show)
+        bar = Progress(sentences, "stream", self.show)
         every = checkpoint_every * self.group.world
 
         def planned(w: int, n_batches: int, *sizes) -> None:
@@ -501,7 +501,7 @@ class _StreamPass:
                 self.state.update(forward(b.ids, b.pooled).flatten(1), torch.tensor(b.labels))
                 forward.add_stats(self.state.token_stats, b.labels)
                 self.delta.tokens += b.tokens
-                _note(self.delta, b, batching["limit"])
+                note_batch(self.delta, b, batching["limit"])
             bar.update(len(b.rows), b.tokens)
             self.position = b.index + 1
             if every and self.position % every == 0:
@@ -553,20 +553,20 @@ def _calibrate(forward: _Forward, tokenizer, corpus, cal: list[int], bins: int, 
     where = {r.index: j for j, r in enumerate(records)}
     sample = torch.empty(len(records), forward.layout.n_neurons, device=forward.layout.device)  # [S, L*M]
     stats = _token_stats(forward.layout, label_names, forward.stats)
-    bar = _Progress(len(records), "calibrate", progress)
+    bar = Progress(len(records), "calibrate", progress)
     for b in plan_batches(records, tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                           window=len(records), skip_special=skip_special, limit=limit,
                           too_long=too_long, on_window=bar.window):
         sample[[where[i] for i in b.rows]] = forward(b.ids, b.pooled).flatten(1)
         forward.add_stats(stats, b.labels)
         run.tokens += b.tokens
-        _note(run, b, limit)
+        note_batch(run, b, limit)
         bar.update(len(b.rows), b.tokens)
     bar.close()
     return StreamState.from_sample(sample, torch.tensor([r.label for r in records]), bins, label_names, settings, stats)
 
 
-def _note(run: Run, batch: Batch, limit) -> None:
+def note_batch(run: Run, batch: Batch, limit) -> None:
     """Count (and warn once about) the truncated sentences of a batch this rank ran."""
     if batch.truncated:
         run.note_truncated([k for k, _ in batch.truncated], [n for _, n in batch.truncated], limit)
@@ -671,7 +671,7 @@ def _shortlist_responses(model: nn.Module, tokenizer, corpus, idx: torch.Tensor,
     values = torch.empty(N, K) if not group.active else None
     rows, parts = [], []
     dev_idx = idx.to(layout.device)
-    bar = _Progress(N, "refine", progress and group.is_main)
+    bar = Progress(N, "refine", progress and group.is_main)
     with _Forward(model, tokenizer, layout, settings["pooling"], backend) as fwd:
         for b in plan_batches(corpus.records(), tokenizer, batch_size=batch_size, max_tokens=max_tokens,
                               window=window, skip_special=settings["skip_special"],

@@ -15,9 +15,10 @@ schedules them; the worker pools each over its own tokens and accumulates on the
   those columns. Token statistics (LAPE, DiffMean) ride along in the first pass.
 Requests are fed lazily, window by window, at most `IN_FLIGHT` x the engine's batch at once, so
 memory stays bounded whatever the corpus size. A checkpoint (stream mode, every
-`checkpoint_every` batches of the batch order) is the state written by the worker with the set of
-finished sentences: the batches all done (`position`) and the sentences finished beyond them
-(`done`), since vLLM finishes requests out of order; a resumed run skips exactly those.
+`checkpoint_every` x `batch_size` finished sentences) is the whole model's state with the set of
+sentences it counts (a bitmap the worker keeps beside its state: vLLM finishes requests out of
+order); a resumed run runs exactly the others. Under tensor parallelism each rank pools its
+shard of the units; tables, states and token sums are joined here (steer/vllm/pooling.py).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from steer.core.scores import Responses, Scores
 from steer.core.stream import StreamState
 from steer.core.token_stats import TokenStats
 from steer.engine.batching import plan_batches
-from steer.engine.collect import (CHECKPOINT_FORMAT, Run, Shortlist, _load_checkpoint, _note, _Progress,
+from steer.engine.collect import (CHECKPOINT_FORMAT, Run, Shortlist, load_checkpoint, note_batch, Progress,
                                   calibration_sample, settings_of)
 from steer.vllm.pooling import join_states, join_tables, join_token_stats, shard_path, unpack_rows
 from steer.vllm.requests import COLLECT
@@ -75,7 +76,7 @@ class Served:
         """The workers' table at `path` (and token sums), joined across ranks."""
         self.rpc("save", path=str(path))
         parts = [load_file(shard_path(path, r, self.world)) for r in range(self.world)]
-        out = join_token_stats(parts)
+        out = join_token_stats(parts)  # and the rows' labels, the same on every rank
         out["values"] = join_tables([p["values"] for p in parts], self.n_layers, self.width, columns)
         return out
 
@@ -149,7 +150,7 @@ class _Pass:
 
     def __init__(self, engine: Served, desc: str, sentences: int, progress: bool, run: Run, limit: int):
         self.engine, self.run, self.limit = engine, run, limit
-        self.bar = _Progress(sentences, desc, progress)
+        self.bar = Progress(sentences, desc, progress)
         self.tag = f"steer-{desc}-{uuid.uuid4().hex[:8]}"
         self.in_flight = IN_FLIGHT * int(engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
         self.pending: dict[str, tuple[int, int]] = {}  # request id -> (row, tokens)
@@ -162,7 +163,7 @@ class _Pass:
         start = time.perf_counter()
         try:
             for b in batches:
-                _note(self.run, b, self.limit)
+                note_batch(self.run, b, self.limit)
                 for row, label, ids, pooled in zip(b.rows, b.labels, b.ids, b.pooled):
                     skip = [p for p, keep in enumerate(pooled) if not keep]
                     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
@@ -258,7 +259,7 @@ def collect_stream(engine: Served, tokenizer, corpus, config) -> StreamState:
     plan = {"batch_size": config.batch_size, "window": config.window, "max_tokens": config.max_tokens}
     totals = {"tokens": 0, "truncated": 0, "seconds": 0.0}
     if config.resume:
-        _, extra = _load_checkpoint(config.checkpoint, _Weights(engine), settings, plan, job.names)
+        _, extra = load_checkpoint(config.checkpoint, _Weights(engine), settings, plan, job.names)
         if extra.get("engine") != "vllm":
             raise ValueError(f"checkpoint {config.checkpoint} was written by steer's transformers engine: "
                              "resume it there")
@@ -303,7 +304,7 @@ def collect_stream(engine: Served, tokenizer, corpus, config) -> StreamState:
 
 
 class _Weights:
-    """`same_weights` of a served model, as `_load_checkpoint` asks a layout."""
+    """`same_weights` of a served model, as `load_checkpoint` asks a layout."""
 
     def __init__(self, engine: Served):
         self.record, self.device = engine.record, "cpu"
@@ -317,31 +318,29 @@ def refine(engine: Served, tokenizer, corpus, state: StreamState, splits, config
     """Exact scores at the short-list (`Shortlist`, the transformers path's rule): a table pass of
     its columns only; then the worker's state is dropped."""
     short = Shortlist.of(state, corpus, splits, k=config.k, by=config.selection()[0], bottom_k=config.bottom_k)
+    values = labels = None
     if short.idx.numel():
         job = _Job(engine, tokenizer, config, list(corpus.label_names))
-        values = job.table(corpus.records(), len(corpus), "refine", Run(), columns=short.idx)["values"]
+        table = job.table(corpus.records(), len(corpus), "refine", Run(), columns=short.idx)
+        values, labels = table["values"], table["labels"]
     engine.rpc("end")
-    return short.scores(values if short.idx.numel() else None, corpus.label_ids, list(corpus.label_names))
+    return short.scores(values, labels, list(corpus.label_names))
 
 
-def find(llm, tokenizer, job):
-    """`steer.find_experts` on a vLLM engine, for a checked and fitted `Plan` (`job`): the same
-    `Found` as the transformers path."""
+def run(llm, tokenizer, job) -> tuple[Responses | None, StreamState | None, Scores]:
+    """`steer.find_experts`' collection and scoring on a vLLM engine, for a checked and fitted
+    `Plan` (`job`): (responses, state, scores), as the transformers path makes them."""
     from steer.core.corpus import Corpus
-    from steer.find import Found
 
     engine, config, corpus = served(llm), job.config, job.corpus
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(llm)
-    responses = state = None
     if job.mode == "exact":
         responses = collect(engine, tokenizer, corpus if isinstance(corpus, Corpus) else corpus.load(), config)
-        scores = responses.score(job.splits)
-    else:
-        if config.checkpoint is not None:
-            Path(config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        state = collect_stream(engine, tokenizer, corpus, config)
-        scores = refine(engine, tokenizer, corpus, state, job.splits, config)
-    return Found(scores, config.select(scores), job.mode, responses, state)
+        return responses, None, responses.score(job.splits)
+    if config.checkpoint is not None:
+        Path(config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    state = collect_stream(engine, tokenizer, corpus, config)
+    return None, state, refine(engine, tokenizer, corpus, state, job.splits, config)
 
 
 def _engine_info() -> dict:

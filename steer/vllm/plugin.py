@@ -33,9 +33,16 @@ blocks are never served to an unsteered request or another config, nor theirs to
 positions other than "all" also its request id (whether a token is steered then depends on the
 prompt's length, so its blocks are not shared).
 
-Where it runs: vLLM's CPU build (Model Runner V1), eager or compiled, one process per model
-(no tensor or pipeline parallelism), no speculative decoding, unquantized MLPs. Elsewhere a
-steering request is refused at admission and everything else is served as by stock vLLM.
+Expert discovery rides on the same ops: a collection request (`steer_collect`, sent by
+steer/vllm/discovery.py) has its neuron tensor pooled by the worker's `Pooling`
+(steer/vllm/pooling.py) instead of overridden; `collective_rpc("steer_collect", ...)` reaches it
+(`_patch_worker`), and the weight samples steer fingerprints a model by are kept before vLLM's
+CPU build repacks the weights (`_patch_weights`).
+
+Where it runs: vLLM's CPU build (Model Runner V1), eager or compiled, no speculative decoding,
+unquantized MLPs; steering in one process per model (no tensor or pipeline parallelism),
+discovery under tensor parallelism too. Elsewhere such a request is refused at admission and
+everything else is served as by stock vLLM.
 """
 from __future__ import annotations
 

@@ -122,15 +122,15 @@ class Pooling:
 
     def save(self, path: str, extra: dict | None = None) -> dict:
         """Write the pass's result to `path`: the state with `extra` and the rows it counts
-        (`extra["done"]`, `pack_rows`: a checkpoint), or the table (`values` [rows, columns], and
-        the token sums)."""
+        (`extra["done"]`, `pack_rows`: a checkpoint), or the table (`values` [rows, columns], the
+        rows' `labels`, and the token sums)."""
         path = shard_path(path, self.rank, self.world)
         if self.options.get("keep") == "stream":
             self._flush()
             self.state.save(path, {**(extra or {}), "done": pack_rows(self.finished)})
             return {"sentences": int(self.state.n.sum())}
         self._flush_check()
-        tensors = {"values": self.table.contiguous().cpu()}
+        tensors = {"values": self.table.contiguous().cpu(), "labels": self.table_labels.cpu()}
         if self.stats is not None:
             tensors.update({k: v.cpu() for k, v in self.stats.stored().items()})
         save_file(tensors, path)
