@@ -17,6 +17,10 @@ values. `steer_positions` defaults to "all" (an intervention file: its own posit
 buffers. The plugin runs both in vLLM's front end, before a request reaches the engine, so a
 bad request is refused (ValueError offline, HTTP 400 online) and the engine and the other
 requests go on.
+
+A third key is steer's own: `{"steer_collect": [row, label id, skipped positions]}` marks a
+prefill of expert discovery (steer/vllm/discovery.py sends it; `collect_request` reads it), which
+steers nothing: the worker pools its neuron tensor.
 """
 from __future__ import annotations
 
