@@ -54,7 +54,7 @@ PARTS = {  # part: the (owner, attribute) functions that do it, as the collectio
                   (fused_mlp_ref, "activation_stats"), (fused_mlp_ref, "pool_mean")],
     "binning_s": [(stream_module, "histogram_update")],
     "state_s": [(stream_module.StreamState, "update")],
-    "calibration_s": [(collect_module, "calibrate_edges")],
+    "calibration_s": [(stream_module, "calibrate_edges")],
     "batching_s": [(batching, "tokenize"), (collect_module, "tokenize"), (collect_module, "pad_batch"),
                    (collect_module, "pad")],
 }

@@ -10,7 +10,7 @@ import transformers as T
 
 from steer.core.scores import Scores, Split
 from steer.core.adapters import NeuronLayout
-from steer.engine.collect import _mismatch, _settings, collect
+from steer.engine.collect import _mismatch, collect, model_record, settings_of
 from steer.core.corpus import Corpus
 from steer.core.experts import ExpertSet, export_selfcond, export_statistics, select_experts
 from tiny import tiny_model, tiny_tokenizer
@@ -191,7 +191,7 @@ def test_an_old_set_with_only_the_old_fingerprint_still_loads(found, tmp_path):
 def test_a_collection_resumes_only_in_its_own_dtype():
     corpus = Corpus(["the cat", "le chat"], ["en", "fr"])
     fp32, bf16 = tiny_model("llama"), tiny_model("llama").to(torch.bfloat16)
-    saved, now = (json.loads(json.dumps(_settings(m, NeuronLayout(m), corpus))) for m in (fp32, bf16))
+    saved, now = (json.loads(json.dumps(settings_of(model_record(m, NeuronLayout(m)), corpus))) for m in (fp32, bf16))
     assert saved["fingerprint"] == now["fingerprint"]  # the same weights: the dtype tells them apart
 
     def why(saved, now, model):
@@ -201,7 +201,7 @@ def test_a_collection_resumes_only_in_its_own_dtype():
     said = why(saved, now, bf16)
     assert "other settings: dtype: 'float32' in the checkpoint, 'bfloat16' now" in said and "signature" not in said
     other = tiny_model("llama", seed=1)
-    assert "from another model: fingerprint" in why(saved, _settings(other, NeuronLayout(other), corpus), other)
+    assert "from another model: fingerprint" in why(saved, settings_of(model_record(other, NeuronLayout(other)), corpus), other)
     # written before signatures: its fingerprint was the old hash, read in its own dtype
     old = {**{k: v for k, v in saved.items() if k != "signature"}, "fingerprint": old_fingerprint(fp32)}
     assert why(old, saved, fp32) is None
