@@ -119,3 +119,21 @@ def discovered(served, tmp_path_factory):
 def discovered_tp2(served, tmp_path_factory):
     """The same under tensor parallelism 2 (two worker processes, one per core)."""
     return discovery_run(served / "model", tmp_path_factory.mktemp("discovery-tp2"), tp=2)
+
+
+def run_docs_example(marker: str, replacements, cwd: Path) -> str:
+    """The ```python block of docs/vllm.md that contains `marker`, with each (old, new) of
+    `replacements` made (each must be there), run in its own process in `cwd`; its stdout."""
+    import os
+    import re
+    import subprocess
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "vllm.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if marker in b)
+    for old, new in replacements:
+        assert old in code, old
+        code = code.replace(old, new)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout

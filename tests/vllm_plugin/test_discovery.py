@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ if not os.environ.get("STEER_VLLM_TESTS"):
     pytest.importorskip("vllm")
 
 import steer  # noqa: E402
-from conftest import DISCOVERY  # noqa: E402
+from conftest import DISCOVERY, run_docs_example  # noqa: E402
 from discovery_run import STEP_TOKENS  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from steer.core.scores import Responses  # noqa: E402
@@ -174,17 +173,7 @@ def test_command_line_engine_vllm(served, discovered, tmp_path):
 
 def test_docs_discovery_example_runs(served, tmp_path):
     """docs/vllm.md's discovery example, as written, on the tiny model (20 verses per language)."""
-    import re
-
-    page = (Path(__file__).resolve().parents[2] / "docs" / "vllm.md").read_text()
-    code = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "find_experts(llm" in b)
-    for old, new in (('resolve("gemma-3-270m")', repr(str(served / "model"))),
-                     ("n_per_language=200", "n_per_language=20")):
-        assert old in code, old
-        code = code.replace(old, new)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1].startswith("exact ")
+    out = run_docs_example("find_experts(llm", [('resolve("gemma-3-270m")', repr(str(served / "model"))),
+                                                ("n_per_language=200", "n_per_language=20")], tmp_path)
+    assert out.strip().splitlines()[-1].startswith("exact ")
     assert (tmp_path / "runs" / "experts-vllm" / "experts.json").exists()

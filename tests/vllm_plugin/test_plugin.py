@@ -27,6 +27,7 @@ if not os.environ.get("STEER_VLLM_TESTS"):
     pytest.importorskip("vllm")
 
 import steer  # noqa: E402
+from conftest import run_docs_example  # noqa: E402
 from engine_run import LONG, SHORT  # noqa: E402
 from steer.kernels.fused_mlp_ref import ACTIVATIONS  # noqa: E402
 from steer.vllm.requests import Dims, SteerRequest  # noqa: E402
@@ -263,19 +264,11 @@ def test_bad_requests_are_refused_and_the_engine_serves_on(eager, name, words):
 
 def test_readme_example_runs(served, tmp_path):
     """The vLLM example of docs/vllm.md, as written, on the tiny model and its expert set."""
-    page = (HERE.parents[1] / "docs" / "vllm.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "from vllm" in b)
-    code = block
-    for old, new in (('resolve("gemma-3-270m")', repr(str(served / "model"))),
-                     ('"runs/experts/experts"', repr(str(served / "experts"))), ('"steer_k": 100', '"steer_k": 5')):
-        assert old in code, old
-        code = code.replace(old, new)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()[-2:]
-    assert len(lines) == 2 and lines[0] != lines[1], run.stdout
+    out = run_docs_example("SamplingParams(", [('resolve("gemma-3-270m")', repr(str(served / "model"))),
+                                               ('"runs/experts/experts"', repr(str(served / "experts"))),
+                                               ('"steer_k": 100', '"steer_k": 5')], tmp_path)
+    lines = out.strip().splitlines()[-2:]
+    assert len(lines) == 2 and lines[0] != lines[1], out
 
 
 def _http_commands(served, port):
