@@ -179,3 +179,10 @@ def test_rows_pack_and_collect_requests():
             collect_request({"steer_collect": bad})
     with pytest.raises(ValueError, match="cannot also steer"):
         collect_request({"steer_collect": [0, 0, []], "steer_label": "fr"})
+
+
+def test_only_the_passes_operations_are_called():
+    p = Pooling(DIMS, slots=2, device="cpu")
+    with pytest.raises(ValueError, match="unknown operation '_grow'"):
+        p.call("_grow", {})
+    assert p.call("end", {}) == {}

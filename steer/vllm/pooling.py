@@ -60,8 +60,12 @@ class Pooling:
         self.options: dict = {}
 
     # -- the pass, driven by the front end --
+    OPS = ("begin", "calibrate", "save", "resume", "end")
+
     def call(self, op: str, options: dict):
-        """One operation of the front end (`collective_rpc`): begin, calibrate, save, resume, end."""
+        """One operation of the front end (`collective_rpc`): one of `OPS`."""
+        if op not in self.OPS:
+            raise ValueError(f"steer_collect: unknown operation {op!r}; the operations are {self.OPS}")
         return getattr(self, op)(**options)
 
     def begin(self, pooling: str, label_names: list[str], kinds: list[str], rows: int = 0,
