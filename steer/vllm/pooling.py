@@ -55,7 +55,7 @@ class Pooling:
         self.select = self.slot = None  # this step's pooled tokens and their slots (device)
         self.done: list[tuple] = []  # requests whose last prompt token runs in this step
         self.table = self.state = self.stats = None
-        self.pending: list[tuple[torch.Tensor, int]] = []  # finished responses not yet in `state`
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # finished responses not yet in `state`
         self.finished: torch.Tensor | None = None  # [rows] bool: the rows `state` counts (stream)
         self.options: dict = {}
 
