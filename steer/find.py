@@ -23,7 +23,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from steer.core.adapters import NeuronLayout, check_eval
 from steer.core.corpus import check_labels
 from steer.core.experts import RECIPES, ExpertSet, check_k, select_experts

@@ -236,8 +236,8 @@ def collect(model: nn.Module, tokenizer, corpus: Corpus, *, pooling: str = "max"
                                        backend=backend, progress=progress, run=run, too_long=too_long,
                                        max_tokens=max_tokens, token_stats=stats, label_ids=corpus.label_ids.tolist()):
         values[rows] = pooled.cpu()
-    settings = settings_of(model_record(model, layout), corpus, run, mode="exact", pooling=pooling, skip_special=skip_special,
-                         backend=backend, max_length=max_length, too_long=too_long)
+    settings = settings_of(model_record(model, layout), corpus, run, mode="exact", pooling=pooling,
+                           skip_special=skip_special, backend=backend, max_length=max_length, too_long=too_long)
     return Responses(values, corpus.label_ids, list(corpus.label_names), list(corpus.keys), settings,
                      stats.to_("cpu") if stats is not None else None)
 
@@ -415,9 +415,9 @@ def collect_stream(model: nn.Module, tokenizer, corpus, *, bins: int = 64, calib
     layout = NeuronLayout(model, neuron_module)
     kinds = _check_token_stats(layout, token_stats)
     cal = calibration_sample(len(corpus), calibration, seed)
-    settings = settings_of(model_record(model, layout), corpus, mode="stream", bins=bins, calibration=len(cal), seed=seed,
-                         pooling=pooling, skip_special=skip_special, max_length=max_length, too_long=too_long,
-                         **({"token_stats": list(kinds), "hidden": layout.hidden} if kinds else {}))
+    settings = settings_of(model_record(model, layout), corpus, mode="stream", bins=bins, calibration=len(cal),
+                           seed=seed, pooling=pooling, skip_special=skip_special, max_length=max_length,
+                           too_long=too_long, **({"token_stats": list(kinds), "hidden": layout.hidden} if kinds else {}))
     batching = {"batch_size": batch_size, "max_tokens": max_tokens, "skip_special": skip_special,
                 "limit": token_limit(model, max_length), "too_long": too_long}
     run = _StreamPass(group, checkpoint, {"batch_size": batch_size, "window": window, "max_tokens": max_tokens},

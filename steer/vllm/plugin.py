@@ -55,7 +55,7 @@ import torch
 
 from steer.core.intervention import SITES, InterventionSets
 from steer.kernels.fused_mlp_ref import ACTIVATIONS, apply_override
-from steer.vllm.pooling import Pooling
+from steer.vllm.pooling import Pooling, move_row
 from steer.vllm.requests import PREFIX, Dims, SteerRequest, collect_request
 
 log = logging.getLogger(__name__)
@@ -179,13 +179,9 @@ class Worker:
 
     def move(self, a: int, b: int, swap: bool) -> None:
         """Row a goes to b: b's request is replaced (it has left) or, with `swap`, goes to a."""
-        if not swap:
-            self.remove(b)
-        va, vb = self.row_set.pop(a, None), self.row_set.pop(b, None)
-        if va is not None:
-            self.row_set[b] = va
-        if vb is not None:
-            self.row_set[a] = vb
+        left = move_row(self.row_set, a, b, swap)
+        if left is not None:
+            self.tables[left[0]].users[left[1]] -= 1
 
     # -- each step (the wrapped _model_forward) --
     def prepare(self, query_start_loc, computed, prompt) -> None:

@@ -101,12 +101,16 @@ class Pooling:
     def _allocate(self) -> None:
         layers, width, hidden = self.dims.layers, self.width, self.dims.hidden
         S, dev = self.slots, self.device
-        start = -torch.inf if self.options["pooling"] == "max" else 0.0
-        self.acc = torch.full((layers, S, width), start, device=dev)
+        self.acc = torch.full((layers, S, width), self._empty, device=dev)
         self.count = torch.zeros(S, dtype=torch.int64, device=dev)
         self.act_pos = torch.zeros(layers, S, width, device=dev) if "activation" in self.kinds else None
         self.act_sum = torch.zeros(layers, S, width, device=dev) if "activation" in self.kinds else None
         self.resid = torch.zeros(layers, S, hidden, device=dev) if "residual" in self.kinds else None
+
+    @property
+    def _empty(self) -> float:
+        """An accumulator before its first token: the identity of max, or of the sum (mean)."""
+        return -torch.inf if self.options["pooling"] == "max" else 0.0
 
     def calibrate(self, bins: int, settings: dict) -> dict:
         """The streaming state from this table pass's responses (`StreamState.from_sample`: edges
@@ -177,11 +181,7 @@ class Pooling:
         self.rows.pop(row, None)
 
     def move(self, a: int, b: int, swap: bool) -> None:
-        va, vb = self.rows.pop(a, None), self.rows.pop(b, None)
-        if va is not None:
-            self.rows[b] = va
-        if vb is not None and swap:
-            self.rows[a] = vb
+        move_row(self.rows, a, b, swap)
 
     # -- each step --
     def prepare(self, query_start_loc, computed, prompt) -> None:
@@ -255,7 +255,7 @@ class Pooling:
             self.pending.append((pooled.clone(), labels))
             if sum(len(l) for _, l in self.pending) >= CHUNK:
                 self._flush()
-        self.acc[:, slots] = -torch.inf if self.options["pooling"] == "max" else 0.0
+        self.acc[:, slots] = self._empty
         self.count[slots] = 0
         for t in (self.act_pos, self.act_sum, self.resid):
             if t is not None:
@@ -268,6 +268,17 @@ class Pooling:
         if self.pending:
             self.state.update(torch.cat([p for p, _ in self.pending]), torch.cat([l for _, l in self.pending]))
             self.pending = []
+
+
+def move_row(rows: dict, a: int, b: int, swap: bool):
+    """vLLM's batch move on a map of batch rows: a's entry goes to b, and b's to a with `swap`,
+    else b's is dropped and returned (its request has left)."""
+    va, vb = rows.pop(a, None), rows.pop(b, None)
+    if va is not None:
+        rows[b] = va
+    if vb is not None and swap:
+        rows[a] = vb
+    return None if swap else vb
 
 
 def pack_rows(rows: torch.Tensor) -> dict:
