@@ -48,6 +48,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="DiffMean strengths tried on dev, as multiples of the length of the mean difference "
                         "(target minus the other languages) at the layer "
                         f"(default {','.join(map(str, d.diffmean_scales))})")
+    p.add_argument("--curves", action="store_true", default=None,
+                   help="add dose curves (every method across strengths, on dev) to the methods study in --out: "
+                        "forcing, perplexity ratio, repetition, retrieval and perturbation size per dose")
+    floats = lambda s: [float(x) for x in csv_list(s)]  # noqa: E731
+    for name, kind, help_ in (("curve-k", lambda s: [int(x) for x in csv_list(s)], "experts' and random k at 1x"),
+                              ("curve-multipliers", floats, "multipliers of the forced values at the largest k"),
+                              ("curve-lape-rates", floats, "LAPE top_rate values"),
+                              ("curve-scales", floats, "DiffMean scales, at every DiffMean layer")):
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help=f"curves: {help_} (default {','.join(map(str, getattr(d, name.replace('-', '_'))))})")
+    p.add_argument("--n-curve-dev", type=int, default=None,
+                   help=f"curves: dev verses per language for retrieval (default {d.n_curve_dev})")
     for name, help_ in (("n-generate", "BOS-prompted samples per method and target"),
                         ("gen-tokens", "new tokens per sample"),
                         ("n-heldout", "held-out test sentences of the target for perplexity")):

@@ -184,20 +184,22 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], *,
 
 def perplexity(model: nn.Module, tok, texts: Sequence[str], *,
                intervention: Intervention | Sequence[Intervention | None] | None = None,
-               batch_size: int = 8, max_tokens: int | None = MAX_TOKENS) -> dict:
+               batch_size: int = 8, max_tokens: int | None = MAX_TOKENS, per_text: bool = False) -> dict:
     """Token-level perplexity of `texts` (each with the tokenizer's special tokens), optionally
     steered.
 
     Every token after the first is predicted, except the special tokens the tokenizer adds (those
     collection skips: `tokenize`); the mean negative log-likelihood is over all of them
     (token-weighted). intervention: as in `generate` (one, or one per text). batch_size /
-    max_tokens: as in `generate`. Returns {"ppl", "nll", "tokens"}.
+    max_tokens: as in `generate`. Returns {"ppl", "nll", "tokens"}; with `per_text`, also
+    "nll_sums" and "counts": each text's summed negative log-likelihood and scored tokens (in
+    input order), so that a per-row batch of several interventions yields each one's perplexity.
     """
     plan = PerRow(intervention, len(texts))
     rows, scored = tokenize(tok, texts)
     pad_id, side = padding(tok)
     device = input_device(model)
-    total, count = 0.0, 0
+    sums, counts = [0.0] * len(rows), [0] * len(rows)
     with torch.inference_mode():
         for batch in batches([len(r) for r in rows], batch_size, max_tokens):
             ids, mask = pad_batch([rows[i] for i in batch], pad_id, side, device)
@@ -207,7 +209,9 @@ def perplexity(model: nn.Module, tok, texts: Sequence[str], *,
             # a scored token, after a real one (padding either side never counts)
             real = mask[:, :-1].bool() & pad([scored[i] for i in batch], False, side)[:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
-            total += float(nll[real].double().sum())
-            count += int(real.sum())
-    mean = total / max(count, 1)
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+            for i, row_nll, row_real in zip(batch, nll.double(), real):
+                sums[i], counts[i] = float(row_nll[row_real].sum()), int(row_real.sum())
+    count = sum(counts)
+    mean = sum(sums) / max(count, 1)
+    out = {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+    return {**out, "nll_sums": sums, "counts": counts} if per_text else out

@@ -35,9 +35,15 @@ intervention's buffers), so a paraphrase text that is also a test verse is embed
 condition. With a cache directory, the per-condition tables persist across runs (a resumed run
 recomputes nothing it has; the stage table says how many sentences came from the cache).
 
+Dose curves (`curves=True`, `steer study --curves`): a methods study is extended in its own folder
+with every method's dose curve on dev (forcing, fluency, retrieval, perturbation size), matched
+comparisons and the report's curve sections (`curves`; the perturbation measure is
+`steer.experiments.perturbation`).
+
 Modules: `config` (StudyConfig, --full), `cache` (the Embedder and its embedding cache),
 `measures` (retrieval, distance and correlation summaries), `choice` (k and layer from dev),
-`control` (the random-neuron control), `protocol` (the stages and `run_study`), `verdict`,
+`control` (the random-neuron control), `curves` (dose curves), `protocol` (the stages and
+`run_study`), `verdict`,
 `figures`, `report` (report.md, one function per section; `render_only`), `cli` (`steer study`).
 """
 from steer.experiments.study.config import StudyConfig

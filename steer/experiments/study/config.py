@@ -75,7 +75,14 @@ class StudyConfig:
     diffmean_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # x |target - others|
     n_generate: int = 40  # BOS-prompted samples per method and target (language steering in generation)
     gen_tokens: int = 32  # new tokens per sample
-    n_heldout: int = 40  # held-out test sentences of the target for perplexity
+    n_heldout: int = 40  # held-out test sentences of the target for perplexity (dev sentences in the curves)
+    # dose curves (curves.py): added to the methods study in `out`, on dev only
+    curves: bool = False
+    curve_k: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400])  # experts and random, at 1x
+    curve_multipliers: list[float] = field(default_factory=lambda: [2.0, 4.0])  # x the values, at the largest k
+    curve_lape_rates: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
+    curve_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # DiffMean, every layer
+    n_curve_dev: int = 30  # dev verses per language for the curves' retrieval
 
     def validate(self) -> "StudyConfig":
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -116,6 +123,15 @@ class StudyConfig:
             raise ValueError(f"diffmean_layers {self.diffmean_layers}: decoder layers from 0")
         if min(self.n_generate, self.gen_tokens, self.n_heldout) < 1:
             raise ValueError("n_generate, gen_tokens and n_heldout must be at least 1")
+        if self.curves:
+            if (not self.curve_k or min(self.curve_k) < 1 or not self.curve_lape_rates
+                    or not all(0 < r <= 1 for r in self.curve_lape_rates) or not self.curve_scales
+                    or min(self.curve_scales) <= 0 or min(self.curve_multipliers, default=1) <= 0):
+                raise ValueError("curve_k: positive integers; curve_lape_rates in (0, 1]; curve_scales and "
+                                 "curve_multipliers: positive numbers")
+            if not 2 <= self.n_curve_dev <= self.n_dev:
+                raise ValueError(f"n_curve_dev={self.n_curve_dev} must be in 2..n_dev={self.n_dev}")
+            self.curve_k = sorted(set(int(k) for k in self.curve_k))
 
     def discovery_languages(self) -> list[str]:
         """The discovery languages: targets and negatives (the experts' splits), and every language

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from steer.experiments.figures import save_figure
+from steer.experiments.study.curves import is_chosen
 
 
 def _figure(w: float, h: float, n_cols: int = 1, n_rows: int = 1):
@@ -34,6 +35,8 @@ def make_figures(results: dict, out: Path) -> dict[str, str]:
     figs["control"] = _save(control_figure(results, rep, targets), out / "random_control.png")
     if results.get("methods"):
         figs["methods"] = _save(methods_figure(results, rep, targets), out / "methods.png")
+    if results.get("curves"):
+        figs["curves"] = _save(curves_figure(results, targets), out / "curves.png")
     for t in targets:
         if (out / f"projection_{t}.png").exists():
             figs[f"projection_{t}"] = f"projection_{t}.png"
@@ -196,3 +199,48 @@ def methods_figure(results: dict, rep: str, targets: list[str]):
         ax.set_title(f"{t}: language steering in generation")
         ax.legend(fontsize=7)
     return fig
+
+
+CURVE_COLORS = {"experts": "#d62728", "random": "#7f7f7f", "lape": "#1f77b4"}
+PPL_CAP = 30.0  # perplexity ratios above it are drawn at it (the report's tables have them all)
+
+
+def curves_figure(results: dict, targets: list[str]):
+    """Per target: forcing against the perplexity ratio (the frontier: right and low is better),
+    and forcing against the perturbation size; one line per curve in dose order, Wilson 95 % CIs,
+    the methods study's dev-chosen points ringed."""
+    cur = results["curves"]["targets"]
+    chosen = (results.get("methods") or {}).get("chosen", {})
+    fig, axes = _figure(5.2 * len(targets), 8, len(targets), 2)
+    greens = iter(["#2ca02c", "#98df8a", "#17becf", "#bcbd22"])
+    colors: dict[str, str] = {}
+    for col, t in enumerate(targets):
+        base = cur[t]["base"]
+        for name, points in cur[t]["curves"].items():
+            color = colors.setdefault(name, CURVE_COLORS.get(name) or next(greens, "#000000"))
+            f = np.array([p["fraction"] for p in points])
+            err = np.abs(np.array([p["ci95"] for p in points]).T - f)
+            for ax, x, y, xerr in ((axes[0][col], f, [min(p["ppl_ratio"], PPL_CAP) for p in points], err),
+                                   (axes[1][col], [p["perturbation"] for p in points], f, None)):
+                if xerr is not None:
+                    ax.errorbar(x, y, xerr=xerr, color=color, marker="o", ms=4, capsize=2, lw=1.2, label=name)
+                else:
+                    ax.errorbar(x, y, yerr=err, color=color, marker="o", ms=4, capsize=2, lw=1.2, label=name)
+            mark = [i for i, p in enumerate(points) if is_chosen(p, chosen, t)]
+            for i in mark:
+                p = points[i]
+                axes[0][col].plot(p["fraction"], min(p["ppl_ratio"], PPL_CAP), "o", ms=13, mfc="none", mec="black")
+                axes[1][col].plot(p["perturbation"], p["fraction"], "o", ms=13, mfc="none", mec="black")
+        axes[0][col].plot(base["fraction"], 1.0, "k*", ms=10, label="unsteered")
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_xlim(-0.03, 1.03)
+        axes[0][col].set_xlabel(f"share of samples in {t} (Wilson 95 % CI)")
+        axes[0][col].set_ylabel(f"perplexity ratio on dev (steered / unsteered; > {PPL_CAP:g} drawn at {PPL_CAP:g})")
+        axes[0][col].set_title(f"target {t}: forcing vs fluency (ringed: the study's dev choice)", fontsize=9)
+        axes[1][col].set_xscale("log")
+        axes[1][col].set_ylim(-0.03, 1.03)
+        axes[1][col].set_xlabel("perturbation: Σ_layers ||Δ|| / ||residual||, mean over tokens")
+        axes[1][col].set_ylabel(f"share of samples in {t}")
+        axes[0][col].legend(fontsize=7)
+    return fig
+

@@ -1,6 +1,6 @@
 """The methods `steer study --methods` compares: each a family of interventions, one strength chosen on dev.
 
-    experts   the target's top-k neuron experts forced to their values (k)               neuron site
+    experts   the target's top-k neuron experts forced to their values (k; x multiplier)  neuron site
     random    the same values on k random neurons, none of the target's experts (k;
               `random_control`, the control's first seed)                               neuron site
     lape      the target's LAPE neurons set to its mean activation (the LAPE top_rate)    activation site
@@ -61,11 +61,12 @@ def make_methods(names: list[str], cfg, experts: ExpertSet, k_grid: dict[str, li
     for name in names:
         if name == "experts":
             out[name] = Method(name, "neuron", lambda t: [{"k": k} for k in k_grid[t]],
-                               lambda t, s: experts.intervention(t, k=s["k"]))
+                               lambda t, s: experts.intervention(t, k=s["k"], strength=s.get("multiplier", 1.0)))
         elif name == "random":
             out[name] = Method(name, "neuron", lambda t: [{"k": k} for k in k_grid[t]],
                                lambda t, s: random_control(experts, t, s["k"], control_seed(cfg.seed, t, 0),
-                                                           layers=cfg.control_layers)[0])
+                                                           layers=cfg.control_layers,
+                                                           strength=s.get("multiplier", 1.0))[0])
         elif name == "lape":
             out[name] = _lape(stats, cfg.lape_rates)
         elif name == "diffmean":
@@ -106,9 +107,9 @@ def _diffmean(stats: TokenStats, layers: list[int] | None, scales: list[float]) 
 
 
 def describe(setting: dict) -> str:
-    """A setting in a table cell: "k=50", "top_rate=0.02 (311 neurons)", "layer 9, 0.5x (81.2)"."""
+    """A setting in a table cell: "k=50", "k=400, 2x", "top_rate=0.02 (311 neurons)", "layer 9, 0.5x (81.2)"."""
     if "k" in setting:
-        return f"k={setting['k']}"
+        return f"k={setting['k']}" + (f", {setting['multiplier']:g}x" if "multiplier" in setting else "")
     if "top_rate" in setting:
         return f"top_rate={setting['top_rate']:g} ({setting['neurons']} neurons)"
     return f"layer {setting['layer']}, {setting['scale']:g}x ({setting['strength']:.3g})"

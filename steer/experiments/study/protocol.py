@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import subprocess
 import time
@@ -38,6 +39,7 @@ from steer.core.packaged_corpora import (
 )
 from steer.core.experts import RECIPES, ExpertSet, package_version, random_control, values_sha
 from steer.core.intervention import Intervention
+from steer.core.artifacts import atomic_write_text
 from steer.core.runtime import dtype_name, environment, set_threads
 from steer.core.token_stats import TokenStats
 from steer.engine.collect import collect_token_stats
@@ -49,6 +51,7 @@ from steer.experiments.study.cache import Embedder
 from steer.experiments.study.choice import choose, choose_setting
 from steer.experiments.study.config import SCHEMA, StudyConfig, as_config
 from steer.experiments.study.control import control_seed
+from steer.experiments.study.curves import run_curves
 from steer.experiments.study.measures import (
     both,
     control_summary,
@@ -112,6 +115,8 @@ class _Run:
 
 
 def _run(cfg: StudyConfig) -> dict:
+    if cfg.curves:
+        return _run_curves(cfg)
     t_start = time.perf_counter()
     run = _start(cfg)
     stage_discovery(run)
@@ -170,7 +175,8 @@ def stage_discovery(run: _Run) -> None:
         disc_langs = list(dict.fromkeys(cfg.targets + _negatives(cfg)))
         corpus = _discovery_corpus(cfg, disc_langs)
         results["corpora"]["discovery"] = _corpus_entry(corpus)
-        found = find_experts(run.model, run.tok, corpus, mode="exact", k=max(cfg.k_grid), recipe=cfg.recipe, targets=cfg.targets,
+        k_max = max(cfg.k_grid + (cfg.curve_k if cfg.curves else []))
+        found = find_experts(run.model, run.tok, corpus, mode="exact", k=k_max, recipe=cfg.recipe, targets=cfg.targets,
                              negatives=disc_langs, pooling=cfg.pooling, batch_size=cfg.batch_size,
                              progress=cfg.progress)
         scores, run.experts = found.scores, found.experts
@@ -363,6 +369,58 @@ def _method_generation(run: _Run, methods: dict, chosen: dict, test) -> dict:
             row, texts, _ = probe.outcome(t, method.build(t, chosen[name][t]), cfg.n_generate, out["base"][t]["ppl"])
             out[name][t] = {**row, "samples": texts[:3]}
     return out
+
+
+#: the configuration a curves run must share with the methods study it extends (same experts,
+#: statistics, dev split and read-out)
+SHARED = ("model", "targets", "languages", "negatives", "recipe", "pooling", "n_discovery", "n_dev", "seed",
+          "layer", "layer_search", "criterion", "center", "sides", "control_layers", "skip_bos", "methods",
+          "diffmean_layers", "eval_corpus", "discovery_corpus")
+
+
+def methods_study(cfg: StudyConfig) -> dict:
+    """The results.json of the methods study in `cfg.out` that a curves run extends (checked
+    before the model loads: present, a methods study, the same `SHARED` configuration)."""
+    path = Path(cfg.out) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--curves extends a methods study: no {path} (run `steer study --methods ...` "
+                         f"with --out {cfg.out} first)")
+    base = json.loads(path.read_text())
+    if "methods" not in base:
+        raise ValueError(f"{path} is not a methods study (no methods section): run it with --methods")
+    differ = [k for k in SHARED if base["config"].get(k) != stringify(getattr(cfg, k))]
+    if differ:
+        raise ValueError(f"{path} was run with other {', '.join(differ)}: "
+                         + "; ".join(f"{k} {base['config'].get(k)!r} there, {getattr(cfg, k)!r} here" for k in differ))
+    return base
+
+
+def _run_curves(cfg: StudyConfig) -> dict:
+    """Discovery as the methods study in `cfg.out` ran it, then every method's dose curve on dev
+    (`curves.py`); results["curves"] is added to that study's results.json and the report re-rendered."""
+    t_start = time.perf_counter()
+    base = methods_study(cfg)
+    run = _start(cfg)
+    if not NeuronLayout(run.model).same_weights(base["model"]):  # (records of older steer: the legacy hash)
+        raise ValueError(f"{cfg.out}/results.json is of model weights {base['model']['fingerprint']}, "
+                         f"this model's are {run.results['model']['fingerprint']}")
+    stage_discovery(run)
+    run.layer = base["dev"]["chosen"]["layer"]
+    grid_cfg = dataclasses.replace(cfg, lape_rates=cfg.curve_lape_rates, diffmean_scales=cfg.curve_scales)
+    held = {t: len(run.experts.experts[t]["layer"]) for t in cfg.targets}
+    k_grid = {t: [k for k in cfg.curve_k if k <= held[t]] for t in cfg.targets}
+    methods = make_methods(cfg.methods, grid_cfg, run.experts, k_grid, run.token_stats, NeuronLayout(run.model).device)
+    with run.stage("curves"):
+        targets = run_curves(run, methods, _eval_split(cfg, "dev"))
+    keys = ("curve_k", "curve_multipliers", "curve_lape_rates", "curve_scales", "n_curve_dev", "n_generate",
+            "gen_tokens", "n_heldout", "batch_size", "diffmean_layers", "threads", "dtype")
+    base["curves"] = stringify({
+        "config": {k: getattr(cfg, k) for k in keys}, "engine": "transformers (steer's generate, embed, perplexity)",
+        "readout_layer": run.layer, "environment": _environment(), "targets": targets,
+        "stages": run.stage.rows, "seconds": round(time.perf_counter() - t_start, 1)})
+    atomic_write_text(Path(cfg.out) / "results.json", json.dumps(base, indent=1, ensure_ascii=False, allow_nan=False))
+    write_outputs(base, run.out)
+    return base
 
 
 def stage_udhr(run: _Run) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steer.core.artifacts import atomic_write_text
+from steer.experiments.study.curves import is_chosen, levels, matched, pareto
 from steer.experiments.study.figures import make_figures
 from steer.experiments.study.methods import describe
 
@@ -466,7 +467,94 @@ def _methods(results: dict, v: _View) -> list[str]:
     return md
 
 
-_SECTIONS = (_title, _summary, _methods, _protocol, _experts, _dev_k_sweep, _test_retrieval, _distances, _correlation,
+def _curves(results: dict, v: _View) -> list[str]:
+    """The dose curves (`--curves`, curves.py): each curve's points on dev, the frontier, and the
+    comparisons at matched units and matched perturbation."""
+    cur = results.get("curves")
+    if not cur:
+        return []
+    c, chosen = cur["config"], results["methods"]["chosen"]
+    md = ["## Dose curves (dev split)\n",
+          "Every method across its strengths, measured on the dev split only (`steer study --curves`; the test "
+          "split is measured only at the dev-chosen points above). Per dose: the share of "
+          f"{c['n_generate']} BOS-prompted samples ({c['gen_tokens']} new tokens, temperature 1, top-p 0.9) that "
+          "py3langid assigns to the target (Wilson 95 % CI); their repetition (seq-rep-4: 1 - distinct / all "
+          f"token 4-grams of a sample, mean); the perplexity of {c['n_heldout']} dev sentences of the target, "
+          "steered at every position, over the unsteered one; top-1 retrieval (a) and (b) on "
+          f"{c['n_curve_dev']} dev verses per language (read-out hidden state {cur['readout_layer']}, "
+          f"{v.rep}); and the perturbation: for each steered layer the norm of the change the intervention writes "
+          "into the residual stream (neurons and activations: through the down projection; DiffMean: the added "
+          "vector) over the norm of the residual stream there (the layer's output), summed over layers and "
+          "averaged over tokens. All doses of a method run in one per-row batch. Engine: "
+          f"{cur['engine']}. Grid (capped to fit the run on this CPU): experts and random k "
+          f"{', '.join(map(str, c['curve_k']))} at 1x, the largest k at "
+          f"{', '.join(f'{m:g}x' for m in c['curve_multipliers'])} the values; LAPE top_rate "
+          f"{', '.join(f'{r:g}' for r in c['curve_lape_rates'])}; DiffMean scales "
+          f"{', '.join(f'{x:g}' for x in c['curve_scales'])} at each DiffMean layer. "
+          f"Run time {cur['seconds'] / 60:.0f} min ({cur['environment'].get('cpu', 'CPU')}).\n"]
+    if "curves" in v.figs:
+        md.append(f"![dose curves]({v.figs['curves']})\n")
+    for t in v.targets:
+        entry = cur["targets"].get(t)
+        if entry is None:
+            continue
+        points = [p for ps in entry["curves"].values() for p in ps]
+        every = [dict(entry["base"], method="unsteered", setting={})] + points
+        front = {id(every[i]) for i in pareto(every)}
+        rows = [_curve_row("unsteered", "", entry["base"], id(every[0]) in front, False)]
+        for name, ps in entry["curves"].items():
+            rows += [_curve_row(name, describe(p["setting"]), p, id(p) in front, is_chosen(p, chosen, t)) for p in ps]
+        md += [f"### Curves, target {t}\n",
+               _table(["curve", "dose", "units", "share in target [95 % CI]", "ppl ratio", "seq-rep-4", "(a)", "(b)",
+                       "perturbation", "on the frontier"], rows),
+               "\nOn the frontier: no other dose (nor the unsteered model) has both a larger share in the target and a "
+               "lower perplexity ratio. Bold dose: the methods study's dev choice.\n"]
+    md += _matched_tables(cur, v.targets)
+    return md
+
+
+def _curve_row(name: str, dose: str, p: dict, front: bool, is_chosen: bool) -> list:
+    return [name, f"**{dose}**" if is_chosen else dose, p.get("units") if p.get("units") is not None else "",
+            _ci_text([p["fraction"], *p["ci95"]], 2), _f(p["ppl_ratio"], 2), _f(p["repetition"], 2), _f(p["a"]),
+            _f(p["b"]), _f(p["perturbation"], 3), "yes" if front else ""]
+
+
+def _matched_tables(cur: dict, targets: list[str]) -> list[str]:
+    """Matched units (experts, random, LAPE at 1x) and matched perturbation (every curve)."""
+    def cell(row):
+        return "" if row is None else f"{row['fraction']:.2f} · {row['ppl_ratio']:.2f}x · {row['a']:.3f}"
+
+    units_rows, norm_rows, names = [], [], []
+    for t in targets:
+        entry = cur["targets"].get(t)
+        if entry is None:
+            continue
+        curves = entry["curves"]
+        names = list(dict.fromkeys(names + list(curves)))
+        plain = {n: [p for p in ps if "multiplier" not in p["setting"]] for n, ps in curves.items()
+                 if n in ("experts", "random", "lape")}
+        units = [p["units"] for p in plain.get("experts", [])]
+        at = {n: matched(ps, "units", units) for n, ps in plain.items()}
+        units_rows += [[t, u] + [cell(at[n][i]) for n in ("experts", "random", "lape") if n in at]
+                       for i, u in enumerate(units)]
+        grid = levels([p["perturbation"] for ps in curves.values() for p in ps])
+        at = {n: matched(ps, "perturbation", grid) for n, ps in curves.items()}
+        norm_rows += [[t, f"{x:g}"] + [cell(at[n][i]) if n in at else "" for n in names] for i, x in enumerate(grid)
+                      if sum(at[n][i] is not None for n in at) >= 2]
+    unit_names = [n for n in ("experts", "random", "lape") if n in names]
+    return ["### Matched units\n",
+            _table(["target", "units"] + unit_names, units_rows),
+            "\nEach cell: share in the target · perplexity ratio · (a) top-1, at the same number of forced units (the "
+            "experts' k values, 1x), interpolated linearly in log units between a curve's two nearest doses; empty "
+            "outside a curve's range.\n",
+            "### Matched perturbation\n",
+            _table(["target", "perturbation"] + names, norm_rows),
+            "\nThe same at equal perturbation (the 1-2-5 series inside the measured range; rows where at least two "
+            "curves reach it), each curve interpolated in log perturbation between its two nearest doses (sorted by "
+            "perturbation); empty outside its range.\n"]
+
+
+_SECTIONS = (_title, _summary, _methods, _curves, _protocol, _experts, _dev_k_sweep, _test_retrieval, _distances, _correlation,
              _paraphrases, _control, _udhr, _projections, _test_k_sweep, _extras, _run)
 
 
