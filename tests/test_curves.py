@@ -145,9 +145,11 @@ def test_seq_rep_matched_and_pareto():
     pts = [{"units": 10, "fraction": 0.1, "ppl_ratio": 1.0}, {"units": 100, "fraction": 0.5, "ppl_ratio": 2.0}]
     lo, mid, hi = C.matched(pts, "units", [5, 10 ** 1.5, 200], measures=("fraction", "ppl_ratio"))
     assert lo is None and hi is None  # outside the curve: not extrapolated
-    assert mid["fraction"] == pytest.approx(0.3) and mid["ppl_ratio"] == pytest.approx(1.5)  # half way in log units
+    assert mid["fraction"] == pytest.approx(0.3)  # half way in log units
+    assert mid["ppl_ratio"] == pytest.approx(2 ** 0.5)  # the ratio geometrically: sqrt(1.0 x 2.0)
     pts.append({"units": 50, "fraction": 0.4, "ppl_ratio": 3.0})  # worse than the 100-unit point on both
     assert C.pareto(pts) == [0, 1]
+    assert C.levels([0.004, 0.0, 0.025, 0.31]) == pytest.approx([0.005, 0.007, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3])
 
 
 def test_curves_extend_a_methods_study(tmp_path, fake):

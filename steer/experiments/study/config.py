@@ -78,11 +78,11 @@ class StudyConfig:
     n_heldout: int = 40  # held-out test sentences of the target for perplexity (dev sentences in the curves)
     # dose curves (curves.py): added to the methods study in `out`, on dev only
     curves: bool = False
-    curve_k: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400])  # experts and random, at 1x
+    curve_k: list[int] = field(default_factory=lambda: [50, 100, 200, 400])  # experts and random, at 1x
     curve_multipliers: list[float] = field(default_factory=lambda: [2.0, 4.0])  # x the values, at the largest k
     curve_lape_rates: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
     curve_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # DiffMean, every layer
-    n_curve_dev: int = 30  # dev verses per language for the curves' retrieval
+    n_curve_dev: int = 24  # dev verses per language for the curves' retrieval
 
     def validate(self) -> "StudyConfig":
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -150,8 +150,8 @@ class Sweep:
 
 def matched(points: list[dict], x: str, levels: Sequence[float], measures=MEASURES) -> list[dict | None]:
     """`measures` of a curve (its `points`, each with `x`) at each level of `x`, by linear
-    interpolation in log x between the two nearest points (sorted by x); None outside the curve's
-    range."""
+    interpolation in log x between the two nearest points (sorted by x; the perplexity ratio in log
+    too: it spans orders of magnitude); None outside the curve's range."""
     pts = sorted((p for p in points if p.get(x) and p[x] > 0), key=lambda p: p[x])
     out: list[dict | None] = []
     for level in levels:
@@ -162,20 +162,25 @@ def matched(points: list[dict], x: str, levels: Sequence[float], measures=MEASUR
         row = {x: level}
         for m in measures:
             ys = [p.get(m) for p in pts]
-            row[m] = None if any(y is None for y in ys) else float(np.interp(math.log(level), lx, ys))
+            if any(y is None for y in ys):
+                row[m] = None
+            elif m == "ppl_ratio":
+                row[m] = math.exp(float(np.interp(math.log(level), lx, [math.log(y) for y in ys])))
+            else:
+                row[m] = float(np.interp(math.log(level), lx, ys))
         out.append(row)
     return out
 
 
 def levels(values: Sequence[float]) -> list[float]:
-    """The 1-2-5 series (..., 0.01, 0.02, 0.05, 0.1, ...) inside the range of the positive `values`:
-    where the curves are compared at matched perturbation."""
+    """The levels 1, 2, 3, 5, 7 x 10^e (..., 0.05, 0.07, 0.1, 0.2, ...) inside the range of the
+    positive `values`: where the curves are compared at matched perturbation."""
     values = [v for v in values if v and v > 0]
     if not values:
         return []
     lo, hi = min(values), max(values)
     return [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-            for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+            for m in (1, 2, 3, 5, 7) if lo <= m * 10.0 ** e <= hi]
 
 
 def pareto(points: list[dict]) -> list[int]:

@@ -209,6 +209,8 @@ def curves_figure(results: dict, targets: list[str]):
     """Per target: forcing against the perplexity ratio (the frontier: right and low is better),
     and forcing against the perturbation size; one line per curve in dose order, Wilson 95 % CIs,
     the methods study's dev-chosen points ringed."""
+    from matplotlib.ticker import NullFormatter
+
     cur = results["curves"]["targets"]
     chosen = (results.get("methods") or {}).get("chosen", {})
     fig, axes = _figure(5.2 * len(targets), 8, len(targets), 2)
@@ -235,9 +237,10 @@ def curves_figure(results: dict, targets: list[str]):
         axes[0][col].set_yscale("log")
         axes[0][col].set_xlim(-0.03, 1.03)
         axes[0][col].set_xlabel(f"share of samples in {t} (Wilson 95 % CI)")
-        axes[0][col].set_ylabel(f"perplexity ratio on dev (steered / unsteered; > {PPL_CAP:g} drawn at {PPL_CAP:g})")
+        axes[0][col].set_ylabel(f"perplexity ratio on dev (> {PPL_CAP:g} drawn at {PPL_CAP:g})")
         axes[0][col].set_title(f"target {t}: forcing vs fluency (ringed: the study's dev choice)", fontsize=9)
         axes[1][col].set_xscale("log")
+        axes[1][col].xaxis.set_minor_formatter(NullFormatter())
         axes[1][col].set_ylim(-0.03, 1.03)
         axes[1][col].set_xlabel("perturbation: Σ_layers ||Δ|| / ||residual||, mean over tokens")
         axes[1][col].set_ylabel(f"share of samples in {t}")

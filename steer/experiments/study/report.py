@@ -483,8 +483,8 @@ def _curves(results: dict, v: _View) -> list[str]:
           "steered at every position, over the unsteered one; top-1 retrieval (a) and (b) on "
           f"{c['n_curve_dev']} dev verses per language (read-out hidden state {cur['readout_layer']}, "
           f"{v.rep}); and the perturbation: for each steered layer the norm of the change the intervention writes "
-          "into the residual stream (neurons and activations: through the down projection; DiffMean: the added "
-          "vector) over the norm of the residual stream there (the layer's output), summed over layers and "
+          "into the residual stream (neurons and activations: the MLP's output with minus without the override, "
+          "through the down projection and, in Gemma, its post-feedforward norm; DiffMean: the added vector) over the norm of the residual stream there (the layer's output), summed over layers and "
           "averaged over tokens. All doses of a method run in one per-row batch. Engine: "
           f"{cur['engine']}. Grid (capped to fit the run on this CPU): experts and random k "
           f"{', '.join(map(str, c['curve_k']))} at 1x, the largest k at "
@@ -545,11 +545,11 @@ def _matched_tables(cur: dict, targets: list[str]) -> list[str]:
     return ["### Matched units\n",
             _table(["target", "units"] + unit_names, units_rows),
             "\nEach cell: share in the target · perplexity ratio · (a) top-1, at the same number of forced units (the "
-            "experts' k values, 1x), interpolated linearly in log units between a curve's two nearest doses; empty "
-            "outside a curve's range.\n",
+            "experts' k values, 1x), interpolated linearly in log units between a curve's two nearest doses (the "
+            "perplexity ratio geometrically); empty outside a curve's range.\n",
             "### Matched perturbation\n",
             _table(["target", "perturbation"] + names, norm_rows),
-            "\nThe same at equal perturbation (the 1-2-5 series inside the measured range; rows where at least two "
+            "\nThe same at equal perturbation (1, 2, 3, 5, 7 x 10^e inside the measured range; rows where at least two "
             "curves reach it), each curve interpolated in log perturbation between its two nearest doses (sorted by "
             "perturbation); empty outside its range.\n"]
 
