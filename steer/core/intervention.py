@@ -143,6 +143,13 @@ class Intervention:
         out.positions = positions
         return out
 
+    @staticmethod
+    def every_position(ivs: "Sequence[Intervention | None]") -> "list[Intervention | None]":
+        """Each of `ivs` steering every position (`with_positions("all")`); an intervention given
+        several times stays one object, so that per-row steering keeps it one set."""
+        copies = {id(iv): iv.with_positions("all") for iv in ivs if iv is not None}
+        return [None if iv is None else copies[id(iv)] for iv in ivs]
+
     def to(self, device: str | torch.device) -> "Intervention":
         """This intervention on `device` (itself when already there; else a copy)."""
         if self.mask.device == torch.device(device):

@@ -182,6 +182,22 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], *,
 # Perplexity
 
 
+def scored_batches(model: nn.Module, tok, texts: Sequence[str],
+                   intervention: Intervention | Sequence[Intervention | None] | None,
+                   batch_size: int, max_tokens: int | None):
+    """The batches of `texts` as perplexity reads them (`tokenize`, `batches`, `padding`), each as
+    (text indices, ids, attention mask, scored-token mask [B, T] bool on the model's device, a
+    context steering the batch's rows: `PerRow`). Padding is never scored."""
+    plan = PerRow(intervention, len(texts))
+    rows, scored = tokenize(tok, texts)
+    pad_id, side = padding(tok)
+    device = input_device(model)
+    for batch in batches([len(r) for r in rows], batch_size, max_tokens):
+        ids, mask = pad_batch([rows[i] for i in batch], pad_id, side, device)
+        real = pad([scored[i] for i in batch], False, side).to(device) & mask.bool()
+        yield batch, ids, mask, real, plan.batch(model, batch)
+
+
 def perplexity(model: nn.Module, tok, texts: Sequence[str], *,
                intervention: Intervention | Sequence[Intervention | None] | None = None,
                batch_size: int = 8, max_tokens: int | None = MAX_TOKENS, per_text: bool = False) -> dict:
@@ -195,19 +211,13 @@ def perplexity(model: nn.Module, tok, texts: Sequence[str], *,
     "nll_sums" and "counts": each text's summed negative log-likelihood and scored tokens (in
     input order), so that a per-row batch of several interventions yields each one's perplexity.
     """
-    plan = PerRow(intervention, len(texts))
-    rows, scored = tokenize(tok, texts)
-    pad_id, side = padding(tok)
-    device = input_device(model)
-    sums, counts = [0.0] * len(rows), [0] * len(rows)
+    sums, counts = [0.0] * len(texts), [0] * len(texts)
     with torch.inference_mode():
-        for batch in batches([len(r) for r in rows], batch_size, max_tokens):
-            ids, mask = pad_batch([rows[i] for i in batch], pad_id, side, device)
-            with plan.batch(model, batch):
+        for batch, ids, mask, scored, steering in scored_batches(model, tok, texts, intervention, batch_size, max_tokens):
+            with steering:
                 logits = model(**base_inputs(model, ids, mask)).logits[:, :-1]  # [B, T-1, V]
             target = ids[:, 1:]
-            # a scored token, after a real one (padding either side never counts)
-            real = mask[:, :-1].bool() & pad([scored[i] for i in batch], False, side)[:, 1:].to(device)
+            real = mask[:, :-1].bool() & scored[:, 1:]  # a scored token, after a real one
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
             for i, row_nll, row_real in zip(batch, nll.double(), real):
                 sums[i], counts[i] = float(row_nll[row_real].sum()), int(row_real.sum())

@@ -26,8 +26,8 @@ import torch
 from steer.core.adapters import NeuronLayout, base_inputs, check_eval
 from steer.core.intervention import Intervention
 from steer.engine.backends import attached
-from steer.engine.batching import MAX_TOKENS, batches, input_device, pad, pad_batch, padding, tokenize
-from steer.engine.steering import PerRow
+from steer.engine.batching import MAX_TOKENS
+from steer.engine.generation import scored_batches
 
 
 def perturbation(model, tok, texts: Sequence[str], intervention: Intervention | Sequence[Intervention | None], *,
@@ -42,9 +42,8 @@ def perturbation(model, tok, texts: Sequence[str], intervention: Intervention | 
     ivs = list(intervention) if isinstance(intervention, Sequence) else [intervention] * len(texts)
     if len(ivs) != len(texts):
         raise ValueError(f"{len(ivs)} interventions for {len(texts)} texts: give one per text")
-    every = {id(iv): iv.with_positions("all") for iv in ivs if iv is not None}  # one set per intervention
-    ivs = [None if iv is None else every[id(iv)] for iv in ivs]
-    distinct = list(every.values())
+    ivs = Intervention.every_position(ivs)
+    distinct = list({id(iv): iv for iv in ivs if iv is not None}.values())
     sites = {iv.site for iv in distinct}
     if len(sites) > 1:
         raise ValueError(f"interventions at several sites {sorted(sites)}: measure each site's apart")
@@ -57,25 +56,19 @@ def perturbation(model, tok, texts: Sequence[str], intervention: Intervention | 
                 raise ValueError("a residual override with mul != 1: its change depends on the stream; "
                                  "perturbation measures added vectors (mul 1)")
     check_eval(model)
-    plan = PerRow(ivs if distinct else None, len(texts))
-    rows, scored = tokenize(tok, texts)
-    pad_id, side = padding(tok)
-    device = input_device(model)
     sums, counts = [0.0] * len(texts), [0] * len(texts)
     with torch.inference_mode():
-        for batch in batches([len(r) for r in rows], batch_size, max_tokens):
-            ids, mask = pad_batch([rows[i] for i in batch], pad_id, side, device)
-            real = pad([scored[i] for i in batch], False, side).to(device) & mask.bool()
-            written = _written(layout, layers, site, [ivs[i] for i in batch], ids.shape)
-            with written as norms, plan.batch(model, batch):
+        for batch, ids, mask, real, steering in scored_batches(model, tok, texts, ivs if distinct else None,
+                                                               batch_size, max_tokens):
+            with _Written(layout, layers, site, [ivs[i] for i in batch], ids.shape) as norms, steering:
                 model.base_model(**base_inputs(model, ids, mask), use_cache=False)  # no LM head
-            ratio = sum((d / r.clamp_min(1e-30) for d, r in norms.pairs()), torch.zeros(ids.shape, device=device))
+            ratio = sum((d / r.clamp_min(1e-30) for d, r in norms.pairs()), torch.zeros(ids.shape, device=ids.device))
             for i, row, keep in zip(batch, ratio.double(), real):
                 sums[i], counts[i] = float(row[keep].sum()), int(keep.sum())
     return {"mean": sum(sums) / max(sum(counts), 1), "sums": sums, "counts": counts}
 
 
-class _written:
+class _Written:
     """Hooks for one batch: per steered layer, ||Δ|| and ||r|| per token ([B, T] each)."""
 
     def __init__(self, layout: NeuronLayout, layers: list[int], site: str | None, ivs: list, shape):

@@ -115,18 +115,21 @@ class Sweep:
 
     def nll(self, ivs) -> list[float]:
         """Each dose's mean negative log-likelihood of the held-out sentences (steered at every position)."""
-        every = {id(iv): iv.with_positions("all") for iv in ivs if iv is not None}
-        ivs = [None if iv is None else every[id(iv)] for iv in ivs]
-
-        def call(items, iv):
-            r = perplexity(self.model, self.tok, items, intervention=iv, batch_size=self.cfg.batch_size, per_text=True)
-            return list(zip(r["nll_sums"], r["counts"]))
-        return [sum(s for s, _ in d) / sum(c for _, c in d) for d in over_doses(call, self.heldout, ivs, self.together)]
+        return self._token_means(lambda items, iv: perplexity(
+            self.model, self.tok, items, intervention=iv, batch_size=self.cfg.batch_size, per_text=True),
+            Intervention.every_position(ivs), "nll_sums")
 
     def perturbations(self, ivs) -> list[float]:
+        """Each dose's perturbation size on the held-out sentences (`steer.experiments.perturbation`)."""
+        return self._token_means(lambda items, iv: perturbation(
+            self.model, self.tok, items, iv, batch_size=self.cfg.batch_size), ivs, "sums")
+
+    def _token_means(self, measure, ivs, key: str) -> list[float]:
+        """Per dose, the token-weighted mean of a per-text measure (`measure(texts, intervention)`
+        -> {key: per-text sums, "counts": per-text tokens}) over the held-out sentences."""
         def call(items, iv):
-            r = perturbation(self.model, self.tok, items, iv, batch_size=self.cfg.batch_size)
-            return list(zip(r["sums"], r["counts"]))
+            r = measure(items, iv)
+            return list(zip(r[key], r["counts"]))
         return [sum(s for s, _ in d) / sum(c for _, c in d) for d in over_doses(call, self.heldout, ivs, self.together)]
 
     def measure(self, target: str, ivs, base: dict | None = None) -> list[dict]:

@@ -222,12 +222,9 @@ def curves_figure(results: dict, targets: list[str]):
             color = colors.setdefault(name, CURVE_COLORS.get(name) or next(greens, "#000000"))
             f = np.array([p["fraction"] for p in points])
             err = np.abs(np.array([p["ci95"] for p in points]).T - f)
-            for ax, x, y, xerr in ((axes[0][col], f, [min(p["ppl_ratio"], PPL_CAP) for p in points], err),
-                                   (axes[1][col], [p["perturbation"] for p in points], f, None)):
-                if xerr is not None:
-                    ax.errorbar(x, y, xerr=xerr, color=color, marker="o", ms=4, capsize=2, lw=1.2, label=name)
-                else:
-                    ax.errorbar(x, y, yerr=err, color=color, marker="o", ms=4, capsize=2, lw=1.2, label=name)
+            for ax, x, y, xerr, yerr in ((axes[0][col], f, [min(p["ppl_ratio"], PPL_CAP) for p in points], err, None),
+                                         (axes[1][col], [p["perturbation"] for p in points], f, None, err)):
+                ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, marker="o", ms=4, capsize=2, lw=1.2, label=name)
             mark = [i for i, p in enumerate(points) if is_chosen(p, chosen, t)]
             for i in mark:
                 p = points[i]
